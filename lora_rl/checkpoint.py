@@ -1,0 +1,67 @@
+"""Checkpoints and run files, written atomically (temporary name, then rename).
+
+A checkpoint is a folder `checkpoints/step_NNNNNN/` holding the trainable tensors and optimizer
+state (`state.pt`, loaded with `weights_only=True`: plain tensors, never pickled objects) and
+`meta.json` (step, policy version, data position, evaluation so far). A folder only appears
+under its final name once complete, so the newest one is always safe to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
+    final = step_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written temporaries are hidden dot-folders)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step_") and (p / "meta.json").is_file())
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    return state, meta

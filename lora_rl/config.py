@@ -1,0 +1,351 @@
+"""Typed run configuration: small frozen dataclasses, YAML in and out, `key.sub=value` overrides.
+
+A YAML file is just these dataclasses serialised. Loading checks every key and type and each
+section validates its own fields; checks that need two sections (the support matrix) or the model
+(target modules, mixture-of-experts) live in `lora_rl.support` and `lora_rl.lora`.
+The LoRA section uses AReaL's vocabulary (`use_lora`, `lora_rank`, `lora_alpha`, `target_modules`,
+`peft_type`) so an AReaL user can carry their settings over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem: the message names the field, the value and the fix."""
+
+
+def _fail(section: str, name: str, value: Any, why: str) -> typing.NoReturn:
+    raise ConfigError(f"{section}.{name}={value!r} {why}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    SECTION: ClassVar[str] = "run"
+    output_dir: str = "runs/quickstart"  # run folder: config.yaml, metrics.jsonl, checkpoints/, adapter/, summary.json
+    seed: int = 0  # seeds data order, initialisation and sampling
+    steps: int = 100  # GRPO steps (one rollout batch and its policy update each)
+    checkpoint_every: int = 25  # steps between checkpoints; the last step always checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    progress: bool = True  # show a progress bar (switch off for headless papermill runs)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            _fail(self.SECTION, "output_dir", self.output_dir, "is empty: name a folder for the run, e.g. runs/my-run")
+        for name in ("steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                _fail(self.SECTION, name, getattr(self, name), "must be at least 1")
+        if self.checkpoint_every < 0:
+            _fail(self.SECTION, "checkpoint_every", self.checkpoint_every, "must be >= 0 (0: only at the end)")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    SECTION: ClassVar[str] = "model"
+    path: str = "tiny-arith"  # a built-in model (tiny-arith, smollm2-135m) or a Hugging Face model folder
+    dtype: str = "float32"  # weights and LoRA adapters share this dtype (float32, bfloat16, float16)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            _fail(self.SECTION, "path", self.path, "is empty: use tiny-arith, smollm2-135m or a model folder")
+        if self.dtype not in DTYPES:
+            _fail(self.SECTION, "dtype", self.dtype, f"is not a supported dtype: choose one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoRAConfig:
+    SECTION: ClassVar[str] = "lora"
+    use_lora: bool = True  # false trains every weight (full fine-tuning), for comparisons
+    peft_type: str = "lora"  # only plain LoRA: DoRA and friends are not served by vLLM or SGLang
+    lora_rank: int = 16  # r; 8-64 is the useful range, 16-32 a good start
+    lora_alpha: float = 16  # scaling is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the LoRA input; 0 keeps trainer and rollout logprobs identical
+    target_modules: tuple[str, ...] = ("all-linear",)  # module names, or all-linear (every linear but the output head)
+
+    def __post_init__(self) -> None:
+        if self.peft_type != "lora":
+            _fail(self.SECTION, "peft_type", self.peft_type,
+                  "is not supported: only peft_type: lora (rollout engines load plain LoRA adapters only)")
+        if self.lora_rank <= 0:
+            _fail(self.SECTION, "lora_rank", self.lora_rank, "must be a positive integer: try 16 or 32")
+        if self.lora_alpha <= 0:
+            _fail(self.SECTION, "lora_alpha", self.lora_alpha, "must be positive: try lora_alpha equal to lora_rank")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _fail(self.SECTION, "lora_dropout", self.lora_dropout, "must be in [0, 1): use 0.0 for RL")
+        if not self.target_modules:
+            _fail(self.SECTION, "target_modules", list(self.target_modules),
+                  "is empty: use [all-linear] or names such as [q_proj, v_proj]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BackendConfig:
+    SECTION: ClassVar[str] = "backend"
+    name: str = "fsdp2"  # training engine: fsdp2 | megatron | archon (see lora_rl/support.py)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RolloutConfig:
+    SECTION: ClassVar[str] = "rollout"
+    engine: str = "embedded"  # embedded (in-process transformers) | vllm | vllm-server | sglang
+    prompts_per_step: int = 16  # prompts sampled per GRPO step
+    group_size: int = 8  # completions per prompt; advantages are normalised within each group
+    max_new_tokens: int = 32  # completion length limit
+    temperature: float = 1.0  # sampling temperature; the trainer scores tokens at the same temperature
+    top_p: float = 1.0  # nucleus sampling; below 1 the loss sees slightly off-policy samples
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1:
+            _fail(self.SECTION, "prompts_per_step", self.prompts_per_step, "must be at least 1")
+        if self.group_size < 2:
+            _fail(self.SECTION, "group_size", self.group_size,
+                  "must be at least 2: GRPO compares completions of the same prompt")
+        if self.max_new_tokens < 1:
+            _fail(self.SECTION, "max_new_tokens", self.max_new_tokens, "must be at least 1")
+        if self.temperature <= 0:
+            _fail(self.SECTION, "temperature", self.temperature,
+                  "must be positive: RL needs sampling (evaluation is greedy on its own)")
+        if not 0.0 < self.top_p <= 1.0:
+            _fail(self.SECTION, "top_p", self.top_p, "must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskConfig:
+    SECTION: ClassVar[str] = "task"
+    name: str = "arithmetic"  # arithmetic (synthetic, GSM8K-formatted) | gsm8k
+    difficulty: int = 2  # arithmetic only: 1 (1-digit sums) .. 5 (3-digit sums and differences)
+    data_dir: str = ""  # gsm8k folder holding train.jsonl/test.jsonl; empty: ../shared/data/gsm8k or $LORA_RL_GSM8K_DIR
+    reward: str = ""  # reward function name (lora_rl.rewards); empty: the task's own
+
+    def __post_init__(self) -> None:
+        if self.name not in ("arithmetic", "gsm8k"):
+            _fail(self.SECTION, "name", self.name, "is not a task: choose arithmetic or gsm8k")
+        if not 1 <= self.difficulty <= 5:
+            _fail(self.SECTION, "difficulty", self.difficulty, "is out of range: choose 1..5")
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GRPOConfig:
+    SECTION: ClassVar[str] = "grpo"
+    clip_low: float = 0.2  # ratio clipped below at 1 - clip_low
+    clip_high: float = 0.28  # ratio clipped above at 1 + clip_high (DAPO's clip-higher)
+    scale_std: bool = True  # divide group advantages by the group's std (false: Dr. GRPO style)
+    kl_coef: float = 0.0  # weight of the KL penalty against the base model (adapter switched off)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators)
+    importance_cap: float | None = 5.0  # decoupled PPO: drop tokens whose behaviour weight exceeds this; null: off
+    minibatches: int = 1  # optimizer steps per rollout batch; more than 1 makes later minibatches off-policy
+    log_kl: bool = True  # record the KL to the base model even when kl_coef is 0 (one extra no-grad forward)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.clip_low < 1.0:
+            _fail(self.SECTION, "clip_low", self.clip_low, "must be in (0, 1): try 0.2")
+        if self.clip_high <= 0.0:
+            _fail(self.SECTION, "clip_high", self.clip_high, "must be positive: try 0.28")
+        if self.kl_coef < 0.0:
+            _fail(self.SECTION, "kl_coef", self.kl_coef, "must be >= 0")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            _fail(self.SECTION, "kl_estimator", self.kl_estimator, f"is unknown: choose one of {', '.join(KL_ESTIMATORS)}")
+        if self.importance_cap is not None and self.importance_cap <= 1.0:
+            _fail(self.SECTION, "importance_cap", self.importance_cap, "must be above 1 (or null to switch it off)")
+        if self.minibatches < 1:
+            _fail(self.SECTION, "minibatches", self.minibatches, "must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    SECTION: ClassVar[str] = "train"
+    lr: float = 2e-3  # AdamW learning rate; LoRA wants about 10x a full fine-tune's
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # global gradient-norm clip; 0 switches clipping off
+    micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the minibatch
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            _fail(self.SECTION, "lr", self.lr, "must be positive: try 2e-5 for LoRA on a real model")
+        if self.weight_decay < 0:
+            _fail(self.SECTION, "weight_decay", self.weight_decay, "must be >= 0")
+        if self.max_grad_norm < 0:
+            _fail(self.SECTION, "max_grad_norm", self.max_grad_norm, "must be >= 0 (0: no clipping)")
+        if self.micro_batch_size < 1:
+            _fail(self.SECTION, "micro_batch_size", self.micro_batch_size, "must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalConfig:
+    SECTION: ClassVar[str] = "eval"
+    size: int = 200  # held-out problems scored with greedy decoding before and after training
+    every: int = 0  # also evaluate every N steps (0: only before and after)
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            _fail(self.SECTION, "size", self.size, "must be >= 0 (0 skips evaluation)")
+        if self.every < 0:
+            _fail(self.SECTION, "every", self.every, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # Checks that span sections but need no model; the support matrix is consulted in one place.
+        from lora_rl.support import check_support
+
+        check_support(self)
+        if self.grpo.kl_coef > 0 and not self.lora.use_lora:
+            raise ConfigError(
+                f"grpo.kl_coef={self.grpo.kl_coef} needs lora.use_lora=true: the reference policy is the base "
+                "model with the adapter switched off; full fine-tuning would need a second model copy. "
+                "Set grpo.kl_coef=0 or lora.use_lora=true.")
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if batch % self.grpo.minibatches:
+            raise ConfigError(
+                f"grpo.minibatches={self.grpo.minibatches} does not divide the rollout batch of {batch} sequences "
+                f"(rollout.prompts_per_step x rollout.group_size): pick a divisor of {batch}.")
+
+
+# --- loading, saving, overrides ------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Check one YAML value against a field's annotation; ints are accepted for floats, a lone
+    string for a tuple of strings. Returns the value in the field's type."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(where, value, inner)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{where}={value!r} must be a list of strings, e.g. [all-linear]")
+        return tuple(items)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be a whole number")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; users mean the number.
+            try:
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    raise TypeError(f"unhandled annotation {tp!r} for {where}")  # a bug in this file, not user input
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"unknown key {where}{key!r}: {hint}valid keys are {', '.join(known)}")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from plain data (parsed YAML). Missing keys take defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections (run, model, lora, ...), got {type(data).__name__}")
+    section_types = _field_types(Config)
+    sections = {}
+    for name, body in data.items():
+        if name not in section_types:
+            raise _unknown_key("", name, list(section_types))
+        cls = section_types[name]
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"section {name!r} must be a mapping of keys, got {body!r}")
+        fields = _field_types(cls)
+        values = {}
+        for key, value in body.items():
+            if key not in fields:
+                raise _unknown_key(f"{name}.", key, list(fields))
+            values[key] = _coerce(f"{name}.{key}", value, fields[key])
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with `section.key=value` overrides applied; values parse as YAML."""
+    out = {k: dict(v or {}) for k, v in data.items()}
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or path.count(".") != 1:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. lora.lora_rank=32")
+        section, key = path.split(".")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem})") from None
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file such as examples/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

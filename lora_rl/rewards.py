@@ -1,0 +1,229 @@
+"""Answer extraction and rewards for GSM8K-style math tasks, looked up by name.
+
+A reward is a plain function ``reward(completion, reference) -> float``. The
+graders here return 1.0 when the final answer in the completion equals the
+reference answer and 0.0 otherwise; they never raise on odd model output.
+
+Extraction (``extract_answer``) tries, in order:
+
+1. the text after the LAST ``#### `` marker (the GSM8K answer format);
+2. the content of the LAST ``\\boxed{...}``;
+3. the LAST number anywhere in the text. This is a lenient fallback: a model
+   that writes "so the answer is 42" without the marker still gets credit,
+   which helps early in training when the format is not yet learned.
+
+Plain numbers are compared exactly (with a 1e-6 tolerance for decimals), which
+is fast enough for thousands of completions per second. Only answers that are
+not plain numbers (e.g. ``\\frac{1}{2}``) go through math-verify, imported
+lazily because it pulls in sympy.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+
+__all__ = ["REWARDS", "answers_match", "extract_answer", "get_reward", "gsm8k_reward", "normalize_answer"]
+
+# A number as people and models write it: optional sign and dollar sign,
+# thousands commas only in well-formed groups ("1,234" but not "1,23"), and an
+# optional decimal part. A trailing sentence period is not consumed because the
+# decimal part needs at least one digit after the dot.
+_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_FULL_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
+_MARKER = "####"
+_BOXED = "\\boxed{"
+
+# Decorations that do not change a number's value; stripped before parsing.
+# "{,}" and "\\," are LaTeX thousands separators, "\\!" a negative space.
+_DECORATIONS = ("\\$", "$", "{,}", "\\,", "\\!", "\\ ", " ")
+
+# Answers longer than this are not sent to math-verify: GSM8K-style answers are
+# short, and sympy can take unbounded time on long or adversarial expressions.
+_MAX_SYMBOLIC_CHARS = 100
+# Exponents above this are refused before sympy tries to evaluate them:
+# "9^{9^{9^{9}}}" hangs math-verify forever when no timeout is possible.
+_MAX_EXPONENT = 1000
+_EXPONENT = re.compile(r"\^\s*\{?\s*(\d+)")
+# math-verify's own timeout uses signal.alarm, which only works in the main
+# thread; in other threads (widgets, thread pools) it must be disabled.
+_MAIN_THREAD_TIMEOUT_S = 5
+_FLOAT_TOLERANCE = Decimal("1e-6")
+
+
+def normalize_answer(text: str) -> str | None:
+    """Return ``text`` as a canonical number string, or None if it is not a plain number.
+
+    Removes "$", thousands commas, a trailing period and surrounding space;
+    "12.50" becomes "12.5", "007" becomes "7", "-0" becomes "0".
+    """
+    cleaned = text.strip()
+    for decoration in _DECORATIONS:
+        cleaned = cleaned.replace(decoration, "")
+    cleaned = cleaned.rstrip(".")
+    if cleaned.startswith("-$"):  # "-$7" reads as minus seven dollars
+        cleaned = "-" + cleaned[2:]
+    if not _FULL_NUMBER.fullmatch(cleaned):
+        return None
+    value = Decimal(cleaned.replace(",", ""))
+    return _format_decimal(value)
+
+
+def _format_decimal(value: Decimal) -> str:
+    """Canonical string for a Decimal: no exponent, no trailing zeros, no "-0"."""
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _last_marker_answer(text: str) -> str | None:
+    """The answer after the last "####", or None if there is no non-empty one."""
+    index = text.rfind(_MARKER)
+    if index < 0:
+        return None
+    # The answer is the rest of that line; models often keep writing after it.
+    rest = text[index + len(_MARKER) :].lstrip("# \t")
+    line = rest.split("\n", 1)[0].strip()
+    if not line:
+        return None
+    as_number = normalize_answer(line)
+    if as_number is not None:
+        return as_number
+    # "#### 42 apples" or "#### The answer is 42": take the first number on the line.
+    match = _NUMBER.search(line)
+    if match is not None and not _looks_symbolic(line):
+        return normalize_answer(match.group(0))
+    return line.rstrip(".").strip() or None
+
+
+def _looks_symbolic(text: str) -> bool:
+    """True when text holds LaTeX or an operator, so a bare number grab would be wrong."""
+    return "\\" in text or "/" in text or "^" in text
+
+
+def _last_boxed_answer(text: str) -> str | None:
+    """The content of the last \\boxed{...} (braces balanced), or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth = 1
+    position = start + len(_BOXED)
+    for index in range(position, len(text)):
+        char = text[index]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                content = text[position:index].strip()
+                if not content:
+                    return None
+                as_number = normalize_answer(content)
+                return as_number if as_number is not None else content
+    return None  # unclosed brace: the model stopped mid-answer
+
+
+def _last_number(text: str) -> str | None:
+    """The last number anywhere in text (lenient fallback), or None."""
+    last = None
+    for match in _NUMBER.finditer(text):
+        last = match
+    if last is None:
+        return None
+    number = last.group(0)
+    # In "10-3" the minus is an operator, not a sign: drop it.
+    if number.startswith("-") and last.start() > 0 and text[last.start() - 1].isalnum():
+        number = number[1:]
+    return normalize_answer(number)
+
+
+def extract_answer(text: str) -> str | None:
+    """Extract the final answer from a completion, normalised; None if there is none.
+
+    Order: the last "#### <answer>", else the last \\boxed{...}, else the last
+    number in the text. Plain numbers come back canonical ("1,234" -> "1234",
+    "$12.50." -> "12.5"); anything else (e.g. "\\frac{1}{2}") comes back as written.
+    """
+    if not isinstance(text, str):
+        return None
+    for extractor in (_last_marker_answer, _last_boxed_answer, _last_number):
+        answer = extractor(text)
+        if answer is not None:
+            return answer
+    return None
+
+
+def _numbers_equal(a: str, b: str) -> bool:
+    """Compare two canonical number strings: exact for integers, 1e-6 tolerance otherwise."""
+    try:
+        x, y = Decimal(a), Decimal(b)
+    except InvalidOperation:
+        return False
+    if "." not in a and "." not in b:
+        return x == y
+    return abs(x - y) <= _FLOAT_TOLERANCE
+
+
+def _safe_for_math_verify(answer: str) -> bool:
+    """Refuse inputs that could make sympy run (almost) forever."""
+    if len(answer) > _MAX_SYMBOLIC_CHARS or "!" in answer:
+        return False
+    if answer.count("^") > 1:  # towers like 9^{9^{9}} explode
+        return False
+    return all(int(exponent) <= _MAX_EXPONENT for exponent in _EXPONENT.findall(answer))
+
+
+def _symbolic_equal(predicted: str, reference: str) -> bool:
+    """Compare with math-verify; False on any failure (never raises)."""
+    if not (_safe_for_math_verify(predicted) and _safe_for_math_verify(reference)):
+        return False
+    from math_verify import parse, verify  # lazy: pulls in sympy
+
+    # signal.alarm timeouts raise ValueError outside the main thread.
+    in_main = threading.current_thread() is threading.main_thread()
+    timeout = _MAIN_THREAD_TIMEOUT_S if in_main else None
+    try:
+        # Wrapping in \boxed{} makes math-verify read the whole answer as LaTeX.
+        gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=timeout)
+        pred = parse(f"\\boxed{{{predicted}}}", parsing_timeout=timeout)
+        if not gold or not pred:
+            return False
+        return bool(verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # math-verify/sympy can fail in many ways on model output
+        return False
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    """True if an extracted answer equals the reference answer."""
+    if predicted is None:
+        return False
+    gold = normalize_answer(reference)
+    pred = normalize_answer(predicted)
+    if gold is not None and pred is not None:
+        return _numbers_equal(pred, gold)
+    return _symbolic_equal(predicted, reference.strip())
+
+
+def gsm8k_reward(completion: str, reference: str) -> float:
+    """1.0 if the completion's final answer equals ``reference``, else 0.0."""
+    try:
+        return 1.0 if answers_match(extract_answer(completion), reference) else 0.0
+    except Exception:  # a reward must never crash a training run on odd output
+        return 0.0
+
+
+REWARDS: dict[str, Callable[[str, str], float]] = {
+    "gsm8k": gsm8k_reward,
+    # Synthetic arithmetic problems use the GSM8K answer format, so the same grader.
+    "arithmetic": gsm8k_reward,
+}
+
+
+def get_reward(name: str) -> Callable[[str, str], float]:
+    """Look up a reward function by name (see REWARDS)."""
+    if name not in REWARDS:
+        known = ", ".join(sorted(REWARDS))
+        raise ValueError(f"reward {name!r} is unknown: choose one of {known}")
+    return REWARDS[name]

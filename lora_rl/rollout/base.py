@@ -1,0 +1,51 @@
+"""The rollout protocol every engine implements, and the records it returns.
+
+An engine turns prompt token ids into completions with the log-probability of every sampled token
+under the policy version that sampled it (the *behaviour* policy of decoupled PPO). The trainer
+publishes each new policy version to the engine; engines that keep their own copy of the weights
+(vLLM, SGLang) load it as a new adapter, the embedded engine shares the trainer's model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0 means greedy decoding
+    top_p: float = 1.0
+    seed: int = 0  # sampling is reproducible for a given seed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Completion:
+    prompt_index: int  # which prompt of the request this completes
+    token_ids: list[int]  # generated tokens, EOS included when the model stopped
+    logprobs: list[float]  # behaviour log-prob of each generated token, at the sampling temperature
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    version: int  # policy version that generated it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncStats:
+    bytes: int  # bytes handed to the engine for this version (0 when it shares the trainer's weights)
+    seconds: float
+
+
+class RolloutEngine(Protocol):
+    name: str
+    version: int
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Completions ordered prompt by prompt: params.n consecutive entries per prompt."""
+
+    def publish(self, version: int, adapter_dir: Path | None) -> SyncStats:
+        """Make `version` the policy that later `generate` calls sample from."""
+
+    def close(self) -> None:
+        """Release the engine's resources (servers, caches)."""

@@ -1,0 +1,107 @@
+"""The embedded rollout engine: in-process sampling with the trainer's own transformers model.
+
+It needs no server and always samples from the current adapter, so publishing a version costs
+nothing. The sampling loop is written out (prefill, then one token at a time on the KV cache)
+rather than calling `generate()`, so that it returns the log-prob of every sampled token at the
+sampling temperature - exactly what the trainer recomputes - without keeping [steps, B, V] logits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora_rl.rollout.base import Completion, SamplingParams, SyncStats
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail outside the smallest set of tokens whose mass reaches top_p; [B, V] -> [B, V]."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the token that crosses top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
+           version: int = 0) -> list[Completion]:
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(params.n)]
+    batch, width = len(rows), max(len(p) for p in rows)
+    # Left-pad so every row's next token is at the last column; positions skip the padding.
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((batch, width), dtype=torch.long, device=device)
+    for i, p in enumerate(rows):
+        input_ids[i, width - len(p):] = torch.tensor(p, device=device)
+        attention[i, width - len(p):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]  # [B, V]
+    next_pos = positions[:, -1] + 1  # [B]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for _ in range(params.max_new_tokens):
+        if params.temperature == 0:
+            logp = F.log_softmax(logits.float(), dim=-1)
+            token = logp.argmax(-1)
+        else:
+            logp = F.log_softmax(logits.float() / params.temperature, dim=-1)  # [B, V]
+            probs = logp.exp()
+            if params.top_p < 1.0:
+                probs = _top_p_filter(probs, params.top_p)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        # The behaviour log-prob is at the sampling temperature and before top-p, which is what
+        # the trainer recomputes; with top_p < 1 the two differ slightly (documented in config).
+        logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
+        done = done | (token == eos_id)
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    if was_training:
+        model.train()
+
+    token_rows = torch.stack(tokens, dim=1).tolist()  # [B, steps]
+    logp_rows = torch.stack(logps, dim=1).tolist()
+    completions = []
+    for i in range(batch):
+        ids, lps = token_rows[i], logp_rows[i]
+        stop = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+        completions.append(Completion(prompt_index=i // params.n, token_ids=ids[:stop], logprobs=lps[:stop],
+                                      finish_reason="stop" if eos_id in ids else "length", version=version))
+    return completions
+
+
+class EmbeddedEngine:
+    """Samples with the trainer's model object itself: the adapter in use is always the current one."""
+
+    name = "embedded"
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.version = 0
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        return sample(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id, version=self.version)
+
+    def publish(self, version: int, adapter_dir: Path | None) -> SyncStats:
+        start = time.perf_counter()
+        self.version = version  # same weights in memory: nothing travels
+        return SyncStats(bytes=0, seconds=time.perf_counter() - start)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,280 @@
+"""The GRPO loop: rollout -> reward -> advantages -> policy update -> publish adapter -> metrics.
+
+`train(config)` is the one entry point the CLI, the notebooks and the widgets call. Each step
+samples `rollout.prompts_per_step` prompts x `rollout.group_size` completions, scores them, turns
+rewards into group-normalised advantages and runs the clipped decoupled-PPO update through the
+backend. Every random choice of a step derives from (run.seed, step), so a resumed run repeats
+exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lora_rl import grpo
+from lora_rl.backends import make_backend, require_backend
+from lora_rl.batching import TokenBatch, encode, make_batch
+from lora_rl.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
+from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, read_yaml
+from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
+from lora_rl.metrics import MetricsLog, Timer, peak_memory
+from lora_rl.models import load_model
+from lora_rl.rewards import get_reward
+from lora_rl.rollout import SamplingParams, make_engine, require_engine
+from lora_rl.tasks import format_prompt, load_problems
+
+# Steps of one run are decorrelated by mixing the step into the seed with a large odd constant.
+_STEP_SEED_MIX = 1_000_003
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * _STEP_SEED_MIX + step
+
+
+def prompt_indices(num_problems: int, per_step: int, step: int, seed: int) -> list[int]:
+    """The problems of one step: a fresh seeded permutation per epoch, walked in order."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, num_problems)
+        perm = torch.randperm(num_problems, generator=torch.Generator().manual_seed(step_seed(seed, epoch)))
+        out.append(int(perm[pos]))
+    return out
+
+
+def _micro_batches(batch: TokenBatch, size: int):
+    for start in range(0, len(batch), size):
+        yield slice(start, start + size)
+
+
+def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages: torch.Tensor,
+                config: Config) -> dict[str, float]:
+    """One policy update on a rollout batch; returns averaged statistics.
+
+    batch: B sequences; behaviour: [B, T-1] engine log-probs at target positions; advantages: [B].
+    """
+    temp, micro = config.rollout.temperature, config.train.micro_batch_size
+    mask = batch.completion_mask  # [B, T-1]
+    # Proximal log-probs: the policy at the start of this update, recomputed by the trainer.
+    proximal = torch.cat([backend.logprobs(batch.select(s), temp, with_grad=False)[0]
+                          for s in _micro_batches(batch, micro)])
+    want_ref = config.lora.use_lora and (config.grpo.kl_coef > 0 or config.grpo.log_kl)
+    reference = None
+    if want_ref:
+        with backend.reference():
+            reference = torch.cat([backend.logprobs(batch.select(s), temp, with_grad=False)[0]
+                                   for s in _micro_batches(batch, micro)])
+
+    totals = {"loss": 0.0, "clip_fraction": 0.0, "importance_masked_fraction": 0.0, "entropy": 0.0}
+    grad_norms, skipped = [], 0
+    mb_size = len(batch) // config.grpo.minibatches
+    for mb_start in range(0, len(batch), mb_size):
+        global_tokens = mask[mb_start: mb_start + mb_size].sum()
+        for s in _micro_batches(batch.select(slice(mb_start, mb_start + mb_size)), micro):
+            rows = slice(mb_start + s.start, min(mb_start + s.stop, mb_start + mb_size))
+            logp, entropy = backend.logprobs(batch.select(rows), temp, with_grad=True, with_entropy=True)
+            loss, _, stats = grpo.policy_loss(
+                logp, proximal[rows], advantages[rows], mask[rows],
+                clip_low=config.grpo.clip_low, clip_high=config.grpo.clip_high, global_tokens=global_tokens,
+                behaviour_logp=behaviour[rows], importance_cap=config.grpo.importance_cap)
+            if config.grpo.kl_coef > 0:
+                kl = grpo.kl_estimate(logp, reference[rows], config.grpo.kl_estimator)
+                loss = loss + config.grpo.kl_coef * grpo.token_mean(kl, mask[rows], global_tokens)
+            backend.backward(loss)
+            share = float(mask[rows].sum() / mask.sum().clamp(min=1))  # this micro-batch's share of all tokens
+            totals["loss"] += float(loss.detach()) / config.grpo.minibatches  # micro losses sum to their minibatch's
+            totals["clip_fraction"] += float(stats.clip_fraction) * share
+            totals["importance_masked_fraction"] += float(stats.importance_masked_fraction) * share
+            totals["entropy"] += float(grpo.masked_sum(entropy, mask[rows])) / float(mask.sum().clamp(min=1))
+        norm = backend.optimizer_step()
+        grad_norms.append(norm)
+        skipped += not math.isfinite(norm)
+
+    out = dict(totals)
+    out["grad_norm"] = max(grad_norms)
+    out["skipped_updates"] = skipped
+    tokens = mask.sum().clamp(min=1)
+    out["logprob_diff"] = float(grpo.masked_sum((proximal - behaviour).abs(), mask) / tokens)
+    if reference is not None:
+        out["kl"] = float(grpo.masked_sum(grpo.kl_estimate(proximal, reference, config.grpo.kl_estimator), mask) / tokens)
+    return out
+
+
+def evaluate(engine, tokenizer, problems, reward_fn, config: Config) -> float:
+    """Accuracy with greedy decoding on held-out problems (fraction scoring full reward)."""
+    if not problems:
+        return float("nan")
+    prompts = [encode(tokenizer, format_prompt(p.question, tokenizer)) for p in problems]
+    params = SamplingParams(n=1, max_new_tokens=config.rollout.max_new_tokens, temperature=0.0)
+    correct = 0
+    for start in range(0, len(prompts), 256):
+        for c in engine.generate(prompts[start:start + 256], params):
+            text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            correct += reward_fn(text, problems[start + c.prompt_index].reference) >= 1.0
+    return correct / len(problems)
+
+
+def _prepare_run_dir(config: Config, resume: bool) -> Path:
+    run_dir = Path(config.run.output_dir)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        if not resume:
+            raise ConfigError(f"run.output_dir={str(run_dir)!r} already holds a run (config.yaml): pass --resume to "
+                              "continue it, or choose another run.output_dir")
+        before, now = read_yaml(saved), config_to_dict(config)
+        # A resumed run may run longer or quieter; anything else would silently change the experiment.
+        for key in ("steps", "progress"):
+            before["run"].pop(key, None)
+            now["run"].pop(key, None)
+        if before != now:
+            changed = sorted(f"{s}.{k}" for s in now for k in now[s] if before.get(s, {}).get(k) != now[s][k])
+            raise ConfigError(f"--resume with a config that differs from the saved run in {changed}: resume with "
+                              f"the same settings (see {saved}) or start a new run.output_dir")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not a lora-rl run folder: "
+                          "choose an empty or new folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, dump_config(config))
+    return run_dir
+
+
+def train(config: Config, *, resume: bool = False,
+          on_step: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run GRPO with LoRA as configured; returns the summary also written to summary.json."""
+    wall_start = time.perf_counter()
+    require_backend(config.backend.name)
+    require_engine(config.rollout.engine)
+    run_dir = _prepare_run_dir(config, resume)
+    torch.manual_seed(config.run.seed)
+
+    model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=config.run.progress)
+    check_model(model, config.lora)
+    total_params = sum(p.numel() for p in model.parameters())
+    if config.lora.use_lora:
+        model = inject_lora(model, config.lora)
+    backend = make_backend(config.backend.name, model=model, config=config, base_model_path=base_dir)
+    engine = make_engine(config.rollout.engine, model=backend.model, tokenizer=tokenizer, config=config)
+
+    task = config.task
+    train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
+                                   data_dir=task.data_dir or None)
+    eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
+                                  data_dir=task.data_dir or None, limit=config.eval.size)
+    reward_fn = get_reward(task.reward or task.name)
+    prompt_cache: dict[int, list[int]] = {}
+
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    start_step, meta = 0, {}
+    checkpoints = list_checkpoints(run_dir) if resume else []
+    if checkpoints:
+        state, meta = load_checkpoint(checkpoints[-1])
+        backend.load_state_dict(state["backend"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = meta["step"]
+        engine.publish(meta["version"], None)
+    log.truncate_after(start_step)
+    if not checkpoints and log.path.exists():
+        log.path.unlink()
+
+    accuracy_before = meta.get("accuracy_before")
+    if accuracy_before is None:
+        accuracy_before = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+    n_trainable, n_adapter_bytes = trainable_parameters(backend.model), adapter_bytes(backend.model)
+
+    rp = config.rollout
+    bar = tqdm(range(start_step, config.run.steps), initial=start_step, total=config.run.steps, desc="GRPO",
+               disable=not config.run.progress)
+    step = start_step
+    for step in bar:
+        timer = Timer()
+        indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)
+        for i in indices:
+            if i not in prompt_cache:
+                prompt_cache[i] = encode(tokenizer, format_prompt(train_problems[i].question, tokenizer))
+        prompts = [prompt_cache[i] for i in indices]
+        with timer.phase("rollout"):
+            params = SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
+                                    top_p=rp.top_p, seed=step_seed(config.run.seed, step))
+            completions = engine.generate(prompts, params)
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        rewards = torch.tensor([reward_fn(t, train_problems[indices[c.prompt_index]].reference)
+                                for t, c in zip(texts, completions, strict=True)])
+        advantages = grpo.group_advantages(rewards, rp.group_size, scale_std=config.grpo.scale_std)
+
+        batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions],
+                           tokenizer.pad_token_id)
+        behaviour = torch.zeros_like(batch.completion_mask)
+        for row, c in enumerate(completions):
+            start = len(prompts[c.prompt_index]) - 1
+            behaviour[row, start:start + len(c.logprobs)] = torch.tensor(c.logprobs)
+        with timer.phase("update"):
+            stats = grpo_update(backend, batch, behaviour, advantages, config)
+        with timer.phase("sync"):
+            sync = engine.publish(step + 1, None)
+
+        generated = sum(len(c.token_ids) for c in completions)
+        memory, memory_kind = peak_memory()
+        record = {
+            "step": step + 1, "version": step + 1,
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float((rewards >= 1.0).float().mean()),
+            **stats,
+            "response_length": generated / len(completions),
+            "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "rollout_seconds": timer.seconds["rollout"],
+            "rollout_tokens_per_s": generated / max(timer.seconds["rollout"], 1e-9),
+            "update_seconds": timer.seconds["update"],
+            "update_tokens_per_s": float(batch.attention_mask.sum()) / max(timer.seconds["update"], 1e-9),
+            "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
+            "peak_memory_gib": memory, "memory_kind": memory_kind,
+            "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
+            "elapsed_seconds": time.perf_counter() - wall_start,
+        }
+        if config.eval.every and (step + 1) % config.eval.every == 0:
+            record["eval_accuracy"] = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+        log.write(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record.get('kl', 0.0):.3f}")
+        if on_step is not None:
+            on_step(record)
+
+        last = step + 1 == config.run.steps
+        stop = should_stop is not None and should_stop()
+        every = config.run.checkpoint_every
+        if last or stop or (every and (step + 1) % every == 0):
+            save_checkpoint(run_dir, step + 1,
+                            {"backend": backend.state_dict(), "torch_rng": torch.get_rng_state()},
+                            {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
+                             "accuracy_before": accuracy_before},
+                            keep=config.run.keep_checkpoints)
+        if stop:
+            step += 1
+            break
+    else:
+        step = config.run.steps
+    bar.close()
+
+    accuracy_after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+    adapter_dir = None
+    if config.lora.use_lora:
+        adapter_dir = backend.save_adapter(run_dir / "adapter")
+    engine.close()
+    memory, memory_kind = peak_memory()
+    summary = {
+        "run_dir": str(run_dir), "model": config.model.path, "task": task.name, "difficulty": task.difficulty,
+        "steps_done": step, "eval_decoding": "greedy", "eval_problems": len(eval_problems),
+        "accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
+        "gain_points": 100 * (accuracy_after - accuracy_before),
+        "wall_seconds": time.perf_counter() - wall_start,
+        "peak_memory_gib": memory, "memory_kind": memory_kind,
+        "total_params": total_params, "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

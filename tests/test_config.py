@@ -1,0 +1,110 @@
+"""Config loading, overrides and every bad input the config layer must refuse with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_rl.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from lora_rl.support import BACKENDS, ENGINES, MATRIX, matrix_table, pair_status
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    config = Config()
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+    assert config_to_dict(config)["lora"]["target_modules"] == ["all-linear"]
+
+
+def test_overrides_parse_as_yaml_and_never_mutate_the_input(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  lora_rank: 8\n")
+    config = load_config(path, ["lora.lora_rank=32", "lora.target_modules=[q_proj,v_proj]", "grpo.importance_cap=null",
+                                "train.lr=1e-4", "run.progress=false"])
+    assert config.lora.lora_rank == 32
+    assert config.lora.target_modules == ("q_proj", "v_proj")
+    assert config.grpo.importance_cap is None
+    assert config.train.lr == pytest.approx(1e-4)
+    assert config.run.progress is False
+    assert load_config(path).lora.lora_rank == 8
+
+
+def test_areal_vocabulary_is_accepted():
+    config = config_from_dict({"lora": {"use_lora": True, "peft_type": "lora", "lora_rank": 16, "lora_alpha": 16,
+                                        "target_modules": ["all-linear"]}})
+    assert (config.lora.lora_rank, config.lora.lora_alpha) == (16, 16.0)
+
+
+@pytest.mark.parametrize("section, values, match", [
+    ("lora", {"lora_rank": 0}, r"lora\.lora_rank=0 must be a positive integer"),
+    ("lora", {"lora_rank": -4}, r"lora\.lora_rank=-4"),
+    ("lora", {"lora_alpha": 0}, r"lora\.lora_alpha=0(\.0)? must be positive"),
+    ("lora", {"peft_type": "dora"}, r"lora\.peft_type='dora' is not supported: only peft_type: lora"),
+    ("lora", {"target_modules": []}, r"lora\.target_modules=\[\] is empty"),
+    ("backend", {"name": "deepspeed"}, r"backend\.name='deepspeed' is not a training backend: choose one of fsdp2"),
+    ("rollout", {"engine": "tgi"}, r"rollout\.engine='tgi' is not a rollout engine: choose one of embedded"),
+    ("rollout", {"group_size": 1}, r"rollout\.group_size=1 must be at least 2"),
+    ("task", {"name": "mmlu"}, r"task\.name='mmlu' is not a task"),
+    ("grpo", {"kl_estimator": "k4"}, r"grpo\.kl_estimator='k4' is unknown: choose one of k1, k2, k3"),
+    ("train", {"lr": 0}, r"train\.lr=0\.0 must be positive"),
+])
+def test_bad_values_name_field_value_and_fix(section, values, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({section: values})
+
+
+@pytest.mark.parametrize("backend, engine, match", [
+    ("archon", "vllm", r"Archon has no LoRA support"),
+    ("archon", "sglang", r"Archon has no LoRA support"),
+    ("megatron", "sglang", r"Megatron \+ SGLang is planned but not supported yet"),
+    ("megatron", "embedded", r"use rollout\.engine=vllm"),
+])
+def test_pairs_outside_the_support_matrix_are_refused(backend, engine, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"backend": {"name": backend}, "rollout": {"engine": engine}})
+
+
+def test_support_matrix_is_complete_data_and_matches_the_brief():
+    assert set(MATRIX) == {(b, e) for b in BACKENDS for e in ENGINES}
+    assert all(pair_status("fsdp2", e).ok for e in ENGINES)
+    assert pair_status("megatron", "vllm").ok and pair_status("megatron", "vllm-server").ok
+    assert not any(pair_status("archon", e).ok for e in ENGINES)
+    assert "| archon | no | no | no | no |" in matrix_table()
+
+
+def test_unknown_keys_suggest_the_nearest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown key lora\.'lora_rnk': did you mean 'lora_rank'"):
+        config_from_dict({"lora": {"lora_rnk": 8}})
+    with pytest.raises(ConfigError, match=r"unknown key 'rollot': did you mean 'rollout'"):
+        config_from_dict({"rollot": {}})
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"lora": {"lora_rank": "sixteen"}}, r"lora\.lora_rank='sixteen' must be a whole number"),
+    ({"lora": {"lora_rank": 8.5}}, r"lora\.lora_rank=8\.5 must be a whole number"),
+    ({"lora": {"use_lora": "yes"}}, r"lora\.use_lora='yes' must be true or false"),
+    ({"train": {"lr": "fast"}}, r"train\.lr='fast' must be a number"),
+    ({"lora": {"target_modules": [1, 2]}}, r"must be a list of strings"),
+    ({"lora": 5}, r"section 'lora' must be a mapping"),
+])
+def test_wrong_types_are_refused(values, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(values)
+
+
+def test_cross_section_rules():
+    with pytest.raises(ConfigError, match=r"grpo\.kl_coef=0\.1 needs lora\.use_lora=true"):
+        config_from_dict({"lora": {"use_lora": False}, "grpo": {"kl_coef": 0.1}})
+    with pytest.raises(ConfigError, match=r"grpo\.minibatches=3 does not divide the rollout batch of 16"):
+        config_from_dict({"rollout": {"prompts_per_step": 2, "group_size": 8}, "grpo": {"minibatches": 3}})
+
+
+def test_malformed_yaml_missing_file_and_bad_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  lora_rank: [8\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line \d+, column \d+"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
+        load_config(None, ["lora_rank=8"])

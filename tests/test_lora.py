@@ -1,0 +1,99 @@
+"""LoRA through peft: targets, dtype, sizes, PEFT-format save/reload and merge give the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, MixtralConfig
+
+from lora_rl.config import ConfigError, LoRAConfig
+from lora_rl.lora import (adapter_bytes, check_dense, inject_lora, linear_module_names, load_adapter, merge_adapter,
+                          save_adapter, trainable_parameters)
+
+TOKENS = torch.tensor([[5, 9, 17, 33, 41, 2, 8, 12]])
+
+
+def _model(folder, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+
+
+def _perturb(model):
+    # lora_B starts at zero; give every adapter weight a value so reload checks compare something.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_linear_names_exclude_the_output_head(random_model_dir):
+    names = linear_module_names(_model(random_model_dir))
+    assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_target_that_matches_nothing_lists_the_real_layers(random_model_dir):
+    with pytest.raises(ConfigError, match=r"\['qkv_proj'\] match no linear layer.*'down_proj', 'gate_proj'"):
+        inject_lora(_model(random_model_dir), LoRAConfig(target_modules=("q_proj", "qkv_proj")))
+    with pytest.raises(ConfigError, match=r"mixes all-linear with names"):
+        inject_lora(_model(random_model_dir), LoRAConfig(target_modules=("all-linear", "q_proj")))
+
+
+def test_mixture_of_experts_is_refused():
+    with pytest.raises(ConfigError, match=r"'mixtral' is a mixture-of-experts model \(num_local_experts=8\).*dense"):
+        check_dense(MixtralConfig())
+
+
+def test_lora_at_init_leaves_logits_unchanged_and_counts_match_the_formula(random_model_dir):
+    base = _model(random_model_dir)
+    before = base(TOKENS).logits
+    cfg = base.config
+    model = inject_lora(base, LoRAConfig(lora_rank=4, lora_alpha=8))
+    assert torch.equal(model(TOKENS).logits, before)
+    h, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    # r * (in + out) per adapted linear: q, k, v, o, gate, up, down
+    per_layer = 4 * ((h + h) + (h + kv) + (h + kv) + (h + h) + (h + inter) + (h + inter) + (inter + h))
+    assert trainable_parameters(model) == per_layer * cfg.num_hidden_layers
+    assert adapter_bytes(model) == 4 * trainable_parameters(model)
+
+
+def test_adapters_stay_in_the_model_dtype(random_model_dir):
+    model = inject_lora(_model(random_model_dir, torch.bfloat16), LoRAConfig(lora_rank=8))
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert dtypes == {torch.bfloat16}
+    assert adapter_bytes(model) == 2 * trainable_parameters(model)
+
+
+def test_save_reload_gives_identical_logits_in_standard_peft_format(random_model_dir, tmp_path):
+    model = inject_lora(_model(random_model_dir), LoRAConfig(lora_rank=8, lora_alpha=16))
+    _perturb(model)
+    expected = model(TOKENS).logits
+    out = save_adapter(model, tmp_path / "adapter", random_model_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(random_model_dir.resolve())
+    assert (saved["r"], saved["lora_alpha"], saved["peft_type"], saved["bias"]) == (8, 16, "LORA", "none")
+    # The standard loader, pointed only at the folder, finds the base and reproduces the logits.
+    reloaded = PeftModel.from_pretrained(_model(saved["base_model_name_or_path"]), str(out))
+    assert torch.equal(reloaded(TOKENS).logits, expected)
+    assert torch.equal(load_adapter(_model(random_model_dir), out)(TOKENS).logits, expected)
+
+
+def test_saving_over_an_adapter_replaces_it_whole(random_model_dir, tmp_path):
+    model = inject_lora(_model(random_model_dir), LoRAConfig(lora_rank=8))
+    save_adapter(model, tmp_path / "adapter", random_model_dir)
+    _perturb(model)
+    save_adapter(model, tmp_path / "adapter", random_model_dir)
+    reloaded = load_adapter(_model(random_model_dir), tmp_path / "adapter")
+    assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporaries left behind
+
+
+def test_merged_model_matches_the_adapter_model(random_model_dir):
+    model = inject_lora(_model(random_model_dir), LoRAConfig(lora_rank=8))
+    _perturb(model)
+    expected = model(TOKENS).logits
+    merged = merge_adapter(model)
+    assert not isinstance(merged, PeftModel)
+    torch.testing.assert_close(merged(TOKENS).logits, expected, atol=1e-5, rtol=1e-5)

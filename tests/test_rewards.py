@@ -1,0 +1,154 @@
+"""Tests for lora_rl.rewards: answer extraction and the GSM8K grader."""
+
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from lora_rl import rewards, tasks
+from lora_rl.rewards import REWARDS, extract_answer, get_reward
+
+
+def _gsm8k_test_rows():
+    path = tasks.default_gsm8k_dir() / "test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"GSM8K data not found at {path}")
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _reference(answer):
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def test_every_gsm8k_gold_answer_scores_one():
+    reward = get_reward("gsm8k")
+    rows = _gsm8k_test_rows()
+    assert len(rows) == 1319
+    failures = [row["answer"] for row in rows if reward(row["answer"], _reference(row["answer"])) != 1.0]
+    assert failures == []
+
+
+def test_perturbed_gsm8k_answers_score_zero():
+    reward = get_reward("gsm8k")
+    for row in _gsm8k_test_rows():
+        answer = row["answer"]
+        reference = _reference(answer)
+        body = answer.rsplit("####", 1)[0]
+        plus_one = f"{body}#### {int(reference) + 1}"
+        assert reward(plus_one, reference) == 0.0, plus_one
+        # Replace the whole "#### n" line with a clearly wrong number.
+        wrong_line = re.sub(r"#### .*$", "#### 987654321", answer)
+        assert reward(wrong_line, reference) == 0.0, wrong_line
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference"),
+    [
+        ("#### 1,234", "1234"),
+        ("so the total is\n#### -7", "-7"),
+        ("####-7", "-7"),
+        ("\\boxed{42}", "42"),
+        ("The answer is $\\boxed{\\frac{1}{2}}$.", "0.5"),
+        ("The answer is 12.50.", "12.5"),
+        ("#### $1,234.", "1234"),
+        ("#### 12.0", "12"),
+        ("#### 42 apples", "42"),
+        ("First 3+4=7, then #### 9\nmore text 100", "9"),
+        ("Step 1,000 then 5\n#### 1\n#### 2", "2"),  # last #### wins
+        ("23+45-7=61\n#### 61", "61"),
+        ("I think it is 5 then 6 and finally 7", "7"),  # lenient last-number fallback
+        ("10-3", "3"),  # the minus is an operator, not a sign
+        ("\\boxed{\\$1{,}234}", "1234"),
+        ("\\boxed{42", "42"),  # unclosed box: the last-number fallback still finds 42
+    ],
+)
+def test_hand_cases_score_one(completion, reference):
+    assert get_reward("gsm8k")(completion, reference) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference"),
+    [
+        ("I have no idea.", "3"),
+        ("", "3"),
+        ("#### 7\nthen 3", "3"),  # #### beats a later number
+        ("#### 12.5", "12"),
+        ("\\boxed{\\frac{1}{3}}", "0.5"),
+        ("#### 1,234", "1.234"),
+    ],
+)
+def test_wrong_or_missing_answers_score_zero(completion, reference):
+    assert get_reward("gsm8k")(completion, reference) == 0.0
+
+
+def test_extract_answer_normalises():
+    assert extract_answer("#### 1,234") == "1234"
+    assert extract_answer("#### -7") == "-7"
+    assert extract_answer("The answer is 12.50.") == "12.5"
+    assert extract_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert extract_answer("\\boxed{x^{2}} and 5") == "x^{2}"
+    assert extract_answer("\\boxed{42} but later 7") == "42"
+    assert extract_answer("cost $-0.00") == "0"
+    assert extract_answer("no digits here") is None
+    assert extract_answer("#### ") is None
+
+
+@pytest.mark.parametrize(
+    "weird",
+    ["####", "#### #### ####", "\\boxed{}", "\\boxed{{{{", "}}}}", "\\boxed{9^{9^{9^{9}}}}", "#### 9^{999999999}",
+     "\\boxed{\\frac{1}{0}}", "#### \\unknown{", "\x00\xff", "9" * 5000, "1," * 2000, "#### 1e400"],
+)
+def test_weird_output_never_raises(weird):
+    start = time.perf_counter()
+    assert get_reward("gsm8k")(weird, "0.5") in (0.0, 1.0)
+    assert get_reward("gsm8k")(weird, "3") in (0.0, 1.0)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_non_string_completion_scores_zero():
+    assert get_reward("gsm8k")(None, "3") == 0.0  # type: ignore[arg-type]
+
+
+def test_symbolic_answer_works_from_a_worker_thread():
+    results = []
+
+    def grade():
+        results.append(get_reward("gsm8k")("\\boxed{\\frac{1}{2}}", "0.5"))
+        results.append(get_reward("gsm8k")("\\boxed{\\frac{1}{3}}", "0.5"))
+
+    worker = threading.Thread(target=grade)
+    worker.start()
+    worker.join(timeout=30)
+    assert results == [1.0, 0.0]
+
+
+def test_plain_number_path_is_fast():
+    reward = get_reward("gsm8k")
+    completion = "Tom has 23 apples and gets 45 more.\n23+45=68\n#### 68"
+    start = time.perf_counter()
+    for _ in range(5000):
+        reward(completion, "68")
+    assert time.perf_counter() - start < 2.0  # thousands per second, with a wide margin
+
+
+def test_arithmetic_uses_the_same_grader():
+    assert REWARDS["arithmetic"] is REWARDS["gsm8k"]
+    assert get_reward("arithmetic")("1+2=3\n#### 3", "3") == 1.0
+
+
+def test_unknown_reward_lists_known_names():
+    with pytest.raises(ValueError, match="gsm8k") as info:
+        get_reward("nope")
+    assert "'nope'" in str(info.value)
+    assert "arithmetic" in str(info.value)
+
+
+def test_math_verify_is_not_needed_for_numbers(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("math-verify should not run for plain numbers")
+
+    monkeypatch.setattr(rewards, "_symbolic_equal", boom)
+    assert get_reward("gsm8k")("#### 1,234", "1234") == 1.0

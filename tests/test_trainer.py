@@ -1,0 +1,81 @@
+"""The GRPO loop end to end on a tiny model: run files, learning, resume, and refusing to clobber a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lora_rl.config import ConfigError, load_config
+from lora_rl.trainer import prompt_indices, train
+
+
+def _config(model_dir, out_dir, *overrides):
+    return load_config(None, [f"model.path={model_dir}", f"run.output_dir={out_dir}", "run.progress=false",
+                              "rollout.prompts_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=12",
+                              "task.difficulty=1", "eval.size=50", "lora.lora_rank=8", *overrides])
+
+
+def test_prompt_order_is_a_fresh_permutation_each_epoch():
+    steps = [prompt_indices(10, 5, s, seed=3) for s in range(4)]
+    assert sorted(steps[0] + steps[1]) == list(range(10)) == sorted(steps[2] + steps[3])
+    assert steps[0] + steps[1] != steps[2] + steps[3]
+    assert prompt_indices(10, 5, 1, seed=3) == steps[1]
+
+
+@pytest.mark.slow
+def test_run_writes_its_files_and_reward_rises(warm_model_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_config(warm_model_dir, out, "run.steps=40", "run.checkpoint_every=20", "train.lr=5e-3",
+                            "rollout.prompts_per_step=16", "rollout.group_size=8"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    for key in ("reward_mean", "reward_std", "accuracy", "loss", "kl", "clip_fraction", "entropy", "response_length",
+                "rollout_tokens_per_s", "update_tokens_per_s", "sync_seconds", "sync_bytes", "peak_memory_gib",
+                "trainable_params", "adapter_bytes", "version", "logprob_diff"):
+        assert key in records[0], key
+    first = sum(r["reward_mean"] for r in records[:10]) / 10
+    last = sum(r["reward_mean"] for r in records[-10:]) / 10
+    assert last > first + 0.1, (first, last)
+    # The embedded engine scores with the trainer's weights: behaviour and proximal log-probs agree.
+    assert max(r["logprob_diff"] for r in records) < 1e-4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020", "step_000040"]
+    assert (out / "config.yaml").is_file()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert saved["eval_decoding"] == "greedy" and 0 <= saved["accuracy_after"] <= 1
+    # The final adapter is a standard PEFT folder on top of the base model folder.
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(warm_model_dir), out / "adapter")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == summary["trainable_params"]
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(warm_model_dir, tmp_path):
+    full = tmp_path / "full"
+    train(_config(warm_model_dir, full, "run.steps=4", "run.checkpoint_every=2", "eval.size=0"))
+    part = tmp_path / "part"
+    train(_config(warm_model_dir, part, "run.steps=2", "run.checkpoint_every=2", "eval.size=0"))
+    # Steps 3-4 after a resume from the step-2 checkpoint (the run is extended to 4 steps).
+    train(_config(warm_model_dir, part, "run.steps=4", "run.checkpoint_every=2", "eval.size=0"), resume=True)
+    drop = ("rollout_seconds", "rollout_tokens_per_s", "update_seconds", "update_tokens_per_s", "sync_seconds",
+            "elapsed_seconds", "peak_memory_gib")
+    read = lambda d: [{k: v for k, v in json.loads(line).items() if k not in drop}  # noqa: E731
+                      for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert read(part) == read(full)
+
+
+def test_an_existing_run_is_never_overwritten(warm_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_config(warm_model_dir, out, "run.steps=1", "eval.size=0"))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"already holds a run \(config.yaml\): pass --resume"):
+        train(_config(warm_model_dir, out, "run.steps=1", "eval.size=0"))
+    with pytest.raises(ConfigError, match=r"differs from the saved run in \['lora.lora_rank'\]"):
+        train(_config(warm_model_dir, out, "run.steps=2", "eval.size=0", "lora.lora_rank=16"), resume=True)
+    assert (out / "metrics.jsonl").read_text() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"is not a lora-rl run folder"):
+        train(_config(warm_model_dir, other, "run.steps=1"))
