@@ -2,6 +2,7 @@
 
     lora-rl train examples/quickstart.yaml lora.lora_rank=32 run.output_dir=runs/r32
     lora-rl validate examples/gsm8k_grpo_lora.yaml
+    lora-rl merge runs/quickstart/adapter runs/quickstart/merged
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora.lora_rank=32")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
+    p = sub.add_parser("merge", help="fold a PEFT adapter into its base model and save a plain HF model folder")
+    p.add_argument("adapter", help="adapter folder (its adapter_config.json names the base model folder)")
+    p.add_argument("out", help="folder for the merged model (must not exist)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "merge":
+            from lora_rl.lora import merge_to_folder
+
+            print(f"merged model written to {merge_to_folder(args.adapter, args.out)}")
+            return 0
         config = load_config(args.config, args.overrides)
         validate(config)
         if args.command == "validate":
@@ -49,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     print(f"\nheld-out accuracy (greedy decoding, {summary['eval_problems']} problems): "
           f"{100 * summary['accuracy_before']:.1f}% -> {100 * summary['accuracy_after']:.1f}% "
-          f"({summary['gain_points']:+.1f} points) in {summary['wall_seconds']:.0f} s; "
-          f"run folder: {summary['run_dir']}")
+          f"({summary['gain_points']:+.1f} points) in {summary['wall_seconds']:.0f} s\n"
+          f"  answers in the required format: {100 * summary['format_rate_before']:.1f}% -> "
+          f"{100 * summary['format_rate_after']:.1f}%; right number in any format: "
+          f"{100 * summary['lenient_accuracy_before']:.1f}% -> {100 * summary['lenient_accuracy_after']:.1f}%\n"
+          f"  run folder: {summary['run_dir']}")
     return 0
 
 

@@ -126,3 +126,31 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool
 def merge_adapter(model: PeftModel) -> nn.Module:
     """Fold the adapter into the base weights for deployment (returns the plain model)."""
     return model.merge_and_unload()
+
+
+def merge_to_folder(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Load base + adapter, merge, and save a standard HF model folder (with the base's tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"adapter folder {str(adapter_dir)!r} has no adapter_config.json: pass a PEFT adapter folder "
+                          "such as runs/quickstart/adapter")
+    if out_dir.exists():
+        raise ConfigError(f"output folder {str(out_dir)!r} already exists: choose a new folder for the merged model")
+    base_path = json.loads(config_path.read_text())["base_model_name_or_path"]
+    if not (Path(base_path) / "config.json").is_file():
+        raise ConfigError(f"the adapter's base model folder {base_path!r} is missing: restore it or edit "
+                          f"base_model_name_or_path in {config_path}")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    merged = merge_adapter(load_adapter(base, adapter_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir

@@ -44,7 +44,11 @@ class TinyRecipe:
     vocab_size: int = 384  # BPE vocabulary trained on task text (256 byte symbols + merges + specials)
     max_positions: int = 256
     warmstart_difficulties: tuple[int, ...] = (1, 2, 3)  # supervised on these arithmetic levels
-    warmstart_steps: int = 300
+    # Share of warm-start solutions written as "23+45=68\n#### 68", "23+45=68" and "The answer is 68."
+    # Real SFT corpora mix answer styles; the arithmetic reward accepts only the first, so RL has
+    # a format to learn as well as sums to get right (metrics report both).
+    style_mix: tuple[float, float, float] = (0.2, 0.5, 0.3)
+    warmstart_steps: int = 600
     warmstart_batch: int = 64
     warmstart_lr: float = 3e-3
     seed: int = 1234
@@ -80,6 +84,12 @@ def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFa
                                    eos_token=SPECIALS[2])
 
 
+def _styled_solution(problem, rng: random.Random, mix: tuple[float, float, float]) -> str:
+    expression = problem.solution.split("\n", 1)[0]  # "23+45=68"
+    styles = (problem.solution, expression, f"The answer is {problem.reference}.")
+    return rng.choices(styles, weights=mix)[0]
+
+
 def _tiny_config(recipe: TinyRecipe, vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=recipe.hidden_size, num_hidden_layers=recipe.layers,
@@ -96,12 +106,12 @@ def build_tiny(recipe: TinyRecipe, out_dir: Path, *, name: str = "custom-tiny", 
 
     problems = [p for d in recipe.warmstart_difficulties
                 for p in load_problems("arithmetic", split="train", seed=recipe.seed, difficulty=d)]
-    texts = [format_prompt(p.question) + p.solution for p in problems]
+    texts = [format_prompt(p.question) + p.solution + f" The answer is {p.reference}." for p in problems]
     tokenizer = _train_tokenizer(texts, recipe.vocab_size)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(_tiny_config(recipe, len(tokenizer)), dtype=torch.float32)
     rng = random.Random(recipe.seed)
-    pairs = [(format_prompt(p.question), p.solution) for p in problems]
+    pairs = [(format_prompt(p.question), _styled_solution(p, rng, recipe.style_mix)) for p in problems]
     rng.shuffle(pairs)
     supervised_warmstart(model, tokenizer, pairs, steps=recipe.warmstart_steps, batch_size=recipe.warmstart_batch,
                          lr=recipe.warmstart_lr, seed=recipe.seed, progress=progress, desc=f"warm-start {name}")

@@ -25,7 +25,8 @@ import threading
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["REWARDS", "answers_match", "extract_answer", "get_reward", "gsm8k_reward", "normalize_answer"]
+__all__ = ["REWARDS", "answers_match", "extract_answer", "get_reward", "gsm8k_reward", "has_final_answer",
+           "normalize_answer", "strict_reward"]
 
 # A number as people and models write it: optional sign and dollar sign,
 # thousands commas only in well-formed groups ("1,234" but not "1,23"), and an
@@ -139,16 +140,19 @@ def _last_number(text: str) -> str | None:
     return normalize_answer(number)
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, strict: bool = False) -> str | None:
     """Extract the final answer from a completion, normalised; None if there is none.
 
-    Order: the last "#### <answer>", else the last \\boxed{...}, else the last
-    number in the text. Plain numbers come back canonical ("1,234" -> "1234",
-    "$12.50." -> "12.5"); anything else (e.g. "\\frac{1}{2}") comes back as written.
+    Order: the last "#### <answer>", else the last \\boxed{...}, else (unless
+    `strict`) the last number in the text. Plain numbers come back canonical
+    ("1,234" -> "1234", "$12.50." -> "12.5"); anything else (e.g. "\\frac{1}{2}")
+    comes back as written.
     """
     if not isinstance(text, str):
         return None
-    for extractor in (_last_marker_answer, _last_boxed_answer, _last_number):
+    extractors = (_last_marker_answer, _last_boxed_answer) if strict else (
+        _last_marker_answer, _last_boxed_answer, _last_number)
+    for extractor in extractors:
         answer = extractor(text)
         if answer is not None:
             return answer
@@ -207,17 +211,31 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 
 
 def gsm8k_reward(completion: str, reference: str) -> float:
-    """1.0 if the completion's final answer equals ``reference``, else 0.0."""
+    """1.0 if the completion's final answer equals ``reference``, else 0.0 (lenient extraction)."""
     try:
         return 1.0 if answers_match(extract_answer(completion), reference) else 0.0
     except Exception:  # a reward must never crash a training run on odd output
         return 0.0
 
 
+def strict_reward(completion: str, reference: str) -> float:
+    """Like gsm8k_reward, but only an answer on a "#### n" line or in \\boxed{} counts."""
+    try:
+        return 1.0 if answers_match(extract_answer(completion, strict=True), reference) else 0.0
+    except Exception:  # a reward must never crash a training run on odd output
+        return 0.0
+
+
+def has_final_answer(completion: str) -> bool:
+    """True when the completion states its answer in the required format (for format metrics)."""
+    return extract_answer(completion, strict=True) is not None
+
+
 REWARDS: dict[str, Callable[[str, str], float]] = {
     "gsm8k": gsm8k_reward,
-    # Synthetic arithmetic problems use the GSM8K answer format, so the same grader.
-    "arithmetic": gsm8k_reward,
+    "gsm8k-strict": strict_reward,
+    # Synthetic arithmetic demands the GSM8K answer line: "23+45=68" alone scores 0.
+    "arithmetic": strict_reward,
 }
 
 

@@ -26,7 +26,7 @@ from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, rea
 from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
 from lora_rl.metrics import MetricsLog, Timer, peak_memory
 from lora_rl.models import load_model
-from lora_rl.rewards import get_reward
+from lora_rl.rewards import get_reward, gsm8k_reward, has_final_answer
 from lora_rl.rollout import SamplingParams, make_engine, require_engine
 from lora_rl.tasks import format_prompt, load_problems
 
@@ -106,18 +106,26 @@ def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages:
     return out
 
 
-def evaluate(engine, tokenizer, problems, reward_fn, config: Config) -> float:
-    """Accuracy with greedy decoding on held-out problems (fraction scoring full reward)."""
+def evaluate(engine, tokenizer, problems, reward_fn, config: Config) -> dict[str, float]:
+    """Greedy decoding on held-out problems. Returns
+    accuracy: fraction scoring full reward (the task's own grader);
+    format_rate: fraction stating a final answer as "#### n" or \\boxed{}, right or wrong;
+    lenient_accuracy: fraction whose last number is right in any format - so a gain in accuracy
+    can be split into "learned the format" and "learned the sums"."""
     if not problems:
-        return float("nan")
+        return {"accuracy": float("nan"), "format_rate": float("nan"), "lenient_accuracy": float("nan")}
     prompts = [encode(tokenizer, format_prompt(p.question, tokenizer)) for p in problems]
     params = SamplingParams(n=1, max_new_tokens=config.rollout.max_new_tokens, temperature=0.0)
-    correct = 0
+    correct = formatted = lenient = 0
     for start in range(0, len(prompts), 256):
         for c in engine.generate(prompts[start:start + 256], params):
             text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-            correct += reward_fn(text, problems[start + c.prompt_index].reference) >= 1.0
-    return correct / len(problems)
+            reference = problems[start + c.prompt_index].reference
+            correct += reward_fn(text, reference) >= 1.0
+            formatted += has_final_answer(text)
+            lenient += gsm8k_reward(text, reference) >= 1.0
+    n = len(problems)
+    return {"accuracy": correct / n, "format_rate": formatted / n, "lenient_accuracy": lenient / n}
 
 
 def _prepare_run_dir(config: Config, resume: bool) -> Path:
@@ -127,13 +135,13 @@ def _prepare_run_dir(config: Config, resume: bool) -> Path:
         if not resume:
             raise ConfigError(f"run.output_dir={str(run_dir)!r} already holds a run (config.yaml): pass --resume to "
                               "continue it, or choose another run.output_dir")
-        before, now = read_yaml(saved), config_to_dict(config)
+        was, now = read_yaml(saved), config_to_dict(config)
         # A resumed run may run longer or quieter; anything else would silently change the experiment.
         for key in ("steps", "progress"):
-            before["run"].pop(key, None)
+            was["run"].pop(key, None)
             now["run"].pop(key, None)
-        if before != now:
-            changed = sorted(f"{s}.{k}" for s in now for k in now[s] if before.get(s, {}).get(k) != now[s][k])
+        if was != now:
+            changed = sorted(f"{s}.{k}" for s in now for k in now[s] if was.get(s, {}).get(k) != now[s][k])
             raise ConfigError(f"--resume with a config that differs from the saved run in {changed}: resume with "
                               f"the same settings (see {saved}) or start a new run.output_dir")
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -183,9 +191,9 @@ def train(config: Config, *, resume: bool = False,
     if not checkpoints and log.path.exists():
         log.path.unlink()
 
-    accuracy_before = meta.get("accuracy_before")
-    if accuracy_before is None:
-        accuracy_before = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+    before = meta.get("eval_before")
+    if before is None:
+        before = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
     n_trainable, n_adapter_bytes = trainable_parameters(backend.model), adapter_bytes(backend.model)
 
     rp = config.rollout
@@ -225,6 +233,7 @@ def train(config: Config, *, resume: bool = False,
             "step": step + 1, "version": step + 1,
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "accuracy": float((rewards >= 1.0).float().mean()),
+        "format_rate": sum(map(has_final_answer, texts)) / len(texts),
             **stats,
             "response_length": generated / len(completions),
             "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
@@ -238,7 +247,8 @@ def train(config: Config, *, resume: bool = False,
             "elapsed_seconds": time.perf_counter() - wall_start,
         }
         if config.eval.every and (step + 1) % config.eval.every == 0:
-            record["eval_accuracy"] = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+            scores = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+            record.update({f"eval_{k}": v for k, v in scores.items()})
         log.write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record.get('kl', 0.0):.3f}")
         if on_step is not None:
@@ -251,7 +261,7 @@ def train(config: Config, *, resume: bool = False,
             save_checkpoint(run_dir, step + 1,
                             {"backend": backend.state_dict(), "torch_rng": torch.get_rng_state()},
                             {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
-                             "accuracy_before": accuracy_before},
+                             "eval_before": before},
                             keep=config.run.keep_checkpoints)
         if stop:
             step += 1
@@ -260,7 +270,7 @@ def train(config: Config, *, resume: bool = False,
         step = config.run.steps
     bar.close()
 
-    accuracy_after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+    after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
     adapter_dir = None
     if config.lora.use_lora:
         adapter_dir = backend.save_adapter(run_dir / "adapter")
@@ -269,8 +279,10 @@ def train(config: Config, *, resume: bool = False,
     summary = {
         "run_dir": str(run_dir), "model": config.model.path, "task": task.name, "difficulty": task.difficulty,
         "steps_done": step, "eval_decoding": "greedy", "eval_problems": len(eval_problems),
-        "accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
-        "gain_points": 100 * (accuracy_after - accuracy_before),
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
+        "format_rate_before": before["format_rate"], "format_rate_after": after["format_rate"],
+        "lenient_accuracy_before": before["lenient_accuracy"], "lenient_accuracy_after": after["lenient_accuracy"],
         "wall_seconds": time.perf_counter() - wall_start,
         "peak_memory_gib": memory, "memory_kind": memory_kind,
         "total_params": total_params, "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,

@@ -53,20 +53,19 @@ def test_sampling_is_reproducible_per_seed_and_greedy_is_deterministic(random_mo
 
 
 def test_completions_stop_at_eos_and_report_why(random_model_dir):
-    engine, tokenizer, prompts = _engine(random_model_dir)
-    eos = tokenizer.eos_token_id
-    # Make EOS by far the likeliest token: every completion is [EOS], finished by "stop".
-    with torch.no_grad():
-        engine.model.get_output_embeddings().weight[eos] *= 0
-        engine.model.get_output_embeddings().weight[eos] += 50 * engine.model.get_input_embeddings().weight.std()
-    out = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=5, temperature=0.0))
-    for c in out:
-        assert c.finish_reason == "stop" and c.token_ids[-1] == eos and len(c.logprobs) == len(c.token_ids)
-    engine2, _, prompts2 = _engine(random_model_dir)
-    long = engine2.generate(prompts2, SamplingParams(n=1, max_new_tokens=3, temperature=1.0))
-    for c in long:
-        assert (c.finish_reason == "length") == (eos not in c.token_ids)
-        assert len(c.token_ids) <= 3
+    engine, _, prompts = _engine(random_model_dir)
+    greedy = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
+    first = engine.generate(prompts, greedy)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 6 for c in first if engine.eos_id not in c.token_ids)
+    # Declare a token greedy decoding emits for prompt 0 to be EOS: that row must stop at its first occurrence.
+    engine.eos_id = first[0].token_ids[1]
+    stop_at = first[0].token_ids.index(engine.eos_id) + 1
+    again = engine.generate(prompts, greedy)
+    assert again[0].token_ids == first[0].token_ids[:stop_at] and again[0].finish_reason == "stop"
+    for c in again:
+        assert len(c.logprobs) == len(c.token_ids)
+        assert (c.finish_reason == "stop") == (c.token_ids[-1] == engine.eos_id)
+        assert engine.eos_id not in c.token_ids[:-1]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

@@ -97,3 +97,15 @@ def test_merged_model_matches_the_adapter_model(random_model_dir):
     merged = merge_adapter(model)
     assert not isinstance(merged, PeftModel)
     torch.testing.assert_close(merged(TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_command_writes_a_plain_model_with_the_adapter_folded_in(random_model_dir, tmp_path):
+    from lora_rl.cli import main
+
+    model = inject_lora(_model(random_model_dir), LoRAConfig(lora_rank=8))
+    _perturb(model)
+    expected = model(TOKENS).logits
+    save_adapter(model, tmp_path / "adapter", random_model_dir)
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(_model(tmp_path / "merged")(TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2  # never overwrites

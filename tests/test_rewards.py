@@ -8,7 +8,7 @@ import time
 import pytest
 
 from lora_rl import rewards, tasks
-from lora_rl.rewards import REWARDS, extract_answer, get_reward
+from lora_rl.rewards import REWARDS, extract_answer, get_reward, has_final_answer
 
 
 def _gsm8k_test_rows():
@@ -134,9 +134,16 @@ def test_plain_number_path_is_fast():
     assert time.perf_counter() - start < 2.0  # thousands per second, with a wide margin
 
 
-def test_arithmetic_uses_the_same_grader():
-    assert REWARDS["arithmetic"] is REWARDS["gsm8k"]
+def test_arithmetic_demands_the_answer_line():
+    assert REWARDS["arithmetic"] is REWARDS["gsm8k-strict"]
     assert get_reward("arithmetic")("1+2=3\n#### 3", "3") == 1.0
+    assert get_reward("arithmetic")("\\boxed{3}", "3") == 1.0
+    # Right number, wrong format: the lenient grader accepts it, the strict one does not.
+    for loose in ("1+2=3", "The answer is 3."):
+        assert get_reward("gsm8k")(loose, "3") == 1.0
+        assert get_reward("arithmetic")(loose, "3") == 0.0
+        assert not has_final_answer(loose)
+    assert has_final_answer("1+2=4\n#### 4")
 
 
 def test_unknown_reward_lists_known_names():
