@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print("lora-rl: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
+    if summary["accuracy_before"] is None:  # eval.size=0
+        return 0
     print(f"\nheld-out accuracy (greedy decoding, {summary['eval_problems']} problems): "
           f"{100 * summary['accuracy_before']:.1f}% -> {100 * summary['accuracy_after']:.1f}% "
           f"({summary['gain_points']:+.1f} points) in {summary['wall_seconds']:.0f} s\n"

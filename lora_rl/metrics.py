@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -35,6 +36,11 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def json_safe(record: dict) -> dict:
+    """NaN and inf become null: strict JSON readers (browsers, pandas' engine) reject them."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class MetricsLog:
     """metrics.jsonl, one line per step. On resume, lines past the checkpoint are dropped so the
     file reads as if the run had never stopped."""
@@ -50,7 +56,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
 
     def read(self) -> list[dict]:
         if not self.path.exists():

@@ -24,7 +24,7 @@ from lora_rl.batching import TokenBatch, encode, make_batch
 from lora_rl.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, read_yaml
 from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
-from lora_rl.metrics import MetricsLog, Timer, peak_memory
+from lora_rl.metrics import MetricsLog, Timer, json_safe, peak_memory
 from lora_rl.models import load_model
 from lora_rl.rewards import get_reward, gsm8k_reward, has_final_answer
 from lora_rl.rollout import SamplingParams, make_engine, require_engine
@@ -288,5 +288,6 @@ def train(config: Config, *, resume: bool = False,
         "total_params": total_params, "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
         "adapter_dir": str(adapter_dir) if adapter_dir else None,
     }
+    summary = json_safe(summary)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
