@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 
 from lora_rl.config import ConfigError, load_config
@@ -22,6 +24,17 @@ def validate(config) -> None:
     check_model(meta_model(config.model.path), config.lora)
 
 
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this same command under torchrun with `nproc` ranks on this machine."""
+    rest = [a for a in argv if not a.startswith("--nproc")]
+    if "--nproc" in argv:  # "--nproc N" form: drop the value too
+        i = argv.index("--nproc")
+        rest = argv[:i] + argv[i + 2:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "lora_rl.cli", *rest]
+    return subprocess.call(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-rl", description="RL fine-tuning of LLMs with LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,10 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora.lora_rank=32")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
+            p.add_argument("--nproc", type=int, default=1,
+                           help="processes (FSDP2 ranks; one per GPU on a GPU machine); starts torchrun for you")
     p = sub.add_parser("merge", help="fold a PEFT adapter into its base model and save a plain HF model folder")
     p.add_argument("adapter", help="adapter folder (its adapter_config.json names the base model folder)")
     p.add_argument("out", help="folder for the merged model (must not exist)")
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options (`train C --nproc 2 a.b=1`): collect the strays.
+    args, extra = parser.parse_known_args(argv)
+    if any(a.startswith("-") or "=" not in a for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         if args.command == "merge":
             from lora_rl.lora import merge_to_folder
@@ -46,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(f"{args.config}: ok")
             return 0
+        if args.nproc > 1 and "RANK" not in os.environ:
+            return _torchrun(args.nproc, argv if argv is not None else sys.argv[1:])
         from lora_rl.trainer import train
 
         summary = train(config, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
     except ConfigError as err:
         print(f"lora-rl: error: {err}", file=sys.stderr)
         return 2

@@ -18,20 +18,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lora_rl import grpo
+from lora_rl import distributed, grpo
 from lora_rl.backends import make_backend, require_backend
 from lora_rl.batching import TokenBatch, encode, make_batch
 from lora_rl.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, read_yaml
 from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
 from lora_rl.metrics import MetricsLog, Timer, json_safe, peak_memory
-from lora_rl.models import load_model
+from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward, gsm8k_reward, has_final_answer
 from lora_rl.rollout import SamplingParams, make_engine, require_engine
 from lora_rl.tasks import format_prompt, load_problems
 
 # Steps of one run are decorrelated by mixing the step into the seed with a large odd constant.
 _STEP_SEED_MIX = 1_000_003
+_RANK_SEED_MIX = 7_919  # likewise for ranks sampling different prompts in the same step
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -75,7 +76,8 @@ def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages:
     grad_norms, skipped = [], 0
     mb_size = len(batch) // config.grpo.minibatches
     for mb_start in range(0, len(batch), mb_size):
-        global_tokens = mask[mb_start: mb_start + mb_size].sum()
+        # Valid tokens of this minibatch on every rank: each rank's loss is its share of one global mean.
+        global_tokens = distributed.all_sum(mask[mb_start: mb_start + mb_size].sum())
         for s in _micro_batches(batch.select(slice(mb_start, mb_start + mb_size)), micro):
             rows = slice(mb_start + s.start, min(mb_start + s.stop, mb_start + mb_size))
             logp, entropy = backend.logprobs(batch.select(rows), temp, with_grad=True, with_entropy=True)
@@ -112,20 +114,47 @@ def evaluate(engine, tokenizer, problems, reward_fn, config: Config) -> dict[str
     format_rate: fraction stating a final answer as "#### n" or \\boxed{}, right or wrong;
     lenient_accuracy: fraction whose last number is right in any format - so a gain in accuracy
     can be split into "learned the format" and "learned the sums"."""
-    if not problems:
+    if config.eval.size == 0:
         return {"accuracy": float("nan"), "format_rate": float("nan"), "lenient_accuracy": float("nan")}
     prompts = [encode(tokenizer, format_prompt(p.question, tokenizer)) for p in problems]
     params = SamplingParams(n=1, max_new_tokens=config.rollout.max_new_tokens, temperature=0.0)
     correct = formatted = lenient = 0
-    for start in range(0, len(prompts), 256):
-        for c in engine.generate(prompts[start:start + 256], params):
-            text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-            reference = problems[start + c.prompt_index].reference
-            correct += reward_fn(text, reference) >= 1.0
-            formatted += has_final_answer(text)
-            lenient += gsm8k_reward(text, reference) >= 1.0
-    n = len(problems)
+    for c in engine.generate(prompts, params):  # one call: under FSDP2 every rank must generate in step
+        text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        reference = problems[c.prompt_index].reference
+        correct += reward_fn(text, reference) >= 1.0
+        formatted += has_final_answer(text)
+        lenient += gsm8k_reward(text, reference) >= 1.0
+    # This rank's problems are a share of the eval set: add the counts of all ranks.
+    correct, formatted, lenient, n = distributed.all_sum(torch.tensor([correct, formatted, lenient, len(problems)],
+                                                                      dtype=torch.float64)).tolist()
     return {"accuracy": correct / n, "format_rate": formatted / n, "lenient_accuracy": lenient / n}
+
+
+def _step_record(rewards, texts, completions, batch, stats) -> dict:
+    """Per-step numbers over all ranks: sums are all-reduced, rank-local averages are averaged."""
+    world = distributed.world_size()
+    sums = distributed.all_sum(torch.tensor([
+        float(rewards.sum()), float((rewards ** 2).sum()), float((rewards >= 1.0).sum()),
+        float(sum(map(has_final_answer, texts))), float(len(completions)),
+        float(sum(len(c.token_ids) for c in completions)),
+        float(sum(c.finish_reason == "length" for c in completions)), float(batch.attention_mask.sum()),
+    ], dtype=torch.float64)).tolist()
+    total, squares, correct, formatted, n, generated, truncated, tokens = sums
+    mean = total / n
+    record = {
+        "reward_mean": mean, "reward_std": max(squares / n - mean ** 2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5,
+        "accuracy": correct / n, "format_rate": formatted / n,
+        "response_length": generated / n, "truncated_fraction": truncated / n,
+    }
+    for key, value in stats.items():
+        if key in ("grad_norm", "skipped_updates"):  # already global (the norm is all-reduced)
+            record[key] = value
+        elif key == "loss":  # each rank's loss is its share of one global token mean
+            record[key] = float(distributed.all_sum(torch.tensor(value, dtype=torch.float64)))
+        else:
+            record[key] = float(distributed.all_sum(torch.tensor(value, dtype=torch.float64))) / world
+    return record, generated, tokens
 
 
 def _prepare_run_dir(config: Config, resume: bool) -> Path:
@@ -159,22 +188,41 @@ def train(config: Config, *, resume: bool = False,
     wall_start = time.perf_counter()
     require_backend(config.backend.name)
     require_engine(config.rollout.engine)
-    run_dir = _prepare_run_dir(config, resume)
+    d = distributed.init()
+    if config.rollout.prompts_per_step % d.world:
+        raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} does not split over {d.world} "
+                          f"processes: use a multiple of {d.world}")
+    # Rank 0 checks and creates the run folder; every rank raises the same error if it fails.
+    error = None
+    if d.main:
+        try:
+            _prepare_run_dir(config, resume)
+        except ConfigError as err:
+            error = str(err)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    run_dir = Path(config.run.output_dir)
     torch.manual_seed(config.run.seed)
+    progress = config.run.progress and d.main
 
-    model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=config.run.progress)
+    if d.main:  # build a built-in model once, not once per rank
+        resolve_model_path(config.model.path, progress=progress)
+    distributed.barrier()
+    model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=progress)
+    model.to(d.device)
     check_model(model, config.lora)
     total_params = sum(p.numel() for p in model.parameters())
     if config.lora.use_lora:
         model = inject_lora(model, config.lora)
     backend = make_backend(config.backend.name, model=model, config=config, base_model_path=base_dir)
-    engine = make_engine(config.rollout.engine, model=backend.model, tokenizer=tokenizer, config=config)
+    engine = make_engine(config.rollout.engine, backend=backend, tokenizer=tokenizer, config=config)
 
     task = config.task
     train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
                                    data_dir=task.data_dir or None)
     eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
-                                  data_dir=task.data_dir or None, limit=config.eval.size)
+                                  data_dir=task.data_dir or None, limit=config.eval.size)[d.rank::d.world]
     reward_fn = get_reward(task.reward or task.name)
     prompt_cache: dict[int, list[int]] = {}
 
@@ -187,9 +235,10 @@ def train(config: Config, *, resume: bool = False,
         torch.set_rng_state(state["torch_rng"])
         start_step = meta["step"]
         engine.publish(meta["version"], None)
-    log.truncate_after(start_step)
-    if not checkpoints and log.path.exists():
-        log.path.unlink()
+    if d.main:
+        log.truncate_after(start_step)
+        if not checkpoints and log.path.exists():
+            log.path.unlink()
 
     before = meta.get("eval_before")
     if before is None:
@@ -198,18 +247,19 @@ def train(config: Config, *, resume: bool = False,
 
     rp = config.rollout
     bar = tqdm(range(start_step, config.run.steps), initial=start_step, total=config.run.steps, desc="GRPO",
-               disable=not config.run.progress)
+               disable=not progress)
     step = start_step
     for step in bar:
         timer = Timer()
-        indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)
+        # Every rank draws the same prompts for the step and keeps its own share (whole groups).
+        indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)[d.rank::d.world]
         for i in indices:
             if i not in prompt_cache:
                 prompt_cache[i] = encode(tokenizer, format_prompt(train_problems[i].question, tokenizer))
         prompts = [prompt_cache[i] for i in indices]
         with timer.phase("rollout"):
             params = SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
-                                    top_p=rp.top_p, seed=step_seed(config.run.seed, step))
+                                    top_p=rp.top_p, seed=step_seed(config.run.seed, step) + _RANK_SEED_MIX * d.rank)
             completions = engine.generate(prompts, params)
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         rewards = torch.tensor([reward_fn(t, train_problems[indices[c.prompt_index]].reference)
@@ -227,20 +277,14 @@ def train(config: Config, *, resume: bool = False,
         with timer.phase("sync"):
             sync = engine.publish(step + 1, None)
 
-        generated = sum(len(c.token_ids) for c in completions)
+        totals, generated, tokens = _step_record(rewards, texts, completions, batch, stats)
         memory, memory_kind = peak_memory()
         record = {
-            "step": step + 1, "version": step + 1,
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "accuracy": float((rewards >= 1.0).float().mean()),
-        "format_rate": sum(map(has_final_answer, texts)) / len(texts),
-            **stats,
-            "response_length": generated / len(completions),
-            "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "step": step + 1, "version": step + 1, **totals,
             "rollout_seconds": timer.seconds["rollout"],
             "rollout_tokens_per_s": generated / max(timer.seconds["rollout"], 1e-9),
             "update_seconds": timer.seconds["update"],
-            "update_tokens_per_s": float(batch.attention_mask.sum()) / max(timer.seconds["update"], 1e-9),
+            "update_tokens_per_s": tokens / max(timer.seconds["update"], 1e-9),
             "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
             "peak_memory_gib": memory, "memory_kind": memory_kind,
             "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
@@ -249,7 +293,8 @@ def train(config: Config, *, resume: bool = False,
         if config.eval.every and (step + 1) % config.eval.every == 0:
             scores = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
             record.update({f"eval_{k}": v for k, v in scores.items()})
-        log.write(record)
+        if d.main:
+            log.write(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record.get('kl', 0.0):.3f}")
         if on_step is not None:
             on_step(record)
@@ -258,11 +303,13 @@ def train(config: Config, *, resume: bool = False,
         stop = should_stop is not None and should_stop()
         every = config.run.checkpoint_every
         if last or stop or (every and (step + 1) % every == 0):
-            save_checkpoint(run_dir, step + 1,
-                            {"backend": backend.state_dict(), "torch_rng": torch.get_rng_state()},
-                            {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
-                             "eval_before": before},
-                            keep=config.run.keep_checkpoints)
+            state = backend.state_dict()  # collective under sharding: every rank gathers
+            if d.main:
+                save_checkpoint(run_dir, step + 1, {"backend": state, "torch_rng": torch.get_rng_state()},
+                                {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
+                                 "eval_before": before},
+                                keep=config.run.keep_checkpoints)
+            distributed.barrier()
         if stop:
             step += 1
             break
@@ -278,7 +325,7 @@ def train(config: Config, *, resume: bool = False,
     memory, memory_kind = peak_memory()
     summary = {
         "run_dir": str(run_dir), "model": config.model.path, "task": task.name, "difficulty": task.difficulty,
-        "steps_done": step, "eval_decoding": "greedy", "eval_problems": len(eval_problems),
+        "steps_done": step, "eval_decoding": "greedy", "eval_problems": min(config.eval.size, len(eval_problems) * d.world),
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
         "format_rate_before": before["format_rate"], "format_rate_after": after["format_rate"],
@@ -289,5 +336,7 @@ def train(config: Config, *, resume: bool = False,
         "adapter_dir": str(adapter_dir) if adapter_dir else None,
     }
     summary = json_safe(summary)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if d.main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()
     return summary

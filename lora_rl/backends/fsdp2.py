@@ -1,37 +1,57 @@
 """The FSDP2 training backend (PyTorch `fully_shard`).
 
-In this version it runs in a single process, where FSDP2 sharding is the identity and the model
-is used as a plain module; multi-process sharding across ranks is not built yet and is refused
-with a clear error. Everything the GRPO loop needs - log-probs with and without the adapter,
-backward, clipped optimizer step, adapter export, checkpoint state - is here.
+With one process the model is a plain module. Under torchrun each decoder layer and then the root
+are wrapped with `fully_shard`, so frozen base weights and LoRA weights are sharded across ranks
+(gloo on CPU, NCCL on GPU); with `model.dtype: bfloat16` parameters compute in bf16 and gradients
+reduce in fp32. Everything the GRPO loop needs - log-probs with and without the adapter, backward,
+a gradient clip over all ranks, adapter-only export, checkpoint state - is here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
+from lora_rl import distributed
 from lora_rl.batching import TokenBatch, token_logprobs
-from lora_rl.config import Config, ConfigError
+from lora_rl.config import Config
 from lora_rl.lora import save_adapter
+
+# Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
+# never the whole model (that is what AReaL gathers every step).
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+_SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks, found by class name so any HF decoder-only family works."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
 class FSDP2Engine:
     name = "fsdp2"
 
     def __init__(self, model: torch.nn.Module, config: Config, base_model_path: Path):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            raise ConfigError(f"backend.name=fsdp2 with WORLD_SIZE={world}: multi-process FSDP2 sharding is not "
-                              "built in this version yet; run a single process")
-        self.model = model
         self.config = config
         self.base_model_path = base_model_path
         self.use_lora = config.lora.use_lora
+        self.sharded = distributed.active()
+        if self.sharded:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if config.model.dtype == "bfloat16" else MixedPrecisionPolicy()
+            for layer in decoder_layers(model):
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+        self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
@@ -44,13 +64,30 @@ class FSDP2Engine:
             raise RuntimeError("the reference policy needs LoRA: with full fine-tuning there is no frozen base")
         return self.model.disable_adapter()
 
+    @contextlib.contextmanager
+    def generation(self):
+        """Gather every shard once for a whole rollout instead of once per generated token."""
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)] if self.sharded else []
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        # The loss is already normalised by the global token count, so gradients must be summed
+        # over ranks; FSDP2 averages them (divides by the world size), hence the factor.
+        (loss * distributed.world_size()).backward()
 
     def optimizer_step(self) -> float:
         max_norm = self.config.train.max_grad_norm
-        # clip_grad_norm_ with max_norm=inf measures without clipping.
+        # Every rank calls this, even one whose LoRA shards are empty: the norm is an all-reduce.
+        # max_norm=inf measures without clipping.
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
         finite = bool(torch.isfinite(norm))
         if finite:
             self.optimizer.step()
@@ -58,17 +95,38 @@ class FSDP2Engine:
         return float(norm)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full trainable tensors on rank 0 (empty elsewhere); collective under sharding."""
+        if self.sharded:
+            # ignore_frozen_params still lets a frozen weight tied to another (lm_head/embeddings) through.
+            state = get_model_state_dict(self.model, options=_GATHER)
+            return {k: v for k, v in state.items() if k in self.trainable_names}
         return {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
 
     def save_adapter(self, out_dir: Path) -> Path:
+        """Collective: every rank gathers, rank 0 writes the PEFT folder."""
         if not self.use_lora:
             raise RuntimeError("no adapter to save: lora.use_lora is false")
-        return save_adapter(self.model, out_dir, self.base_model_path)
+        state = self.trainable_state()
+        if distributed.is_main():
+            save_adapter(self.model, out_dir, self.base_model_path, state_dict=state if self.sharded else None)
+        distributed.barrier()
+        return out_dir
 
     def state_dict(self) -> dict:
-        return {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict()}
+        """Collective; full tensors on rank 0. LoRA optimizer state is small, so it is gathered
+        whole rather than written as per-rank shards."""
+        if self.sharded:
+            optim = get_optimizer_state_dict(self.model, self.optimizer, options=_GATHER)
+        else:
+            optim = self.optimizer.state_dict()
+        return {"trainable": self.trainable_state(), "optimizer": optim}
 
     def load_state_dict(self, state: dict) -> None:
+        """Collective; rank 0's `state` is scattered to every rank's shards."""
+        if self.sharded:
+            set_model_state_dict(self.model, state["trainable"], options=_SCATTER)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_SCATTER)
+            return
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in state["trainable"].items():

@@ -21,8 +21,8 @@ def require_engine(name: str) -> None:
                           f"yet: use rollout.engine={BUILT[0]}")
 
 
-def make_engine(name: str, *, model, tokenizer, config) -> RolloutEngine:
+def make_engine(name: str, *, backend, tokenizer, config) -> RolloutEngine:
     require_engine(name)
     from lora_rl.rollout.embedded import EmbeddedEngine
 
-    return EmbeddedEngine(model, tokenizer)
+    return EmbeddedEngine(backend.model, tokenizer, generation_context=getattr(backend, "generation", None))

@@ -8,12 +8,14 @@ sampling temperature - exactly what the trainer recomputes - without keeping [st
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lora_rl import distributed
 from lora_rl.rollout.base import Completion, SamplingParams, SyncStats
 
 
@@ -63,7 +65,8 @@ def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: i
         # the trainer recomputes; with top_p < 1 the two differ slightly (documented in config).
         logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
         done = done | (token == eos_id)
-        if bool(done.all()):
+        # Under FSDP2 every forward is a collective: stop only when every rank has finished.
+        if not distributed.any_rank(not bool(done.all()), device):
             break
         attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
@@ -89,14 +92,17 @@ class EmbeddedEngine:
 
     name = "embedded"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, generation_context=None):
         self.model = model
+        # The backend's context for generating (FSDP2 gathers all shards once per rollout).
+        self.generation_context = generation_context or contextlib.nullcontext
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
         self.version = 0
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        return sample(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id, version=self.version)
+        with self.generation_context():
+            return sample(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id, version=self.version)
 
     def publish(self, version: int, adapter_dir: Path | None) -> SyncStats:
         start = time.perf_counter()

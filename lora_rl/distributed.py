@@ -1,0 +1,83 @@
+"""Process-group helpers: where lora-rl starts torch.distributed and asks about ranks.
+
+The training loop calls only these helpers (and the backend); it never touches
+`torch.distributed` itself. A single process needs no process group: every helper then
+degrades to the identity, so the same loop runs with one process or under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Dist:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cpu":  # ranks share the cores: oversubscribed threads slow every rank down
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, device=device)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all ranks (the tensor itself in a single process)."""
+    if not active():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if the flag is true on any rank (e.g. 'keep generating')."""
+    return bool(all_sum(torch.tensor(float(flag), device=device)) > 0)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that logs and writes run files."""
+    return not active() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1

@@ -1,0 +1,128 @@
+"""FSDP2 across two gloo processes: a sharded update equals the unsharded one, and only the adapter
+is gathered."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lora_rl import distributed
+from lora_rl.backends.fsdp2 import FSDP2Engine
+from lora_rl.batching import make_batch
+from lora_rl.config import load_config
+from lora_rl.lora import inject_lora
+from lora_rl.trainer import grpo_update
+
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs(vocab: int):
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(3, 8, (8,), generator=g)]
+    completions = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (8,), generator=g)]
+    batch = make_batch(prompts, completions, pad_id=0)
+    behaviour = torch.randn(batch.completion_mask.shape, generator=g) * 0.01 - 2.0
+    advantages = torch.randn(8, generator=g)
+    return batch, behaviour, advantages
+
+
+def _one_step(model_dir, rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    config = load_config(None, ["lora.lora_rank=4", "train.micro_batch_size=2", "grpo.minibatches=2",
+                                "rollout.prompts_per_step=4", "rollout.group_size=4", "train.max_grad_norm=0.05"])
+    model = inject_lora(AutoModelForCausalLM.from_pretrained(model_dir), config.lora)
+    with torch.no_grad():  # non-zero lora_B so every adapter weight gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    engine = FSDP2Engine(model, config, model_dir)
+    batch, behaviour, advantages = _inputs(model.config.vocab_size)
+    # Each rank holds every world-th sequence of each minibatch: together they are the global batch.
+    rows = torch.cat([torch.arange(start + rank, start + 4, world) for start in (0, 4)])
+    stats = grpo_update(engine, batch.select(rows), behaviour[rows], advantages[rows], config)
+    with torch.no_grad():
+        logits = engine.model(input_ids=batch.input_ids[:2]).logits  # a collective forward under sharding
+    return {"state": engine.trainable_state(), "grad_norm": stats["grad_norm"], "logits": logits, "engine": engine}
+
+
+def _worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init()
+    try:
+        result = _one_step(model_dir, rank, world)
+        result.pop("engine").save_adapter(out_path.parent / "adapter")  # collective: gather, rank 0 writes
+        if rank == 0:
+            torch.save(result, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_step_matches_unsharded(random_model_dir, tmp_path):
+    expected = _one_step(random_model_dir, rank=0, world=1)
+    expected.pop("engine")
+    mp.spawn(_worker, args=(2, _free_port(), random_model_dir, tmp_path / "sharded.pt"), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    # Only the adapter is gathered: exactly the trainable tensors, no base weight.
+    assert sorted(sharded["state"]) == sorted(expected["state"])
+    assert all("lora_" in name for name in sharded["state"])
+    assert sharded["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    for name, tensor in expected["state"].items():
+        torch.testing.assert_close(sharded["state"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gathered_adapter_reproduces_the_sharded_trainer_logits(random_model_dir, tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), random_model_dir, tmp_path / "sharded.pt"), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_model_dir), tmp_path / "adapter")
+    batch, _, _ = _inputs(reloaded.config.vocab_size)
+    with torch.no_grad():
+        logits = reloaded(input_ids=batch.input_ids[:2]).logits
+    torch.testing.assert_close(logits, sharded["logits"], atol=1e-5, rtol=1e-5)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lora_rl.cli", "train", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_process_run_learns_and_resumes_like_an_uninterrupted_one(warm_model_dir, tmp_path):
+    common = [f"model.path={warm_model_dir}", "run.progress=false", "rollout.prompts_per_step=16",
+              "rollout.group_size=8", "rollout.max_new_tokens=12", "task.difficulty=1", "eval.size=0",
+              "lora.lora_rank=8", "train.lr=5e-3", "run.checkpoint_every=12", "--nproc", "2"]
+    full = _cli(str(QUICKSTART), f"run.output_dir={tmp_path / 'full'}", "run.steps=24", *common)
+    assert full.returncode == 0, full.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 25))  # rank 0 alone writes, once per step
+    first = sum(r["reward_mean"] for r in records[:6]) / 6
+    last = sum(r["reward_mean"] for r in records[-6:]) / 6
+    assert last > first + 0.1, (first, last)
+    part = _cli(str(QUICKSTART), f"run.output_dir={tmp_path / 'part'}", "run.steps=12", *common)
+    assert part.returncode == 0, part.stderr[-2000:]
+    resumed = _cli(str(QUICKSTART), f"run.output_dir={tmp_path / 'part'}", "run.steps=24", "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    timing = ("rollout_seconds", "rollout_tokens_per_s", "update_seconds", "update_tokens_per_s", "sync_seconds",
+              "elapsed_seconds", "peak_memory_gib")
+    read = lambda d: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
+                      for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert read(tmp_path / "part") == read(tmp_path / "full")
