@@ -28,6 +28,9 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
+
     def select(self, index: slice | torch.Tensor) -> "TokenBatch":
         return TokenBatch(self.input_ids[index], self.attention_mask[index], self.completion_mask[index])
 

@@ -93,6 +93,8 @@ class LoRAConfig:
 class BackendConfig:
     SECTION: ClassVar[str] = "backend"
     name: str = "fsdp2"  # training engine: fsdp2 | megatron | archon (see lora_rl/support.py)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
+    cpu_offload: bool = False  # FSDP2: keep parameter shards and gradients in CPU memory (GPU runs only)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -50,9 +50,11 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of a tensor over all ranks (the tensor itself in a single process)."""
     if not active():
         return value
-    out = value.detach().clone()
+    # NCCL reduces only GPU tensors; gloo takes them where they are.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else value.device
+    out = value.detach().to(device).clone()
     dist.all_reduce(out)
-    return out
+    return out.to(value.device)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -81,3 +83,8 @@ def is_main() -> bool:
 
 def world_size() -> int:
     return dist.get_world_size() if active() else 1
+
+
+def device() -> torch.device:
+    """This process's compute device: its GPU under torchrun on a GPU machine, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -61,6 +61,7 @@ def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages:
     batch: B sequences; behaviour: [B, T-1] engine log-probs at target positions; advantages: [B].
     """
     temp, micro = config.rollout.temperature, config.train.micro_batch_size
+    batch, behaviour, advantages = batch.to(backend.device), behaviour.to(backend.device), advantages.to(backend.device)
     mask = batch.completion_mask  # [B, T-1]
     # Proximal log-probs: the policy at the start of this update, recomputed by the trainer.
     proximal = torch.cat([backend.logprobs(batch.select(s), temp, with_grad=False)[0]

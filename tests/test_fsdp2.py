@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lora_rl import distributed
-from lora_rl.backends.fsdp2 import FSDP2Engine
+from lora_rl.backends.fsdp2 import FSDP2Engine, decoder_layers
 from lora_rl.batching import make_batch
 from lora_rl.config import load_config
 from lora_rl.lora import inject_lora
@@ -44,10 +46,11 @@ def _inputs(vocab: int):
     return batch, behaviour, advantages
 
 
-def _one_step(model_dir, rank: int, world: int) -> dict:
+def _one_step(model_dir, rank: int, world: int, *overrides: str) -> dict:
     torch.manual_seed(0)
     config = load_config(None, ["lora.lora_rank=4", "train.micro_batch_size=2", "grpo.minibatches=2",
-                                "rollout.prompts_per_step=4", "rollout.group_size=4", "train.max_grad_norm=0.05"])
+                                "rollout.prompts_per_step=4", "rollout.group_size=4", "train.max_grad_norm=0.05",
+                                *overrides])
     model = inject_lora(AutoModelForCausalLM.from_pretrained(model_dir), config.lora)
     with torch.no_grad():  # non-zero lora_B so every adapter weight gets a gradient
         for name, p in model.named_parameters():
@@ -90,6 +93,15 @@ def test_sharded_step_matches_unsharded(random_model_dir, tmp_path):
         torch.testing.assert_close(sharded["state"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_activation_checkpointing_gives_the_same_update(random_model_dir):
+    plain = _one_step(random_model_dir, 0, 1)
+    checkpointed = _one_step(random_model_dir, 0, 1, "backend.activation_checkpointing=true")
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(checkpointed.pop("engine").model))
+    assert checkpointed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-6)
+    for name, tensor in plain["state"].items():
+        torch.testing.assert_close(checkpointed["state"][name], tensor, atol=1e-7, rtol=1e-6, msg=name)
+
+
 def test_gathered_adapter_reproduces_the_sharded_trainer_logits(random_model_dir, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), random_model_dir, tmp_path / "sharded.pt"), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
@@ -106,7 +118,7 @@ def _cli(*args, timeout=300):
 
 
 @pytest.mark.slow
-def test_two_process_run_learns_and_resumes_like_an_uninterrupted_one(warm_model_dir, tmp_path):
+def test_two_process_run_learns_and_survives_sigkill(warm_model_dir, tmp_path):
     common = [f"model.path={warm_model_dir}", "run.progress=false", "rollout.prompts_per_step=16",
               "rollout.group_size=8", "rollout.max_new_tokens=12", "task.difficulty=1", "eval.size=0",
               "lora.lora_rank=8", "train.lr=5e-3", "run.checkpoint_every=12", "--nproc", "2"]
@@ -117,8 +129,16 @@ def test_two_process_run_learns_and_resumes_like_an_uninterrupted_one(warm_model
     first = sum(r["reward_mean"] for r in records[:6]) / 6
     last = sum(r["reward_mean"] for r in records[-6:]) / 6
     assert last > first + 0.1, (first, last)
-    part = _cli(str(QUICKSTART), f"run.output_dir={tmp_path / 'part'}", "run.steps=12", *common)
-    assert part.returncode == 0, part.stderr[-2000:]
+    # The same run, killed (SIGKILL, every rank) once its step-12 checkpoint exists, then resumed.
+    victim = subprocess.Popen([sys.executable, "-m", "lora_rl.cli", "train", str(QUICKSTART),
+                               f"run.output_dir={tmp_path / 'part'}", "run.steps=24", *common],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "part" / "checkpoints" / "step_000012" / "meta.json").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, "run ended before its step-12 checkpoint"
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
     resumed = _cli(str(QUICKSTART), f"run.output_dir={tmp_path / 'part'}", "run.steps=24", "--resume", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     timing = ("rollout_seconds", "rollout_tokens_per_s", "update_seconds", "update_tokens_per_s", "sync_seconds",

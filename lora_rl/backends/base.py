@@ -18,6 +18,7 @@ from lora_rl.batching import TokenBatch
 class TrainEngine(Protocol):
     name: str
     model: torch.nn.Module  # the policy (a PeftModel when lora.use_lora)
+    device: torch.device  # where batches must live for `logprobs`
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,12 +16,12 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from lora_rl import distributed
 from lora_rl.batching import TokenBatch, token_logprobs
-from lora_rl.config import Config
+from lora_rl.config import Config, ConfigError
 from lora_rl.lora import save_adapter
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
@@ -43,21 +43,33 @@ class FSDP2Engine:
         self.base_model_path = base_model_path
         self.use_lora = config.lora.use_lora
         self.sharded = distributed.active()
+        if config.backend.activation_checkpointing:
+            # Non-reentrant checkpointing composes with FSDP2 and with frozen inputs to LoRA layers.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         if self.sharded:
+            if config.backend.cpu_offload and not torch.cuda.is_available():
+                raise ConfigError("backend.cpu_offload=true needs GPUs: on a CPU machine the weights already live "
+                                  "in CPU memory; set backend.cpu_offload=false")
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
                 if config.model.dtype == "bfloat16" else MixedPrecisionPolicy()
+            offload = CPUOffloadPolicy() if config.backend.cpu_offload else OffloadPolicy()
             for layer in decoder_layers(model):
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(layer, mp_policy=policy, offload_policy=offload)
+            fully_shard(model, mp_policy=policy, offload_policy=offload)
         self.model = model
+        self.device = distributed.device()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Train mode only for the gradient pass: it switches on LoRA dropout and activation
+        # checkpointing (HF models checkpoint only while training); scoring passes stay exact.
+        self.model.train(with_grad)
         with torch.set_grad_enabled(with_grad):
-            return token_logprobs(self.model, batch, temperature, with_entropy)
+            return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy)
 
     def reference(self) -> contextlib.AbstractContextManager:
         if not self.use_lora:
