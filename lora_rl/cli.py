@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from lora_rl.config import ConfigError, load_config
+from lora_rl.trainer import TrainingError
 
 
 def validate(config) -> None:
@@ -76,10 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lora-rl: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"lora-rl: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lora-rl: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
+    if summary["stopped_early"]:
+        print(f"\nstopped early after step {summary['steps_done']} with a checkpoint: continue with "
+              f"lora-rl train {args.config} {' '.join(args.overrides)} --resume", file=sys.stderr)
+        return 130
     if summary["accuracy_before"] is None:  # eval.size=0
         return 0
     print(f"\nheld-out accuracy (greedy decoding, {summary['eval_problems']} problems): "

@@ -174,6 +174,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # global gradient-norm clip; 0 switches clipping off
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the minibatch
+    max_bad_updates: int = 3  # consecutive updates skipped for a NaN/inf loss or gradient before the run stops
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -184,6 +185,8 @@ class TrainConfig:
             _fail(self.SECTION, "max_grad_norm", self.max_grad_norm, "must be >= 0 (0: no clipping)")
         if self.micro_batch_size < 1:
             _fail(self.SECTION, "micro_batch_size", self.micro_batch_size, "must be at least 1")
+        if self.max_bad_updates < 1:
+            _fail(self.SECTION, "max_bad_updates", self.max_bad_updates, "must be at least 1")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -9,8 +9,12 @@ exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +37,31 @@ from lora_rl.tasks import format_prompt, load_problems
 # Steps of one run are decorrelated by mixing the step into the seed with a large odd constant.
 _STEP_SEED_MIX = 1_000_003
 _RANK_SEED_MIX = 7_919  # likewise for ranks sampling different prompts in the same step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite updates); the message says why and what to try."""
+
+
+@contextlib.contextmanager
+def _interrupt_flag():
+    """First Ctrl-C (SIGINT) asks the loop to stop after the current step with a checkpoint;
+    a second one interrupts at once. Outside the main thread (widgets) nothing is installed."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -250,72 +279,87 @@ def train(config: Config, *, resume: bool = False,
     bar = tqdm(range(start_step, config.run.steps), initial=start_step, total=config.run.steps, desc="GRPO",
                disable=not progress)
     step = start_step
-    for step in bar:
-        timer = Timer()
-        # Every rank draws the same prompts for the step and keeps its own share (whole groups).
-        indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)[d.rank::d.world]
-        for i in indices:
-            if i not in prompt_cache:
-                prompt_cache[i] = encode(tokenizer, format_prompt(train_problems[i].question, tokenizer))
-        prompts = [prompt_cache[i] for i in indices]
-        with timer.phase("rollout"):
-            params = SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
-                                    top_p=rp.top_p, seed=step_seed(config.run.seed, step) + _RANK_SEED_MIX * d.rank)
-            completions = engine.generate(prompts, params)
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        rewards = torch.tensor([reward_fn(t, train_problems[indices[c.prompt_index]].reference)
-                                for t, c in zip(texts, completions, strict=True)])
-        advantages = grpo.group_advantages(rewards, rp.group_size, scale_std=config.grpo.scale_std)
+    bad_updates = 0
+    with _interrupt_flag() as interrupt:
+        for step in bar:
+            timer = Timer()
+            # Every rank draws the same prompts for the step and keeps its own share (whole groups).
+            indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)
+            indices = indices[d.rank::d.world]
+            for i in indices:
+                if i not in prompt_cache:
+                    prompt_cache[i] = encode(tokenizer, format_prompt(train_problems[i].question, tokenizer))
+            prompts = [prompt_cache[i] for i in indices]
+            with timer.phase("rollout"):
+                seed = step_seed(config.run.seed, step) + _RANK_SEED_MIX * d.rank
+                params = SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens,
+                                        temperature=rp.temperature, top_p=rp.top_p, seed=seed)
+                completions = engine.generate(prompts, params)
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+            rewards = torch.tensor([reward_fn(t, train_problems[indices[c.prompt_index]].reference)
+                                    for t, c in zip(texts, completions, strict=True)])
+            advantages = grpo.group_advantages(rewards, rp.group_size, scale_std=config.grpo.scale_std)
 
-        batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions],
-                           tokenizer.pad_token_id)
-        behaviour = torch.zeros_like(batch.completion_mask)
-        for row, c in enumerate(completions):
-            start = len(prompts[c.prompt_index]) - 1
-            behaviour[row, start:start + len(c.logprobs)] = torch.tensor(c.logprobs)
-        with timer.phase("update"):
-            stats = grpo_update(backend, batch, behaviour, advantages, config)
-        with timer.phase("sync"):
-            sync = engine.publish(step + 1, None)
+            batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions],
+                               tokenizer.pad_token_id)
+            behaviour = torch.zeros_like(batch.completion_mask)
+            for row, c in enumerate(completions):
+                start = len(prompts[c.prompt_index]) - 1
+                behaviour[row, start:start + len(c.logprobs)] = torch.tensor(c.logprobs)
+            with timer.phase("update"):
+                stats = grpo_update(backend, batch, behaviour, advantages, config)
+            # A NaN/inf loss or gradient skips that optimizer step (the backend refuses it); several in a
+            # row mean the run is broken, and going on would only burn compute.
+            bad_updates = bad_updates + 1 if stats["skipped_updates"] else 0
+            if bad_updates:
+                print(f"lora-rl: warning: step {step + 1}: non-finite loss or gradient, update skipped "
+                      f"({bad_updates} in a row)", file=sys.stderr)
+            if bad_updates >= config.train.max_bad_updates:
+                raise TrainingError(f"{bad_updates} updates in a row had a NaN/inf loss or gradient (steps "
+                                    f"{step + 2 - bad_updates}-{step + 1}): lower train.lr, keep train.max_grad_norm > 0, "
+                                    "or use model.dtype=float32; the last checkpoint is intact for --resume")
+            with timer.phase("sync"):
+                sync = engine.publish(step + 1, None)
 
-        totals, generated, tokens = _step_record(rewards, texts, completions, batch, stats)
-        memory, memory_kind = peak_memory()
-        record = {
-            "step": step + 1, "version": step + 1, **totals,
-            "rollout_seconds": timer.seconds["rollout"],
-            "rollout_tokens_per_s": generated / max(timer.seconds["rollout"], 1e-9),
-            "update_seconds": timer.seconds["update"],
-            "update_tokens_per_s": tokens / max(timer.seconds["update"], 1e-9),
-            "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
-            "peak_memory_gib": memory, "memory_kind": memory_kind,
-            "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
-            "elapsed_seconds": time.perf_counter() - wall_start,
-        }
-        if config.eval.every and (step + 1) % config.eval.every == 0:
-            scores = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
-            record.update({f"eval_{k}": v for k, v in scores.items()})
-        if d.main:
-            log.write(record)
-        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record.get('kl', 0.0):.3f}")
-        if on_step is not None:
-            on_step(record)
-
-        last = step + 1 == config.run.steps
-        stop = should_stop is not None and should_stop()
-        every = config.run.checkpoint_every
-        if last or stop or (every and (step + 1) % every == 0):
-            state = backend.state_dict()  # collective under sharding: every rank gathers
+            totals, generated, tokens = _step_record(rewards, texts, completions, batch, stats)
+            memory, memory_kind = peak_memory()
+            record = {
+                "step": step + 1, "version": step + 1, **totals,
+                "rollout_seconds": timer.seconds["rollout"],
+                "rollout_tokens_per_s": generated / max(timer.seconds["rollout"], 1e-9),
+                "update_seconds": timer.seconds["update"],
+                "update_tokens_per_s": tokens / max(timer.seconds["update"], 1e-9),
+                "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
+                "peak_memory_gib": memory, "memory_kind": memory_kind,
+                "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
+                "elapsed_seconds": time.perf_counter() - wall_start,
+            }
+            if config.eval.every and (step + 1) % config.eval.every == 0:
+                scores = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+                record.update({f"eval_{k}": v for k, v in scores.items()})
             if d.main:
-                save_checkpoint(run_dir, step + 1, {"backend": state, "torch_rng": torch.get_rng_state()},
-                                {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
-                                 "eval_before": before},
-                                keep=config.run.keep_checkpoints)
-            distributed.barrier()
-        if stop:
-            step += 1
-            break
-    else:
-        step = config.run.steps
+                log.write(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record.get('kl', 0.0):.3f}")
+            if on_step is not None:
+                on_step(record)
+
+            last = step + 1 == config.run.steps
+            stop = (should_stop is not None and should_stop()) or interrupt["set"]
+            stop = distributed.any_rank(stop, d.device)  # every rank must stop at the same step
+            every = config.run.checkpoint_every
+            if last or stop or (every and (step + 1) % every == 0):
+                state = backend.state_dict()  # collective under sharding: every rank gathers
+                if d.main:
+                    save_checkpoint(run_dir, step + 1, {"backend": state, "torch_rng": torch.get_rng_state()},
+                                    {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
+                                     "eval_before": before},
+                                    keep=config.run.keep_checkpoints)
+                distributed.barrier()
+            if stop:
+                step += 1
+                break
+        else:
+            step = config.run.steps
     bar.close()
 
     after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
@@ -326,7 +370,8 @@ def train(config: Config, *, resume: bool = False,
     memory, memory_kind = peak_memory()
     summary = {
         "run_dir": str(run_dir), "model": config.model.path, "task": task.name, "difficulty": task.difficulty,
-        "steps_done": step, "eval_decoding": "greedy", "eval_problems": min(config.eval.size, len(eval_problems) * d.world),
+        "steps_done": step, "stopped_early": step < config.run.steps, "eval_decoding": "greedy",
+        "eval_problems": min(config.eval.size, len(eval_problems) * d.world),
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
         "format_rate_before": before["format_rate"], "format_rate_after": after["format_rate"],

@@ -112,6 +112,29 @@ def test_gathered_adapter_reproduces_the_sharded_trainer_logits(random_model_dir
     torch.testing.assert_close(logits, sharded["logits"], atol=1e-5, rtol=1e-5)
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "lora_rl.cli", "train", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -132,13 +155,18 @@ def test_two_process_run_learns_and_survives_sigkill(warm_model_dir, tmp_path):
     # The same run, killed (SIGKILL, every rank) once its step-12 checkpoint exists, then resumed.
     victim = subprocess.Popen([sys.executable, "-m", "lora_rl.cli", "train", str(QUICKSTART),
                                f"run.output_dir={tmp_path / 'part'}", "run.steps=24", *common],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (tmp_path / "part" / "checkpoints" / "step_000012" / "meta.json").exists():
         assert victim.poll() is None and time.monotonic() < deadline, "run ended before its step-12 checkpoint"
         time.sleep(0.05)
-    os.killpg(victim.pid, signal.SIGKILL)
+    # torchrun starts its workers in sessions of their own: kill the whole process tree, at once.
+    tree = _descendants(victim.pid) + [victim.pid]
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
     victim.wait()
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree):
+        time.sleep(0.05)
     resumed = _cli(str(QUICKSTART), f"run.output_dir={tmp_path / 'part'}", "run.steps=24", "--resume", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     timing = ("rollout_seconds", "rollout_tokens_per_s", "update_seconds", "update_tokens_per_s", "sync_seconds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from peft import PeftModel
@@ -79,3 +80,52 @@ def test_an_existing_run_is_never_overwritten(warm_model_dir, tmp_path):
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"is not a lora-rl run folder"):
         train(_config(warm_model_dir, other, "run.steps=1"))
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(warm_model_dir, tmp_path, monkeypatch, capsys):
+    from lora_rl import grpo
+    from lora_rl.trainer import TrainingError
+
+    real = grpo.policy_loss
+
+    def poisoned(*args, **kwargs):  # the loss (and so every gradient) becomes NaN
+        loss, per_token, stats = real(*args, **kwargs)
+        return loss * float("nan"), per_token, stats
+
+    monkeypatch.setattr(grpo, "policy_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"3 updates in a row had a NaN/inf loss or gradient \(steps 1-3\)"):
+        train(_config(warm_model_dir, out, "run.steps=10", "eval.size=0"))
+    assert capsys.readouterr().err.count("update skipped") == 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_updates"] for r in records] == [1, 1]  # the third step raised before logging
+    assert all(r["grad_norm"] is None for r in records)  # NaN is written as null
+
+
+@pytest.mark.slow
+def test_sigint_stops_after_the_step_with_a_checkpoint(warm_model_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "lora_rl.cli", "train", "examples/quickstart.yaml",
+                            f"model.path={warm_model_dir}", f"run.output_dir={out}", "run.steps=500",
+                            "run.checkpoint_every=0", "run.progress=false", "eval.size=0",
+                            "rollout.prompts_per_step=4", "rollout.group_size=4"],
+                           cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "slow"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-2000:]
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert "stopped early after step" in err and "--resume" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{steps:06d}"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps_done"] == steps
+    assert (out / "adapter" / "adapter_config.json").is_file()
