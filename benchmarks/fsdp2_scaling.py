@@ -47,7 +47,8 @@ def worker(args) -> None:
     dtype = "bfloat16" if d.device.type == "cuda" else "float32"
     config = load_config(None, [f"model.dtype={dtype}", "lora.lora_rank=16", "lora.lora_alpha=32",
                                 f"train.micro_batch_size={args.micro}", "rollout.group_size=4",
-                                f"rollout.prompts_per_step={max(1, args.batch * d.world // 4)}"])
+                                f"rollout.prompts_per_step={max(1, args.batch * d.world // 4)}",
+                                f"backend.reshard_after_forward={args.reshard_after_forward}"])
     torch.manual_seed(0)
     model_config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq))
     model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype))
@@ -83,13 +84,14 @@ def worker(args) -> None:
         result = {
             "shape": args.shape, "processes": d.world, "device": torch.cuda.get_device_name() if
             d.device.type == "cuda" else "cpu", "dtype": dtype, "batch_per_process": args.batch, "seq": args.seq,
-            "micro_batch": args.micro, "median_step_s": step_s,
+            "micro_batch": args.micro, "reshard_after_forward": args.reshard_after_forward, "median_step_s": step_s,
             "tokens_per_s": args.batch * args.seq * d.world / step_s,
             "peak_gib_per_device": peaks, "params": sum(p.numel() for p in model.parameters()),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "step_times_s": steady,
         }
         Path(args.result).write_text(json.dumps(result))
+    distributed.shutdown()
 
 
 def main() -> None:
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4, help="sequences per forward/backward")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reshard-after-forward", default="true", choices=["true", "false"])
     parser.add_argument("--out", default="benchmarks/results/fsdp2_scaling.json")
     parser.add_argument("--result", help=argparse.SUPPRESS)  # set for the torchrun workers
     args = parser.parse_args()
@@ -115,13 +118,15 @@ def main() -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                    __file__, "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
                    "--micro", str(args.micro), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--reshard-after-forward", args.reshard_after_forward,
                    "--result", str(part)]
         subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         rows.append(json.loads(part.read_text()))
         part.unlink()
     base = rows[0]
     print(f"FSDP2 LoRA GRPO update, {base['shape']} shape, r=16 all-linear, {base['dtype']}, "
-          f"{base['batch_per_process']} x {base['seq']} tokens per process, on {base['device']}")
+          f"{base['batch_per_process']} x {base['seq']} tokens per process, reshard_after_forward="
+          f"{base['reshard_after_forward']}, on {base['device']}")
     print(f"{'processes':>9} {'s/step':>8} {'tokens/s':>10} {'speed-up':>9} {'peak GiB/device':>16}")
     for r in rows:
         r["speedup_vs_first"] = r["tokens_per_s"] / base["tokens_per_s"]

@@ -69,9 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.nproc > 1 and "RANK" not in os.environ:
             return _torchrun(args.nproc, argv if argv is not None else sys.argv[1:])
+        from lora_rl import distributed
         from lora_rl.trainer import train
 
-        summary = train(config, resume=args.resume)
+        try:
+            summary = train(config, resume=args.resume)
+        except BaseException:
+            distributed.shutdown(wait=False)
+            raise
+        distributed.shutdown()
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     except ConfigError as err:

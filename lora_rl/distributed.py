@@ -88,3 +88,13 @@ def world_size() -> int:
 def device() -> torch.device:
     """This process's compute device: its GPU under torchrun on a GPU machine, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group. Every rank must: a process that exits while its gloo/NCCL threads
+    still run is aborted by the C++ runtime ("terminate called without an active exception").
+    wait=False (after an error) skips the final barrier, which a crashed peer would never reach."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()

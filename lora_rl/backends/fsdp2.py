@@ -54,9 +54,10 @@ class FSDP2Engine:
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
                 if config.model.dtype == "bfloat16" else MixedPrecisionPolicy()
             offload = CPUOffloadPolicy() if config.backend.cpu_offload else OffloadPolicy()
+            reshard = config.backend.reshard_after_forward
             for layer in decoder_layers(model):
-                fully_shard(layer, mp_policy=policy, offload_policy=offload)
-            fully_shard(model, mp_policy=policy, offload_policy=offload)
+                fully_shard(layer, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+            fully_shard(model, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
         self.model = model
         self.device = distributed.device()
         self.params = [p for p in model.parameters() if p.requires_grad]
