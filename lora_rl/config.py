@@ -95,6 +95,7 @@ class BackendConfig:
     name: str = "fsdp2"  # training engine: fsdp2 | megatron | archon (see lora_rl/support.py)
     activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
     cpu_offload: bool = False  # FSDP2: keep parameter shards and gradients in CPU memory (GPU runs only)
+    meta_init: bool = True  # with several processes, start on the meta device and read only each rank's shards
     reshard_after_forward: bool = True  # FSDP2: false keeps each layer gathered until its backward (less traffic)
 
 

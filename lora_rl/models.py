@@ -176,11 +176,21 @@ def meta_model(path: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(model_config(path))
 
 
-def load_model(path: str, dtype: str = "float32", progress: bool = True):
-    """(model, tokenizer, folder) for a built-in name or an HF folder, weights in `dtype`."""
+def load_model(path: str, dtype: str = "float32", progress: bool = True, empty: bool = False):
+    """(model, tokenizer, folder) for a built-in name or an HF folder, weights in `dtype`.
+
+    empty=True reads no weights: parameters sit on the meta device (no memory), buffers are real;
+    the FSDP2 backend then materialises each rank's shards from the folder's safetensors.
+    """
     folder = resolve_model_path(path, progress=progress)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if tokenizer.pad_token_id is None:  # padding is needed for batched generation and scoring
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
+    if empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
     return model, tokenizer, folder

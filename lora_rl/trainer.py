@@ -239,8 +239,11 @@ def train(config: Config, *, resume: bool = False,
     if d.main:  # build a built-in model once, not once per rank
         resolve_model_path(config.model.path, progress=progress)
     distributed.barrier()
-    model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=progress)
-    model.to(d.device)
+    # Several processes start on the meta device: each reads only its own shards (FSDP2 backend).
+    meta = d.world > 1 and config.backend.meta_init
+    model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=progress, empty=meta)
+    if not meta:
+        model.to(d.device)
     check_model(model, config.lora)
     total_params = sum(p.numel() for p in model.parameters())
     if config.lora.use_lora:

@@ -47,6 +47,10 @@ class FSDP2Engine:
             # Non-reentrant checkpointing composes with FSDP2 and with frozen inputs to LoRA layers.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and not self.sharded:
+            raise ValueError("a model on the meta device needs several FSDP2 processes (meta_init is for torchrun)")
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if on_meta else {}
         if self.sharded:
             if config.backend.cpu_offload and not torch.cuda.is_available():
                 raise ConfigError("backend.cpu_offload=true needs GPUs: on a CPU machine the weights already live "
@@ -58,11 +62,55 @@ class FSDP2Engine:
             for layer in decoder_layers(model):
                 fully_shard(layer, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
             fully_shard(model, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+            if on_meta:
+                self._materialize(model, buffers, config.run.seed)
         self.model = model
         self.device = distributed.device()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+
+    def _materialize(self, model: torch.nn.Module, buffers: dict[str, torch.Tensor], seed: int) -> None:
+        """Give a meta-device model its weights one tensor at a time: each rank reads a tensor from
+        the base model's safetensors, keeps its own shard and drops the rest, so no process ever
+        holds the whole model. LoRA A gets a seeded Kaiming-uniform init (identical on every rank),
+        LoRA B zeros (so the adapter starts as a no-op, as in peft)."""
+        import math
+
+        from safetensors import safe_open
+        from torch.distributed.tensor import distribute_tensor
+
+        model.to_empty(device=distributed.device())
+        named_buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in buffers.items():  # rotary tables etc. are not in the checkpoint
+                named_buffers[name].copy_(value)
+        files = sorted(Path(self.base_model_path).glob("*.safetensors"))
+        where = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                where.update({key: file for key in f.keys()})
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                hf_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+                if hf_name not in where and hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    # to_empty() unties a tied head; it is frozen, so a copy of the embeddings serves.
+                    hf_name = "model.embed_tokens.weight"
+                if "lora_A" in name or "lora_B" in name:
+                    full = torch.zeros(param.shape)
+                    if "lora_A" in name:
+                        g = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, name)))
+                        bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear
+                        full.uniform_(-bound, bound, generator=g)
+                elif hf_name in where:
+                    with safe_open(str(where[hf_name]), framework="pt") as f:
+                        full = f.get_tensor(hf_name)
+                else:
+                    raise ConfigError(f"backend.meta_init=true reads weights from safetensors, and {hf_name} is not "
+                                      f"in {self.base_model_path}: convert the model to safetensors or set "
+                                      "backend.meta_init=false")
+                shard = distribute_tensor(full.to(param.dtype).to(param.device), param.device_mesh, param.placements)
+                param.to_local().copy_(shard.to_local())
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
