@@ -1,8 +1,9 @@
 """Checkpoints and run files, written atomically (temporary name, then rename).
 
-A checkpoint is a folder `checkpoints/step_NNNNNN/` holding the trainable tensors and optimizer
-state (`state.pt`, loaded with `weights_only=True`: plain tensors, never pickled objects) and
-`meta.json` (step, policy version, data position, evaluation so far). A folder only appears
+A checkpoint is a folder `checkpoints/step_NNNNNN/` holding the backend's adapter and optimizer
+state (`backend/`: one file, or one shard per rank under FSDP2), the RNG state (`state.pt`, loaded
+with `weights_only=True`: plain tensors, never pickled objects) and `meta.json` (step, policy
+version, data position, evaluation so far). A folder only appears
 under its final name once complete, so the newest one is always safe to resume from.
 """
 
@@ -15,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from lora_rl import distributed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,21 +38,27 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, backend, state: dict, meta: dict, keep: int) -> Path:
+    """Collective. The backend writes its (possibly sharded) state into a temporary folder that
+    rank 0 created; rank 0 adds `state.pt` (small tensors, e.g. RNG) and `meta.json`, then renames
+    the folder into place and prunes old checkpoints."""
     final = step_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    tmp = None
+    if distributed.is_main():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    tmp = Path(distributed.broadcast_object(tmp))
+    backend.save_state(tmp / "backend")
+    distributed.barrier()
+    if distributed.is_main():
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    distributed.barrier()
     return final
 
 
@@ -61,7 +70,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step_") and (p / "meta.json").is_file())
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
+def load_checkpoint(path: Path, backend) -> tuple[dict, dict]:
+    """Collective: restore the backend from a checkpoint; returns (state.pt contents, meta)."""
+    backend.load_state(path / "backend")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     return state, meta

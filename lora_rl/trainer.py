@@ -263,8 +263,7 @@ def train(config: Config, *, resume: bool = False,
     start_step, meta = 0, {}
     checkpoints = list_checkpoints(run_dir) if resume else []
     if checkpoints:
-        state, meta = load_checkpoint(checkpoints[-1])
-        backend.load_state_dict(state["backend"])
+        state, meta = load_checkpoint(checkpoints[-1], backend)
         torch.set_rng_state(state["torch_rng"])
         start_step = meta["step"]
         engine.publish(meta["version"], None)
@@ -351,13 +350,10 @@ def train(config: Config, *, resume: bool = False,
             stop = distributed.any_rank(stop, d.device)  # every rank must stop at the same step
             every = config.run.checkpoint_every
             if last or stop or (every and (step + 1) % every == 0):
-                state = backend.state_dict()  # collective under sharding: every rank gathers
-                if d.main:
-                    save_checkpoint(run_dir, step + 1, {"backend": state, "torch_rng": torch.get_rng_state()},
-                                    {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
-                                     "eval_before": before},
-                                    keep=config.run.keep_checkpoints)
-                distributed.barrier()
+                save_checkpoint(run_dir, step + 1, backend, {"torch_rng": torch.get_rng_state()},
+                                {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
+                                 "eval_before": before},
+                                keep=config.run.keep_checkpoints)
             if stop:
                 step += 1
                 break

@@ -38,6 +38,7 @@ class TrainEngine(Protocol):
     def save_adapter(self, out_dir: Path) -> Path:
         """Write the adapter as a standard PEFT folder (never the full model)."""
 
-    def state_dict(self) -> dict: ...
+    def save_state(self, folder: Path) -> None:
+        """Collective: adapter + optimizer state for a checkpoint (sharded where the backend shards)."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state(self, folder: Path) -> None: ...

@@ -13,6 +13,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -27,7 +28,6 @@ from lora_rl.lora import save_adapter
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
 # never the whole model (that is what AReaL gathers every step).
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-_SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -173,23 +173,32 @@ class FSDP2Engine:
         distributed.barrier()
         return out_dir
 
-    def state_dict(self) -> dict:
-        """Collective; full tensors on rank 0. LoRA optimizer state is small, so it is gathered
-        whole rather than written as per-rank shards."""
+    def save_state(self, folder: Path) -> None:
+        """Collective. Adapter and optimizer state into `folder`: sharded (each rank writes its own
+        shards with torch.distributed.checkpoint) under FSDP2, one state.pt otherwise."""
         if self.sharded:
-            optim = get_optimizer_state_dict(self.model, self.optimizer, options=_GATHER)
-        else:
-            optim = self.optimizer.state_dict()
-        return {"trainable": self.trainable_state(), "optimizer": optim}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Collective; rank 0's `state` is scattered to every rank's shards."""
-        if self.sharded:
-            set_model_state_dict(self.model, state["trainable"], options=_SCATTER)
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=_SCATTER)
+            dcp.save(self._sharded_state(), checkpoint_id=str(folder))
             return
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict()},
+                   folder / "state.pt")
+
+    def load_state(self, folder: Path) -> None:
+        """Collective inverse of save_state; the process count must match the saving run's."""
+        if self.sharded:
+            state = self._sharded_state()
+            dcp.load(state, checkpoint_id=str(folder))
+            set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+            return
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
                 named[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def _sharded_state(self) -> dict:
+        model = get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": {k: v for k, v in model.items() if k in self.trainable_names},
+                "optim": get_optimizer_state_dict(self.model, self.optimizer)}
