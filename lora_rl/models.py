@@ -191,6 +191,7 @@ def load_model(path: str, dtype: str = "float32", progress: bool = True, empty: 
 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=DTYPES[dtype])
+        model.tie_weights()  # a tied output head must count (and shard) once, as when loading weights
     else:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
     return model, tokenizer, folder
