@@ -38,7 +38,8 @@ def init() -> Dist:
     if world > 1 and not dist.is_initialized():
         if device.type == "cpu":  # ranks share the cores: oversubscribed threads slow every rank down
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # On GPUs, gloo beside NCCL serves collectives on CPU tensors (FSDP2 CPU offload's grad norm).
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, device=device)
 
 
@@ -51,7 +52,7 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     if not active():
         return value
     # NCCL reduces only GPU tensors; gloo takes them where they are.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else value.device
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else value.device
     out = value.detach().to(device).clone()
     dist.all_reduce(out)
     return out.to(value.device)

@@ -242,7 +242,7 @@ def train(config: Config, *, resume: bool = False,
     # Several processes start on the meta device: each reads only its own shards (FSDP2 backend).
     meta = d.world > 1 and config.backend.meta_init
     model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=progress, empty=meta)
-    if not meta:
+    if not meta and not config.backend.cpu_offload:  # offloaded shards stay in CPU memory
         model.to(d.device)
     check_model(model, config.lora)
     total_params = sum(p.numel() for p in model.parameters())

@@ -48,6 +48,9 @@ class FSDP2Engine:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         on_meta = any(p.is_meta for p in model.parameters())
+        if config.backend.cpu_offload and not self.sharded:
+            raise ConfigError("backend.cpu_offload=true offloads FSDP2 shards: run several processes (--nproc N) "
+                              "or set backend.cpu_offload=false")
         if on_meta and not self.sharded:
             raise ValueError("a model on the meta device needs several FSDP2 processes (meta_init is for torchrun)")
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if on_meta else {}
@@ -80,11 +83,14 @@ class FSDP2Engine:
         from safetensors import safe_open
         from torch.distributed.tensor import distribute_tensor
 
-        model.to_empty(device=distributed.device())
-        named_buffers = dict(model.named_buffers())
-        with torch.no_grad():
-            for name, value in buffers.items():  # rotary tables etc. are not in the checkpoint
-                named_buffers[name].copy_(value)
+        compute = distributed.device()
+        # With CPU offload the shards live in CPU memory; FSDP2 moves them to the GPU per use.
+        model.to_empty(device="cpu" if self.config.backend.cpu_offload else compute)
+        for module_name, module in model.named_modules():
+            for name in list(module._buffers):  # rotary tables etc.: not in the checkpoint, never offloaded
+                key = f"{module_name}.{name}" if module_name else name
+                if key in buffers:
+                    module._buffers[name] = buffers[key].to(compute)
         files = sorted(Path(self.base_model_path).glob("*.safetensors"))
         where = {}
         for file in files:
@@ -109,7 +115,7 @@ class FSDP2Engine:
                     raise ConfigError(f"backend.meta_init=true reads weights from safetensors, and {hf_name} is not "
                                       f"in {self.base_model_path}: convert the model to safetensors or set "
                                       "backend.meta_init=false")
-                shard = distribute_tensor(full.to(param.dtype).to(param.device), param.device_mesh, param.placements)
+                shard = distribute_tensor(full.to(param.dtype).to(compute), param.device_mesh, param.placements)
                 param.to_local().copy_(shard.to_local())
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
