@@ -67,11 +67,16 @@ def _one_step(model_dir, rank: int, world: int, *overrides: str) -> dict:
     return {"state": engine.trainable_state(), "grad_norm": stats["grad_norm"], "logits": logits, "engine": engine}
 
 
-def _worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
+def _join(rank: int, world: int, port: int) -> None:
+    """Become rank `rank` of a gloo group on loopback, as torchrun would set it up."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.init()
+
+
+def _worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
+    _join(rank, world, port)
     try:
         result = _one_step(model_dir, rank, world)
         result.pop("engine").save_adapter(out_path.parent / "adapter")  # collective: gather, rank 0 writes
@@ -178,10 +183,7 @@ def test_two_process_run_learns_and_survives_sigkill(warm_model_dir, tmp_path):
 
 
 def _meta_worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.init()
+    _join(rank, world, port)
     try:
         config = load_config(None, ["lora.lora_rank=4"])
         model, _, _ = load_model(str(model_dir), empty=True)
