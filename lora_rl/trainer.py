@@ -32,6 +32,7 @@ from lora_rl.metrics import MetricsLog, Timer, json_safe, peak_memory
 from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward, gsm8k_reward, has_final_answer
 from lora_rl.rollout import SamplingParams, make_engine, require_engine
+from lora_rl.rollout.vllm_common import sync_threshold
 from lora_rl.tasks import format_prompt, load_problems
 
 # Steps of one run are decorrelated by mixing the step into the seed with a large odd constant.
@@ -136,6 +137,38 @@ def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages:
     if reference is not None:
         out["kl"] = float(grpo.masked_sum(grpo.kl_estimate(proximal, reference, config.grpo.kl_estimator), mask) / tokens)
     return out
+
+
+def publish(engine, backend, version: int):
+    """Hand policy `version` to the engine. Engines with weights of their own get the adapter alone,
+    written by the backend as a PEFT folder (a collective under FSDP2: only LoRA tensors are gathered)."""
+    path = None
+    if engine.needs_adapter:
+        path = backend.save_adapter(engine.adapter_path(version))
+    return engine.publish(version, path)
+
+
+def verify_delivery(engine, backend, prompts: list[list[int]], completions, config: Config) -> float | None:
+    """Re-score a few sampled sequences with the engine and the trainer under the version just published.
+
+    Returns the mean |engine - trainer| log-prob over their completion tokens (at temperature 1), or None
+    when the engine shares the trainer's weights. Past the threshold the engine is serving some other
+    weights (a stale or half-loaded adapter) and training on its samples would be silently off-policy."""
+    probe = completions[:config.rollout.probe_size]
+    if not engine.needs_adapter or not probe:
+        return None
+    sequences = [prompts[c.prompt_index] + c.token_ids for c in probe]
+    starts = [len(prompts[c.prompt_index]) for c in probe]
+    engine_logp = engine.score(sequences, starts)
+    batch = make_batch([prompts[c.prompt_index] for c in probe], [c.token_ids for c in probe], 0)
+    trainer_logp = backend.logprobs(batch, 1.0, with_grad=False)[0].double().cpu()
+    total = count = 0.0
+    for row, (start, values) in enumerate(zip(starts, engine_logp, strict=True)):
+        ours = trainer_logp[row, start - 1:start - 1 + len(values)]
+        total += float((ours - torch.tensor(values, dtype=torch.float64)).abs().sum())
+        count += len(values)
+    total, count = distributed.all_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+    return total / max(count, 1.0)
 
 
 def evaluate(engine, tokenizer, problems, reward_fn, config: Config) -> dict[str, float]:
@@ -249,139 +282,149 @@ def train(config: Config, *, resume: bool = False,
     if config.lora.use_lora:
         model = inject_lora(model, config.lora)
     backend = make_backend(config.backend.name, model=model, config=config, base_model_path=base_dir)
-    engine = make_engine(config.rollout.engine, backend=backend, tokenizer=tokenizer, config=config)
+    engine = make_engine(config.rollout.engine, backend=backend, tokenizer=tokenizer, config=config,
+                         base_model_dir=base_dir, run_dir=run_dir)
+    with contextlib.closing(engine):  # a launched server must not outlive the run, whatever ends it
+        task = config.task
+        train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
+                                       data_dir=task.data_dir or None)
+        eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
+                                      data_dir=task.data_dir or None, limit=config.eval.size)[d.rank::d.world]
+        reward_fn = get_reward(task.reward or task.name)
+        prompt_cache: dict[int, list[int]] = {}
 
-    task = config.task
-    train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
-                                   data_dir=task.data_dir or None)
-    eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
-                                  data_dir=task.data_dir or None, limit=config.eval.size)[d.rank::d.world]
-    reward_fn = get_reward(task.reward or task.name)
-    prompt_cache: dict[int, list[int]] = {}
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        start_step, meta = 0, {}
+        checkpoints = list_checkpoints(run_dir) if resume else []
+        if checkpoints:
+            state, meta = load_checkpoint(checkpoints[-1], backend)
+            torch.set_rng_state(state["torch_rng"])
+            start_step = meta["step"]
+        publish(engine, backend, meta.get("version", 0))  # the initial adapter, or the resumed one
+        if d.main:
+            log.truncate_after(start_step)
+            if not checkpoints and log.path.exists():
+                log.path.unlink()
 
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    start_step, meta = 0, {}
-    checkpoints = list_checkpoints(run_dir) if resume else []
-    if checkpoints:
-        state, meta = load_checkpoint(checkpoints[-1], backend)
-        torch.set_rng_state(state["torch_rng"])
-        start_step = meta["step"]
-        engine.publish(meta["version"], None)
-    if d.main:
-        log.truncate_after(start_step)
-        if not checkpoints and log.path.exists():
-            log.path.unlink()
+        before = meta.get("eval_before")
+        if before is None:
+            before = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+        n_trainable, n_adapter_bytes = trainable_parameters(backend.model), adapter_bytes(backend.model)
 
-    before = meta.get("eval_before")
-    if before is None:
-        before = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
-    n_trainable, n_adapter_bytes = trainable_parameters(backend.model), adapter_bytes(backend.model)
+        rp = config.rollout
+        bar = tqdm(range(start_step, config.run.steps), initial=start_step, total=config.run.steps, desc="GRPO",
+                   disable=not progress)
+        step = start_step
+        bad_updates = 0
+        with _interrupt_flag() as interrupt:
+            for step in bar:
+                timer = Timer()
+                # Every rank draws the same prompts for the step and keeps its own share (whole groups).
+                indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)
+                indices = indices[d.rank::d.world]
+                for i in indices:
+                    if i not in prompt_cache:
+                        prompt_cache[i] = encode(tokenizer, format_prompt(train_problems[i].question, tokenizer))
+                prompts = [prompt_cache[i] for i in indices]
+                with timer.phase("rollout"):
+                    seed = step_seed(config.run.seed, step) + _RANK_SEED_MIX * d.rank
+                    params = SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens,
+                                            temperature=rp.temperature, top_p=rp.top_p, seed=seed)
+                    completions = engine.generate(prompts, params)
+                texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+                rewards = torch.tensor([reward_fn(t, train_problems[indices[c.prompt_index]].reference)
+                                        for t, c in zip(texts, completions, strict=True)])
+                advantages = grpo.group_advantages(rewards, rp.group_size, scale_std=config.grpo.scale_std)
 
-    rp = config.rollout
-    bar = tqdm(range(start_step, config.run.steps), initial=start_step, total=config.run.steps, desc="GRPO",
-               disable=not progress)
-    step = start_step
-    bad_updates = 0
-    with _interrupt_flag() as interrupt:
-        for step in bar:
-            timer = Timer()
-            # Every rank draws the same prompts for the step and keeps its own share (whole groups).
-            indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)
-            indices = indices[d.rank::d.world]
-            for i in indices:
-                if i not in prompt_cache:
-                    prompt_cache[i] = encode(tokenizer, format_prompt(train_problems[i].question, tokenizer))
-            prompts = [prompt_cache[i] for i in indices]
-            with timer.phase("rollout"):
-                seed = step_seed(config.run.seed, step) + _RANK_SEED_MIX * d.rank
-                params = SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens,
-                                        temperature=rp.temperature, top_p=rp.top_p, seed=seed)
-                completions = engine.generate(prompts, params)
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-            rewards = torch.tensor([reward_fn(t, train_problems[indices[c.prompt_index]].reference)
-                                    for t, c in zip(texts, completions, strict=True)])
-            advantages = grpo.group_advantages(rewards, rp.group_size, scale_std=config.grpo.scale_std)
+                batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions],
+                                   tokenizer.pad_token_id)
+                behaviour = torch.zeros_like(batch.completion_mask)
+                for row, c in enumerate(completions):
+                    start = len(prompts[c.prompt_index]) - 1
+                    behaviour[row, start:start + len(c.logprobs)] = torch.tensor(c.logprobs)
+                with timer.phase("update"):
+                    stats = grpo_update(backend, batch, behaviour, advantages, config)
+                # A NaN/inf loss or gradient skips that optimizer step (the backend refuses it); several in a
+                # row mean the run is broken, and going on would only burn compute.
+                bad_updates = bad_updates + 1 if stats["skipped_updates"] else 0
+                if bad_updates:
+                    print(f"lora-rl: warning: step {step + 1}: non-finite loss or gradient, update skipped "
+                          f"({bad_updates} in a row)", file=sys.stderr)
+                if bad_updates >= config.train.max_bad_updates:
+                    raise TrainingError(f"{bad_updates} updates in a row had a NaN/inf loss or gradient (steps "
+                                        f"{step + 2 - bad_updates}-{step + 1}): lower train.lr, keep train.max_grad_norm > 0, "
+                                        "or use model.dtype=float32; the last checkpoint is intact for --resume")
+                with timer.phase("sync"):
+                    sync = publish(engine, backend, step + 1)
+                with timer.phase("verify"):
+                    delivery = verify_delivery(engine, backend, prompts, completions, config)
+                if delivery is not None and delivery > sync_threshold(config):
+                    raise TrainingError(
+                        f"step {step + 1}: after publishing version {step + 1}, {engine.name} log-probs differ from the "
+                        f"trainer's by {delivery:.2e} on average (limit {sync_threshold(config):.0e}, "
+                        "rollout.max_sync_logprob_diff): the engine is not serving the adapter just trained, so its "
+                        "samples would train the policy off-policy without warning. Check the engine log; "
+                        "the last checkpoint is intact for --resume")
 
-            batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions],
-                               tokenizer.pad_token_id)
-            behaviour = torch.zeros_like(batch.completion_mask)
-            for row, c in enumerate(completions):
-                start = len(prompts[c.prompt_index]) - 1
-                behaviour[row, start:start + len(c.logprobs)] = torch.tensor(c.logprobs)
-            with timer.phase("update"):
-                stats = grpo_update(backend, batch, behaviour, advantages, config)
-            # A NaN/inf loss or gradient skips that optimizer step (the backend refuses it); several in a
-            # row mean the run is broken, and going on would only burn compute.
-            bad_updates = bad_updates + 1 if stats["skipped_updates"] else 0
-            if bad_updates:
-                print(f"lora-rl: warning: step {step + 1}: non-finite loss or gradient, update skipped "
-                      f"({bad_updates} in a row)", file=sys.stderr)
-            if bad_updates >= config.train.max_bad_updates:
-                raise TrainingError(f"{bad_updates} updates in a row had a NaN/inf loss or gradient (steps "
-                                    f"{step + 2 - bad_updates}-{step + 1}): lower train.lr, keep train.max_grad_norm > 0, "
-                                    "or use model.dtype=float32; the last checkpoint is intact for --resume")
-            with timer.phase("sync"):
-                sync = engine.publish(step + 1, None)
+                totals, generated, tokens = _step_record(rewards, texts, completions, batch, stats)
+                memory, memory_kind = peak_memory()
+                record = {
+                    "step": step + 1, "version": step + 1, **totals,
+                    "rollout_seconds": timer.seconds["rollout"],
+                    "rollout_tokens_per_s": generated / max(timer.seconds["rollout"], 1e-9),
+                    "update_seconds": timer.seconds["update"],
+                    "update_tokens_per_s": tokens / max(timer.seconds["update"], 1e-9),
+                    "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
+                    "sync_logprob_diff": delivery, "verify_seconds": timer.seconds["verify"],
+                    "peak_memory_gib": memory, "memory_kind": memory_kind,
+                    "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
+                    "elapsed_seconds": time.perf_counter() - wall_start,
+                }
+                if config.eval.every and (step + 1) % config.eval.every == 0:
+                    scores = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+                    record.update({f"eval_{k}": v for k, v in scores.items()})
+                if d.main:
+                    log.write(record)
+                bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record.get('kl', 0.0):.3f}")
+                if on_step is not None:
+                    on_step(record)
 
-            totals, generated, tokens = _step_record(rewards, texts, completions, batch, stats)
-            memory, memory_kind = peak_memory()
-            record = {
-                "step": step + 1, "version": step + 1, **totals,
-                "rollout_seconds": timer.seconds["rollout"],
-                "rollout_tokens_per_s": generated / max(timer.seconds["rollout"], 1e-9),
-                "update_seconds": timer.seconds["update"],
-                "update_tokens_per_s": tokens / max(timer.seconds["update"], 1e-9),
-                "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
-                "peak_memory_gib": memory, "memory_kind": memory_kind,
-                "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
-                "elapsed_seconds": time.perf_counter() - wall_start,
-            }
-            if config.eval.every and (step + 1) % config.eval.every == 0:
-                scores = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
-                record.update({f"eval_{k}": v for k, v in scores.items()})
-            if d.main:
-                log.write(record)
-            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", kl=f"{record.get('kl', 0.0):.3f}")
-            if on_step is not None:
-                on_step(record)
+                last = step + 1 == config.run.steps
+                stop = (should_stop is not None and should_stop()) or interrupt["set"]
+                stop = distributed.any_rank(stop, d.device)  # every rank must stop at the same step
+                every = config.run.checkpoint_every
+                if last or stop or (every and (step + 1) % every == 0):
+                    save_checkpoint(run_dir, step + 1, backend, {"torch_rng": torch.get_rng_state()},
+                                    {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
+                                     "eval_before": before},
+                                    keep=config.run.keep_checkpoints)
+                if stop:
+                    step += 1
+                    break
+            else:
+                step = config.run.steps
+        bar.close()
 
-            last = step + 1 == config.run.steps
-            stop = (should_stop is not None and should_stop()) or interrupt["set"]
-            stop = distributed.any_rank(stop, d.device)  # every rank must stop at the same step
-            every = config.run.checkpoint_every
-            if last or stop or (every and (step + 1) % every == 0):
-                save_checkpoint(run_dir, step + 1, backend, {"torch_rng": torch.get_rng_state()},
-                                {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
-                                 "eval_before": before},
-                                keep=config.run.keep_checkpoints)
-            if stop:
-                step += 1
-                break
-        else:
-            step = config.run.steps
-    bar.close()
-
-    after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
-    adapter_dir = None
-    if config.lora.use_lora:
-        adapter_dir = backend.save_adapter(run_dir / "adapter")
-    engine.close()
-    memory, memory_kind = peak_memory()
-    summary = {
-        "run_dir": str(run_dir), "model": config.model.path, "task": task.name, "difficulty": task.difficulty,
-        "steps_done": step, "stopped_early": step < config.run.steps, "eval_decoding": "greedy",
-        "eval_problems": min(config.eval.size, len(eval_problems) * d.world),
-        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-        "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
-        "format_rate_before": before["format_rate"], "format_rate_after": after["format_rate"],
-        "lenient_accuracy_before": before["lenient_accuracy"], "lenient_accuracy_after": after["lenient_accuracy"],
-        "wall_seconds": time.perf_counter() - wall_start,
-        "peak_memory_gib": memory, "memory_kind": memory_kind,
-        "total_params": total_params, "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
-        "adapter_dir": str(adapter_dir) if adapter_dir else None,
-    }
-    summary = json_safe(summary)
-    if d.main:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    distributed.barrier()
-    return summary
+        after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+        adapter_dir = None
+        if config.lora.use_lora:
+            adapter_dir = backend.save_adapter(run_dir / "adapter")
+        memory, memory_kind = peak_memory()
+        summary = {
+            "run_dir": str(run_dir), "model": config.model.path, "task": task.name, "difficulty": task.difficulty,
+            "steps_done": step, "stopped_early": step < config.run.steps, "eval_decoding": "greedy",
+            "eval_problems": min(config.eval.size, len(eval_problems) * d.world),
+            "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+            "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
+            "format_rate_before": before["format_rate"], "format_rate_after": after["format_rate"],
+            "lenient_accuracy_before": before["lenient_accuracy"], "lenient_accuracy_after": after["lenient_accuracy"],
+            "wall_seconds": time.perf_counter() - wall_start,
+            "peak_memory_gib": memory, "memory_kind": memory_kind,
+            "total_params": total_params, "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
+            "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        }
+        summary = json_safe(summary)
+        if d.main:
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        distributed.barrier()
+        return summary

@@ -7,11 +7,12 @@ there. Whether a backend may pair with an engine is decided in `lora_rl.support`
 from __future__ import annotations
 
 from lora_rl.config import ConfigError
-from lora_rl.rollout.base import Completion, RolloutEngine, SamplingParams, SyncStats
+from lora_rl.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams, SyncStats
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams", "SyncStats", "make_engine", "require_engine"]
+__all__ = ["Completion", "RolloutEngine", "RolloutError", "SamplingParams", "SyncStats", "make_engine",
+           "require_engine"]
 
-BUILT = ("embedded",)  # engines whose code is in this version (the support matrix lists the design)
+BUILT = ("embedded", "vllm", "vllm-server")  # engines whose code is in this version (the support matrix lists the design)
 
 
 def require_engine(name: str) -> None:
@@ -21,8 +22,21 @@ def require_engine(name: str) -> None:
                           f"yet: use rollout.engine={BUILT[0]}")
 
 
-def make_engine(name: str, *, backend, tokenizer, config) -> RolloutEngine:
+def make_engine(name: str, *, backend, tokenizer, config, base_model_dir=None, run_dir=None) -> RolloutEngine:
     require_engine(name)
-    from lora_rl.rollout.embedded import EmbeddedEngine
+    if name == "embedded":
+        from lora_rl.rollout.embedded import EmbeddedEngine
 
-    return EmbeddedEngine(backend.model, tokenizer, generation_context=getattr(backend, "generation", None))
+        return EmbeddedEngine(backend.model, tokenizer, generation_context=getattr(backend, "generation", None))
+    if name == "vllm":
+        from lora_rl import distributed
+
+        if distributed.world_size() > 1:
+            raise ConfigError(f"rollout.engine=vllm builds a vLLM engine inside each of the {distributed.world_size()} "
+                              "training processes: use rollout.engine=vllm-server, which all processes share")
+        from lora_rl.rollout.vllm_inprocess import VLLMEngine
+
+        return VLLMEngine(base_model_dir=base_model_dir, model=backend.model, config=config, run_dir=run_dir)
+    from lora_rl.rollout.vllm_server import VLLMServerEngine
+
+    return VLLMServerEngine(base_model_dir=base_model_dir, model=backend.model, config=config, run_dir=run_dir)

