@@ -14,6 +14,10 @@ TEST_RECIPE = TinyRecipe(hidden_size=64, layers=2, heads=4, kv_heads=2, intermed
                          warmstart_difficulties=(1,), warmstart_steps=0, seed=7)
 
 
+# vLLM's CPU attention needs a head size of 32 or more.
+VLLM_RECIPE = dataclasses.replace(TEST_RECIPE, heads=2, kv_heads=1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     # Built-in models built by tests go to a throwaway cache, never the user's.
@@ -31,3 +35,15 @@ def warm_model_dir(tmp_path_factory):
     """The same shape after a short supervised warm-start on 1-digit sums: RL has signal to work with."""
     recipe = dataclasses.replace(TEST_RECIPE, warmstart_steps=150, warmstart_lr=5e-3)
     return build_tiny(recipe, tmp_path_factory.mktemp("warm-tiny"))
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory):
+    """TEST_RECIPE with heads vLLM can serve on the CPU; random weights."""
+    return build_tiny(VLLM_RECIPE, tmp_path_factory.mktemp("vllm-tiny"))
+
+
+@pytest.fixture(scope="session")
+def vllm_warm_model_dir(tmp_path_factory):
+    recipe = dataclasses.replace(VLLM_RECIPE, warmstart_steps=150, warmstart_lr=5e-3)
+    return build_tiny(recipe, tmp_path_factory.mktemp("vllm-warm-tiny"))

