@@ -34,6 +34,8 @@ class VLLMEngine:
         check_engine_model(model, config)  # before the minute-long start-up
         for key, value in cpu_environment(config).items():
             os.environ.setdefault(key, value)
+        # vLLM logs every request at INFO into the run's console; warnings and errors still show.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         rollout = config.rollout
