@@ -62,3 +62,10 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def without_timings(record: dict) -> dict:
+    """The record less what depends on the machine's speed and memory: what two runs of the same
+    config and seed must agree on (a resumed run and an uninterrupted one, say)."""
+    return {k: v for k, v in record.items()
+            if not k.endswith(("_seconds", "_per_s")) and k != "peak_memory_gib"}

@@ -24,6 +24,7 @@ from lora_rl.backends.fsdp2 import FSDP2Engine, decoder_layers
 from lora_rl.batching import make_batch
 from lora_rl.config import load_config
 from lora_rl.lora import inject_lora
+from lora_rl.metrics import without_timings
 from lora_rl.models import load_model
 from lora_rl.trainer import grpo_update
 
@@ -175,9 +176,7 @@ def test_two_process_run_learns_and_survives_sigkill(warm_model_dir, tmp_path):
         time.sleep(0.05)
     resumed = _cli(str(QUICKSTART), f"run.output_dir={tmp_path / 'part'}", "run.steps=36", "--resume", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    timing = ("rollout_seconds", "rollout_tokens_per_s", "update_seconds", "update_tokens_per_s", "sync_seconds",
-              "elapsed_seconds", "peak_memory_gib")
-    read = lambda d: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
+    read = lambda d: [without_timings(json.loads(line))  # noqa: E731
                       for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert read(tmp_path / "part") == read(tmp_path / "full")
 

@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lora_rl.config import ConfigError, load_config
+from lora_rl.metrics import without_timings
 from lora_rl.trainer import prompt_indices, train
 
 
@@ -59,9 +60,7 @@ def test_resumed_run_repeats_the_uninterrupted_one(warm_model_dir, tmp_path):
     train(_config(warm_model_dir, part, "run.steps=2", "run.checkpoint_every=2", "eval.size=0"))
     # Steps 3-4 after a resume from the step-2 checkpoint (the run is extended to 4 steps).
     train(_config(warm_model_dir, part, "run.steps=4", "run.checkpoint_every=2", "eval.size=0"), resume=True)
-    drop = ("rollout_seconds", "rollout_tokens_per_s", "update_seconds", "update_tokens_per_s", "sync_seconds",
-            "elapsed_seconds", "peak_memory_gib")
-    read = lambda d: [{k: v for k, v in json.loads(line).items() if k not in drop}  # noqa: E731
+    read = lambda d: [without_timings(json.loads(line))  # noqa: E731
                       for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert read(part) == read(full)
 
