@@ -12,8 +12,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from lora_rl.config import ConfigError, load_config
+from lora_rl.sweep import load_spec
 from lora_rl.trainer import TrainingError
 from lora_rl.rollout.base import RolloutError
 
@@ -24,6 +26,24 @@ def validate(config) -> None:
     from lora_rl.models import meta_model
 
     check_model(meta_model(config.model.path), config.lora)
+
+
+def _estimate_table(config, devices: int, seq_len: int | None) -> str:
+    import dataclasses
+
+    from lora_rl.estimate import estimate_for_config
+
+    full_config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, use_lora=False))
+    rows = [("LoRA r=%d %s" % (config.lora.lora_rank, ",".join(config.lora.target_modules)),
+             estimate_for_config(config, seq_len=seq_len, devices=devices)),
+            ("full fine-tuning", estimate_for_config(full_config, seq_len=seq_len, devices=devices))]
+    lines = [f"predicted peak memory per device: {config.model.path}, {config.model.dtype}, {devices} device(s), "
+             f"backend {config.backend.name}",
+             f"{'':<32}{'weights':>9}{'trainable':>11}{'activations':>13}{'logits':>9}{'total GiB':>11}"]
+    for name, e in rows:
+        lines.append(f"{name:<32}{e.weights_gib:>9.2f}{e.trainable_gib:>11.2f}{e.activations_gib:>13.2f}"
+                     f"{e.logits_gib:>9.2f}{e.total_gib:>11.2f}")
+    return "\n".join(lines)
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:
@@ -40,10 +60,15 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-rl", description="RL fine-tuning of LLMs with LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "run GRPO with LoRA"), ("validate", "check a config and exit")):
+    for name, help_text in (("train", "run GRPO with LoRA"), ("validate", "check a config and exit"),
+                            ("estimate", "predict peak memory per device, LoRA vs full fine-tuning")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML recipe, e.g. examples/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora.lora_rank=32")
+        if name == "estimate":
+            p.add_argument("--devices", type=int, default=1, help="GPUs the FSDP2 run shards over")
+            p.add_argument("--seq-len", type=int, default=None,
+                           help="tokens per sequence (default: twice rollout.max_new_tokens)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
             p.add_argument("--nproc", type=int, default=1,
@@ -51,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="fold a PEFT adapter into its base model and save a plain HF model folder")
     p.add_argument("adapter", help="adapter folder (its adapter_config.json names the base model folder)")
     p.add_argument("out", help="folder for the merged model (must not exist)")
+    p = sub.add_parser("sweep", help="run a grid/list of configs through notebooks/03_run.ipynb (papermill)")
+    p.add_argument("spec", help="sweep YAML, e.g. examples/sweep_rank.yaml")
+    p.add_argument("--retry-failed", action="store_true", help="re-run points that failed or timed out before")
+    p = sub.add_parser("plot", help="comparison plots (PNG and SVG) of a sweep's results")
+    p.add_argument("results", help="sweep folder, or its results.csv / results.parquet")
+    p.add_argument("--out", default=None, help="folder for the plots (default: <sweep folder>/plots)")
     # Overrides may come before or after options (`train C --nproc 2 a.b=1`): collect the strays.
     args, extra = parser.parse_known_args(argv)
     if any(a.startswith("-") or "=" not in a for a in extra):
@@ -63,10 +94,29 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"merged model written to {merge_to_folder(args.adapter, args.out)}")
             return 0
+        if args.command == "sweep":
+            from lora_rl.sweep import run_sweep
+
+            table = run_sweep(args.spec, retry_failed=args.retry_failed)
+            failed = int((table["status"] != "ok").sum()) if len(table) else 0
+            print(f"{len(table) - failed} points ok, {failed} failed; results in "
+                  f"{Path(load_spec(args.spec).output_dir) / 'results.csv'} (and .parquet)")
+            return 1 if failed else 0
+        if args.command == "plot":
+            from lora_rl.plots import plots_folder, write_plots
+            from lora_rl.sweep import load_results
+
+            written = write_plots(load_results(args.results), args.out or plots_folder(args.results))
+            for files in written.values():
+                print(" ".join(str(f) for f in files))
+            return 0
         config = load_config(args.config, args.overrides)
         validate(config)
         if args.command == "validate":
             print(f"{args.config}: ok")
+            return 0
+        if args.command == "estimate":
+            print(_estimate_table(config, args.devices, args.seq_len))
             return 0
         if args.nproc > 1 and "RANK" not in os.environ:
             return _torchrun(args.nproc, argv if argv is not None else sys.argv[1:])

@@ -369,6 +369,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    # A notebook runs in notebooks/: recipes named relative to the repository still resolve.
+    in_repo = Path(__file__).resolve().parent.parent / path
+    if not path.is_file() and not path.is_absolute() and in_repo.is_file():
+        path = in_repo
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file such as examples/quickstart.yaml")
     try:

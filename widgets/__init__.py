@@ -1,5 +1,10 @@
 """ipywidgets panels over the lora_rl library, installed as `lora_rl.widgets`.
 
-The LoRA control panel (rank, alpha, target modules, backend, rollout engine) is not built yet;
-the panels will build the same `lora_rl.config.Config` the CLI builds and call `lora_rl.trainer.train`.
+`LoRAPanel` picks rank, alpha, target modules, backend and rollout engine, shows trainable parameters,
+adapter size, predicted peak memory and whether the backend x engine pair is supported, and runs the
+same `lora_rl.trainer.train` the CLI runs.
 """
+
+from lora_rl.widgets.panel import LoRAPanel
+
+__all__ = ["LoRAPanel"]

@@ -1,0 +1,138 @@
+"""Predicted peak training memory per device, for LoRA and full fine-tuning, from the model's shape.
+
+An analytic count of what the GRPO update holds at its peak (the backward pass of one micro-batch):
+
+  weights      base weights in the model dtype, sharded over the devices by FSDP2, plus the two
+               decoder layers FSDP2 keeps gathered (the one computing and the one prefetched);
+               with CPU offload only the gathered layers sit on the device
+  trainable    LoRA (or all) parameters, their gradients and AdamW's two moments, sharded, all in
+               the model dtype (lora-rl keeps adapters in the model dtype)
+  activations  what each decoder layer saves for backward, per token: about 10 hidden-size vectors
+               (norm inputs/outputs, q/attention output, residuals) plus 4 MLP-size ones (gate, up,
+               activation, product) and k/v; with activation checkpointing only each layer's input,
+               plus one layer recomputed
+  logits       [tokens, vocab] in the model dtype, upcast to float32, log-softmax and its gradient:
+               ~14 bytes per element in bf16 - at small scale the largest term
+
+The GPU anchors of FIELD_NOTES section 6 and CPU runs in tests/test_estimate.py check it; the README
+states the error. It ignores allocator fragmentation and the CUDA context (~0.5 GiB outside torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from lora_rl.config import ConfigError
+
+GIB = 1024 ** 3
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ACT_HIDDEN, _ACT_MLP = 10, 4  # saved vectors per token per layer (see the module docstring)
+_LOGIT_EXTRA_BYTES = 12  # float32 upcast + log-softmax + its gradient, per logit element
+_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelShape:
+    hidden_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> ModelShape:
+        if getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0):
+            raise ConfigError("the memory estimator covers dense models only (this config has experts)")
+        heads = cfg.num_attention_heads
+        return cls(hidden_size=cfg.hidden_size, layers=cfg.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+                   intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                   tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer."""
+        h, q, kv, i = self.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate_size
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden_size  # + two norms
+
+    def total_params(self) -> int:
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tied else 2)
+        return self.layers * self.layer_params() + embeddings + self.hidden_size
+
+
+def lora_params(shape: ModelShape, rank: int, target_modules) -> int:
+    """Parameters of a rank-r adapter on the named modules of every layer (all-linear: all seven)."""
+    targets = _MODULES if "all-linear" in target_modules else tuple(target_modules)
+    unknown = [t for t in targets if t not in _MODULES]
+    if unknown:
+        raise ConfigError(f"lora.target_modules: {unknown} are not decoder linear layers the estimator knows "
+                          f"({list(_MODULES)})")
+    return shape.layers * sum(rank * (a + b) for name, (a, b) in shape.linear_shapes().items() if name in targets)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryEstimate:
+    weights_gib: float
+    trainable_gib: float  # parameters + gradients + AdamW moments of what trains
+    activations_gib: float
+    logits_gib: float
+    total_gib: float
+    trainable_params: int
+    total_params: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16, target_modules=("all-linear",),
+                    dtype: str = "bfloat16", devices: int = 1, micro_batch_size: int = 8, seq_len: int = 1024,
+                    activation_checkpointing: bool = False, cpu_offload: bool = False) -> MemoryEstimate:
+    """Peak memory per device of one GRPO update (see the module docstring for the terms)."""
+    if dtype not in _BYTES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {list(_BYTES)}")
+    if devices < 1 or micro_batch_size < 1 or seq_len < 1:
+        raise ConfigError("devices, micro_batch_size and seq_len must be at least 1")
+    b = _BYTES[dtype]
+    total = shape.total_params()
+    gathered = (2 * shape.layer_params() if devices > 1 or cpu_offload else 0) * b
+    resident = 0 if cpu_offload else total * b / devices
+    weights = resident + gathered
+    trainable = lora_params(shape, rank, target_modules) if use_lora else total
+    # parameters (base ones already counted for full fine-tuning) + gradients + two AdamW moments
+    trainable_bytes = trainable * b * ((1 if use_lora else 0) + 3) / devices
+    if cpu_offload:
+        trainable_bytes = 0.0  # shards, gradients and optimizer state live in CPU memory
+    tokens = micro_batch_size * seq_len
+    h, i = shape.hidden_size, shape.intermediate_size
+    per_layer = tokens * (_ACT_HIDDEN * h + _ACT_MLP * i + 2 * shape.kv_heads * shape.head_dim) * b
+    if activation_checkpointing:
+        activations = shape.layers * tokens * h * b + per_layer
+    else:
+        activations = shape.layers * per_layer
+    logits = tokens * shape.vocab_size * (b + _LOGIT_EXTRA_BYTES)
+    peak = weights + trainable_bytes + activations + logits
+    return MemoryEstimate(weights_gib=weights / GIB, trainable_gib=trainable_bytes / GIB,
+                          activations_gib=activations / GIB, logits_gib=logits / GIB, total_gib=peak / GIB,
+                          trainable_params=trainable, total_params=total)
+
+
+def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1) -> MemoryEstimate:
+    """The estimate for a run config: its model, LoRA settings, backend options and micro-batch."""
+    from lora_rl.models import model_config
+
+    shape = ModelShape.from_config(model_config(config.model.path))
+    if seq_len is None:  # prompt budget as long as the completion budget: a rough default
+        seq_len = 2 * config.rollout.max_new_tokens
+    batch = config.rollout.prompts_per_step * config.rollout.group_size // max(devices, 1)
+    return estimate_memory(shape, use_lora=config.lora.use_lora, rank=config.lora.lora_rank,
+                           target_modules=config.lora.target_modules, dtype=config.model.dtype, devices=devices,
+                           micro_batch_size=min(config.train.micro_batch_size, max(batch, 1)), seq_len=seq_len,
+                           activation_checkpointing=config.backend.activation_checkpointing,
+                           cpu_offload=config.backend.cpu_offload)

@@ -1,0 +1,57 @@
+"""A live reward/memory plot for notebooks: `train(config, on_step=LivePlot())`.
+
+The figure is rendered to PNG and shown through one display handle that each step updates, so a
+notebook run headless by papermill keeps the final plot as an ordinary output (FIELD_NOTES section 8).
+"""
+
+from __future__ import annotations
+
+import io
+
+from matplotlib.figure import Figure
+
+
+class LivePlot:
+    def __init__(self, every: int = 1, total: int = 0, title: str = "GRPO"):
+        self.every = every
+        self.total = total  # the run's last step, always drawn
+        self.title = title
+        self.records: list[dict] = []
+        self._handle = None
+
+    def __call__(self, record: dict) -> None:
+        self.records.append(record)
+        if record["step"] % self.every == 0 or record["step"] == self.total:
+            self.show()
+
+    def figure(self) -> Figure:
+        fig = Figure(figsize=(9, 3))
+        reward, memory = fig.subplots(1, 2)
+        steps = [r["step"] for r in self.records]
+        reward.plot(steps, [r["reward_mean"] for r in self.records], label="reward")
+        reward.plot(steps, [r["format_rate"] for r in self.records], label="format rate", alpha=0.6)
+        reward.set_xlabel("step")
+        reward.set_title(f"{self.title}: reward")
+        reward.legend(fontsize=8)
+        reward.grid(alpha=0.3)
+        kind = self.records[-1]["memory_kind"] if self.records else ""
+        memory.plot(steps, [r["peak_memory_gib"] for r in self.records], color="tab:red")
+        memory.set_xlabel("step")
+        memory.set_title(f"peak memory, GiB ({kind})")
+        memory.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
+
+    def png(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure().savefig(buffer, format="png", dpi=80, metadata={"Software": None})
+        return buffer.getvalue()
+
+    def show(self) -> None:
+        from IPython.display import Image, display
+
+        image = Image(data=self.png())
+        if self._handle is None:
+            self._handle = display(image, display_id=True)
+        else:
+            self._handle.update(image)

@@ -1,0 +1,151 @@
+"""Comparison plots of a sweep's results (matplotlib, PNG and SVG).
+
+  memory_vs_rank     peak memory against LoRA rank, one line per target-module set
+  speed_vs_rank      update and rollout tokens/s against LoRA rank, one line per target-module set
+  reward_curves      reward per step of every finished point (from its metrics.jsonl)
+  lora_vs_full       peak memory, update tokens/s and trainable parameters: LoRA points against full fine-tuning
+
+`write_plots(results, out_dir)` writes every plot the table has data for; `lora-rl plot` and
+`notebooks/04_compare.ipynb` call it. PNGs are byte-identical for identical data (no timestamp).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, safe in threads
+
+_METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
+
+
+def _finished(results):
+    return results[results["status"] == "ok"] if "status" in results else results
+
+
+def _targets_label(value) -> str:
+    try:
+        return ",".join(json.loads(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _by_rank(results, ys: list[tuple[str, str]], ylabel: str, title: str):
+    data = _finished(results)
+    data = data[data["lora.use_lora"].astype(bool)] if "lora.use_lora" in data else data
+    if data.empty or "lora.lora_rank" not in data:
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for targets, group in data.groupby(data["lora.target_modules"].map(_targets_label)):
+        group = group.groupby("lora.lora_rank").mean(numeric_only=True).sort_index()
+        for column, name in ys:
+            if column in group:
+                ax.plot(group.index, group[column], marker="o", label=f"{name}{targets}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def memory_vs_rank(results):
+    kind = _memory_kind(results)
+    return _by_rank(results, [("peak_memory_gib", "")], f"peak memory, GiB ({kind})", "Peak memory vs LoRA rank")
+
+
+def speed_vs_rank(results):
+    return _by_rank(results, [("update_tokens_per_s", "update: "), ("rollout_tokens_per_s", "rollout: ")],
+                    "tokens/s", "Throughput vs LoRA rank")
+
+
+def reward_curves(results):
+    data = _finished(results)
+    if data.empty or "run_dir" not in data:
+        return None
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for _, row in data.iterrows():
+        path = Path(row["run_dir"]) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        ax.plot([r["step"] for r in records], [r["reward_mean"] for r in records], label=str(row.get("point", "")))
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("Reward per configuration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def lora_vs_full(results):
+    data = _finished(results)
+    if "lora.use_lora" not in data:
+        return None
+    use_lora = data["lora.use_lora"].astype(bool)
+    if not use_lora.any() or use_lora.all():
+        return None
+    labels = ["full fine-tuning"] + [f"LoRA r={int(r)}" for r in sorted(data[use_lora]["lora.lora_rank"].unique())]
+    groups = [data[~use_lora]] + [data[use_lora & (data["lora.lora_rank"] == r)]
+                                  for r in sorted(data[use_lora]["lora.lora_rank"].unique())]
+    metrics = [("peak_memory_gib", f"peak memory, GiB ({_memory_kind(results)})"),
+               ("update_tokens_per_s", "update tokens/s"), ("trainable_params", "trainable parameters")]
+    fig = Figure(figsize=(4 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics))
+    for ax, (column, title) in zip(axes, metrics, strict=True):
+        values = [g[column].mean() if column in g else float("nan") for g in groups]
+        ax.bar(range(len(labels)), values, color=["tab:gray"] + ["tab:blue"] * (len(labels) - 1))
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if column == "trainable_params":
+            ax.set_yscale("log")
+    fig.suptitle("LoRA vs full fine-tuning")
+    fig.tight_layout()
+    return fig
+
+
+def _memory_kind(results) -> str:
+    if "memory_kind" in results and results["memory_kind"].notna().any():
+        return str(results["memory_kind"].dropna().iloc[0])
+    return "measured"
+
+
+PLOTS = {"memory_vs_rank": memory_vs_rank, "speed_vs_rank": speed_vs_rank, "reward_curves": reward_curves,
+         "lora_vs_full": lora_vs_full}
+
+
+def plots_folder(results_path: str | Path) -> Path:
+    """Default home of a sweep's plots: `plots/` in its folder."""
+    path = Path(results_path)
+    return (path if path.is_dir() else path.parent) / "plots"
+
+
+def write_plots(results, out_dir: str | Path) -> dict[str, list[Path]]:
+    """Every plot the results have data for, as PNG and SVG; returns {name: [files]}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, make in PLOTS.items():
+        fig = make(results)
+        if fig is None:
+            continue
+        files = []
+        for fmt in ("png", "svg"):
+            path = out_dir / f"{name}.{fmt}"
+            fig.savefig(path, format=fmt, dpi=100, metadata=_METADATA[fmt])
+            files.append(path)
+        written[name] = files
+    return written
+
+
+def display_plots(written: dict[str, list[Path]]) -> None:
+    """Show written plots in a notebook (the PNGs, so headless papermill keeps them as outputs)."""
+    from IPython.display import Image, display
+
+    for files in written.values():
+        display(Image(filename=str(files[0])))

@@ -1,0 +1,340 @@
+"""Sweeps: a grid or list of config overrides, each point run headless through `notebooks/03_run.ipynb`.
+
+A sweep file (YAML):
+
+    recipe: examples/quickstart.yaml      # the base config every point starts from
+    output_dir: runs/sweep-rank           # the sweep folder
+    overrides: [run.steps=20, eval.size=50]   # applied to every point
+    grid:                                 # cartesian product over any config keys ...
+      lora.lora_rank: [4, 8, 16]
+      lora.target_modules: [[all-linear], [q_proj, v_proj]]
+    points:                               # ... and/or an explicit list of points
+      - {lora.use_lora: false, train.lr: 2e-4}
+    parallel: 2                           # points run at once, each in its own processes
+    timeout: 1800                         # seconds per point; a point past it is killed and recorded
+    executor: processes                   # or ray (ray_address: "" starts a local Ray instance)
+
+Every point's config is validated before anything runs. Each point gets `points/<id>/` holding its run
+folder, its executed notebook and `result.json`; the driver writes `status.json` (ok / failed / timeout,
+with the reason). A second invocation skips points whose status is ok, so a sweep is resumable; a crash
+or timeout of one point never stops the others. Results are collected into `results.csv` and
+`results.parquet` in the sweep folder, one row per point with its full config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lora_rl.config import ConfigError, config_to_dict, load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_NOTEBOOK = REPO_ROOT / "notebooks" / "03_run.ipynb"
+_SPEC_KEYS = {"recipe", "output_dir", "overrides", "grid", "points", "parallel", "timeout", "executor",
+              "ray_address", "notebook"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepSpec:
+    recipe: str
+    output_dir: str
+    overrides: tuple[str, ...] = ()
+    grid: dict = field(default_factory=dict)
+    points: tuple[dict, ...] = ()
+    parallel: int = 1
+    timeout: float = 3600.0
+    executor: str = "processes"
+    ray_address: str = ""
+    notebook: str = ""
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, base_dir: Path = Path(".")) -> SweepSpec:
+        unknown = sorted(set(raw) - _SPEC_KEYS)
+        if unknown:
+            raise ConfigError(f"sweep: unknown keys {unknown}; a sweep file has {sorted(_SPEC_KEYS)}")
+        for key in ("recipe", "output_dir"):
+            if not raw.get(key):
+                raise ConfigError(f"sweep: '{key}' is required (e.g. recipe: examples/quickstart.yaml, "
+                                  "output_dir: runs/my-sweep)")
+        if not raw.get("grid") and not raw.get("points"):
+            raise ConfigError("sweep: give a 'grid' (key: [values]) or a list of 'points' (key: value maps)")
+        grid = raw.get("grid") or {}
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep: grid.{key}={values!r} must be a non-empty list of values")
+        if raw.get("executor", "processes") not in ("processes", "ray"):
+            raise ConfigError(f"sweep: executor={raw['executor']!r} must be processes or ray")
+        if int(raw.get("parallel", 1)) < 1:
+            raise ConfigError(f"sweep: parallel={raw['parallel']!r} must be at least 1")
+        if float(raw.get("timeout", 3600)) <= 0:
+            raise ConfigError(f"sweep: timeout={raw['timeout']!r} must be positive (seconds per point)")
+        resolve = lambda p: str(p if Path(p).is_absolute() else (base_dir / p))  # noqa: E731
+        return cls(recipe=resolve(raw["recipe"]), output_dir=resolve(raw["output_dir"]),
+                   overrides=tuple(raw.get("overrides") or ()), grid=dict(grid),
+                   points=tuple(raw.get("points") or ()), parallel=int(raw.get("parallel", 1)),
+                   timeout=float(raw.get("timeout", 3600)), executor=raw.get("executor", "processes"),
+                   ray_address=raw.get("ray_address", ""),
+                   notebook=resolve(raw["notebook"]) if raw.get("notebook") else "")
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"sweep file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file {str(path)!r} must be a mapping of sweep keys")
+    return SweepSpec.from_dict(raw)  # paths in a sweep file are relative to where lora-rl runs
+
+
+def _override(key: str, value) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"{key}=[{','.join(str(v) for v in value)}]"
+    if value is None:
+        return f"{key}=null"
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    id: str
+    values: dict  # the swept keys and their values
+    overrides: tuple[str, ...]  # common overrides, then the point's own
+
+
+def expand(spec: SweepSpec) -> list[Point]:
+    """Every point of the sweep, in a stable order, each with an id derived from its values."""
+    combos = [dict(zip(spec.grid, values, strict=True)) for values in itertools.product(*spec.grid.values())] \
+        if spec.grid else []
+    combos += [dict(p) for p in spec.points]
+    out, seen = [], set()
+    for values in combos:
+        own = tuple(_override(k, v) for k, v in values.items())
+        digest = hashlib.sha1("\n".join(own).encode()).hexdigest()[:8]
+        readable = "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+        readable = "".join(c if c.isalnum() or c in "=-_." else "_" for c in readable)[:60]
+        point_id = f"{readable}-{digest}"
+        if point_id in seen:
+            continue  # the same point listed twice runs once
+        seen.add(point_id)
+        out.append(Point(point_id, values, (*spec.overrides, *own)))
+    return out
+
+
+def validate(spec: SweepSpec) -> list[Point]:
+    """Check every point's config before anything runs; a bad point names itself."""
+    points = expand(spec)
+    for point in points:
+        try:
+            load_config(spec.recipe, [*point.overrides, "run.output_dir=validate"])
+        except ConfigError as err:
+            raise ConfigError(f"sweep point {point.id} ({point.values}): {err}") from None
+    return points
+
+
+# --- one point --------------------------------------------------------------------------------------------
+
+
+def run_recipe(recipe: str, overrides: list[str], *, output_dir: str, result_path: str = "",
+               progress: bool = False) -> dict:
+    """Train one config and write a JSON result (summary, full config, metric aggregates) beside it.
+
+    This is what `notebooks/03_run.ipynb` calls: the notebook, the sweep and a user's script share it."""
+    from lora_rl.trainer import train
+
+    config = load_config(recipe or None, [*overrides, f"run.output_dir={output_dir}", f"run.progress={progress}"])
+    summary = train(config)
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    result = {"config": config_to_dict(config), "summary": summary, "metrics": _aggregate(records)}
+    path = Path(result_path) if result_path else Path(output_dir) / "result.json"
+    from lora_rl.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _aggregate(records: list[dict]) -> dict:
+    """Per-run numbers for comparison tables: steady-state speeds skip the first (warm-up) step."""
+    if not records:
+        return {}
+    steady = records[1:] or records
+    mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    tail = records[-max(1, len(records) // 5):]
+    return {
+        "rollout_tokens_per_s": mean("rollout_tokens_per_s"), "update_tokens_per_s": mean("update_tokens_per_s"),
+        "step_seconds": mean("rollout_seconds") + mean("update_seconds") + mean("sync_seconds"),
+        "reward_first": records[0]["reward_mean"], "reward_last": sum(r["reward_mean"] for r in tail) / len(tail),
+        "peak_memory_gib": max(r["peak_memory_gib"] for r in records), "memory_kind": records[-1]["memory_kind"],
+        "steps": len(records),
+    }
+
+
+def _point_command(spec: SweepSpec, point: Point, folder: Path) -> list[str]:
+    notebook = spec.notebook or str(RUN_NOTEBOOK)
+    params = {"recipe": spec.recipe, "overrides": list(point.overrides), "output_dir": str(folder / "run"),
+              "result_path": str(folder / "result.json"), "progress": False}
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    # Parameters travel as a YAML file: `-p` would turn the overrides list into a string.
+    return [sys.executable, "-m", "papermill", notebook, str(folder / "03_run.ipynb"), "-f",
+            str(folder / "params.yaml"), "-k", "python3", "--cwd", str(REPO_ROOT), "--no-progress-bar"]
+
+
+def run_point(spec: SweepSpec, point: Point) -> dict:
+    """Run one point in processes of its own; returns and writes its status. Never raises for the point's
+    own failure: a crash or a timeout is recorded with its reason."""
+    folder = Path(spec.output_dir) / "points" / point.id
+    if folder.exists():
+        shutil.rmtree(folder)  # a point re-run starts clean (finished points are never re-run)
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    log_path = folder / "papermill.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(_point_command(spec, point, folder), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            code = process.wait(timeout=spec.timeout)
+            status, reason = ("ok", "") if code == 0 and (folder / "result.json").exists() else (
+                "failed", _failure_reason(log_path, code))
+        except subprocess.TimeoutExpired:
+            # Kill papermill, its kernel and whatever the kernel started (a vLLM server, torchrun ranks).
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            status, reason = "timeout", f"killed after the sweep's timeout of {spec.timeout:g} s"
+    record = {"id": point.id, "status": status, "reason": reason, "seconds": time.perf_counter() - start,
+              "values": point.values, "overrides": list(point.overrides)}
+    from lora_rl.checkpoint import atomic_write_text
+
+    atomic_write_text(folder / "status.json", json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _failure_reason(log_path: Path, code: int) -> str:
+    """The last error line papermill printed (the exception the notebook raised)."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    errors = [line.strip() for line in lines if "Error" in line or "error:" in line]
+    return (errors[-1] if errors else f"exit code {code}")[:500]
+
+
+def _status(spec: SweepSpec, point: Point) -> dict | None:
+    path = Path(spec.output_dir) / "points" / point.id / "status.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- the whole sweep --------------------------------------------------------------------------------------
+
+
+def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, log=print):
+    """Run every point not yet finished; returns the results table (a pandas DataFrame)."""
+    if not isinstance(spec, SweepSpec):
+        spec = load_spec(spec)
+    points = validate(spec)
+    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(spec.output_dir) / "sweep.yaml").write_text(yaml.safe_dump(_spec_dict(spec), sort_keys=False))
+    todo = []
+    for point in points:
+        status = _status(spec, point)
+        if status and (status["status"] == "ok" or not retry_failed):
+            log(f"sweep: {point.id}: {status['status']} earlier, skipped")
+            continue
+        todo.append(point)
+    log(f"sweep: {len(points)} points, {len(todo)} to run, {min(spec.parallel, max(len(todo), 1))} at a time "
+        f"({spec.executor})")
+    if todo:
+        runner = _run_with_ray if spec.executor == "ray" else _run_with_processes
+        for record in runner(spec, todo):
+            log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
+                + (f" - {record['reason']}" if record["reason"] else ""))
+    return collect(spec)
+
+
+def _spec_dict(spec: SweepSpec) -> dict:
+    return {name: (list(getattr(spec, name)) if isinstance(getattr(spec, name), tuple) else getattr(spec, name))
+            for name in SweepSpec.__dataclass_fields__}
+
+
+def _run_with_processes(spec: SweepSpec, todo: list[Point]):
+    # Threads only wait here: every point runs in processes of its own (papermill and its kernel).
+    with ThreadPoolExecutor(spec.parallel) as pool:
+        yield from pool.map(lambda p: run_point(spec, p), todo)
+
+
+def _run_with_ray(spec: SweepSpec, todo: list[Point]):
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("sweep: executor=ray needs the ray package (pip install ray)") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=spec.ray_address or None, include_dashboard=False, log_to_driver=False,
+                 **({} if spec.ray_address else {"num_cpus": spec.parallel}))
+    try:
+        remote = ray.remote(num_cpus=1)(run_point)
+        pending = [remote.remote(spec, p) for p in todo]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def collect(spec: SweepSpec):
+    """One row per point: status, the full config (flattened `section.key`), summary and metric aggregates.
+    Written as results.csv and results.parquet in the sweep folder."""
+    import pandas as pd
+
+    rows = []
+    for point in expand(spec):
+        status = _status(spec, point)
+        if status is None:
+            continue
+        folder = Path(spec.output_dir) / "points" / point.id
+        row = {"point": point.id, "status": status["status"], "reason": status["reason"],
+               "point_seconds": status["seconds"], "run_dir": str(folder / "run")}
+        result_path = folder / "result.json"
+        if result_path.exists():
+            result = json.loads(result_path.read_text())
+            for section, values in result["config"].items():
+                for key, value in values.items():
+                    row[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+            row.update({k: v for k, v in result["summary"].items() if k not in ("run_dir", "model", "task")})
+            row.update(result["metrics"])
+        else:  # a failed point: its config is still known
+            config = load_config(spec.recipe, [*point.overrides, f"run.output_dir={folder / 'run'}"])
+            for section, values in config_to_dict(config).items():
+                for key, value in values.items():
+                    row[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    out = Path(spec.output_dir)
+    table.to_csv(out / "results.csv", index=False)
+    table.to_parquet(out / "results.parquet", index=False)
+    return table
+
+
+def load_results(path: str | Path):
+    """A sweep's results table from its folder, results.csv or results.parquet."""
+    import pandas as pd
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.parquet" if (path / "results.parquet").exists() else path / "results.csv"
+    if not path.exists():
+        raise ConfigError(f"no sweep results at {str(path)!r}: run `lora-rl sweep SWEEP.yaml` first")
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)

@@ -1,0 +1,113 @@
+"""The memory estimator against measured peaks: CPU runs here, the GPU anchors of FIELD_NOTES section 6."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lora_rl.config import ConfigError, LoRAConfig, load_config
+from lora_rl.estimate import ModelShape, estimate_for_config, estimate_memory, lora_params
+from lora_rl.lora import inject_lora, trainable_parameters
+from lora_rl.models import model_config
+
+QWEN_1_5B = ModelShape(hidden_size=1536, layers=28, heads=12, kv_heads=2, head_dim=128, intermediate_size=8960,
+                       vocab_size=151936, tied=True)
+QWEN_7B = ModelShape(hidden_size=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate_size=18944,
+                     vocab_size=152064, tied=False)
+QWEN_0_5B = ModelShape(hidden_size=896, layers=24, heads=14, kv_heads=2, head_dim=64, intermediate_size=4864,
+                       vocab_size=151936, tied=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_counts_match_real_models(tied):
+    cfg = LlamaConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=352, vocab_size=1000, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(cfg)
+    shape = ModelShape.from_config(cfg)
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())
+    for targets in (["all-linear"], ["q_proj", "v_proj"], ["down_proj"]):
+        peft_model = inject_lora(AutoModelForCausalLM.from_config(cfg), LoRAConfig(lora_rank=8,
+                                                                                   target_modules=tuple(targets)))
+        assert lora_params(shape, 8, targets) == trainable_parameters(peft_model), targets
+    with pytest.raises(ConfigError, match=r"\['lm_head'\] are not decoder linear layers"):
+        lora_params(shape, 16, ["lm_head"])
+
+
+@pytest.mark.parametrize(("shape", "kwargs", "measured_gib"), [
+    # FIELD_NOTES section 6: one H100, batch 8 x 1024 (LoRA with bf16 adapters, as lora-rl keeps them).
+    (QWEN_1_5B, dict(use_lora=False, micro_batch_size=8), 44.8),
+    (QWEN_1_5B, dict(micro_batch_size=8), 37.8),
+    # 7B shape, activation checkpointing, batch 4 x 1024 (plain-PEFT fp32 adapters: our estimate is low).
+    (QWEN_7B, dict(use_lora=False, micro_batch_size=4, activation_checkpointing=True), 58.3),
+    (QWEN_7B, dict(micro_batch_size=4, activation_checkpointing=True), 29.6),
+    # Our own 2 x H200 FSDP2 benchmark (benchmarks/results/fsdp2_scaling_h200x2_qwen2.5-0.5b.json).
+    (QWEN_0_5B, dict(micro_batch_size=4), 14.1),
+    (QWEN_0_5B, dict(micro_batch_size=4, devices=2), 13.9),
+])
+def test_estimate_within_20_percent_of_gpu_measurements(shape, kwargs, measured_gib):
+    estimate = estimate_memory(shape, dtype="bfloat16", seq_len=1024, **kwargs)
+    assert abs(estimate.total_gib / measured_gib - 1) < 0.20, (estimate.total_gib, measured_gib)
+
+
+def test_estimate_moves_the_right_way():
+    base = dict(dtype="bfloat16", micro_batch_size=4, seq_len=1024)
+    lora, full = estimate_memory(QWEN_7B, **base), estimate_memory(QWEN_7B, use_lora=False, **base)
+    assert full.total_gib - lora.total_gib > 40  # gradients and AdamW moments of 7.6B parameters
+    assert estimate_memory(QWEN_7B, rank=64, **base).total_gib > lora.total_gib
+    assert estimate_memory(QWEN_7B, devices=4, **base).weights_gib < lora.weights_gib / 3
+    assert estimate_memory(QWEN_7B, activation_checkpointing=True, **base).activations_gib < lora.activations_gib / 5
+    assert estimate_memory(QWEN_7B, cpu_offload=True, devices=2, **base).weights_gib < 1
+
+
+_MEASURE = r"""
+import json, resource, sys, torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from lora_rl.backends.fsdp2 import FSDP2Engine
+from lora_rl.batching import make_batch
+from lora_rl.config import load_config
+from lora_rl.lora import inject_lora
+from lora_rl.trainer import grpo_update
+use_lora, shape = sys.argv[1] == "lora", json.loads(sys.argv[2])
+torch.manual_seed(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is in KiB on Linux)
+cfg = LlamaConfig(**shape, max_position_embeddings=512)
+config = load_config(None, [f"lora.use_lora={use_lora}", "train.micro_batch_size=8", "rollout.prompts_per_step=2",
+                            "rollout.group_size=4", "grpo.log_kl=false"])
+model = AutoModelForCausalLM.from_config(cfg)
+if use_lora:
+    model = inject_lora(model, config.lora)
+engine = FSDP2Engine(model, config, ".")
+half = 128
+prompts = [torch.randint(0, cfg.vocab_size, (half,)).tolist() for _ in range(8)]
+batch = make_batch(prompts, prompts, pad_id=0)
+grpo_update(engine, batch, torch.full(batch.completion_mask.shape, -9.0), torch.randn(8), config)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before))
+"""
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_estimate_within_30_percent_of_a_cpu_run(use_lora):
+    """Peak RSS growth of one real GRPO update in a fresh process (float32, 8 x 256 tokens)."""
+    shape = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=1408, vocab_size=16000, tie_word_embeddings=False)
+    out = subprocess.run([sys.executable, "-c", _MEASURE, "lora" if use_lora else "full", json.dumps(shape)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = float(out.stdout.strip().splitlines()[-1])
+    model_shape = ModelShape(hidden_size=512, layers=6, heads=8, kv_heads=4, head_dim=64, intermediate_size=1408,
+                             vocab_size=16000, tied=False)
+    estimate = estimate_memory(model_shape, use_lora=use_lora, dtype="float32", micro_batch_size=8, seq_len=256)
+    assert abs(estimate.total_gib / measured - 1) < 0.30, (estimate.as_dict(), measured)
+
+
+def test_estimate_for_a_run_config():
+    config = load_config(None, ["model.path=tiny-arith", "lora.lora_rank=8"])
+    estimate = estimate_for_config(config)
+    assert estimate.trainable_params == lora_params(ModelShape.from_config(model_config("tiny-arith")), 8,
+                                                    ["all-linear"])
+    assert 0 < estimate.total_gib < 1

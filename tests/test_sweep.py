@@ -1,0 +1,90 @@
+"""Sweeps: expansion and validation, a real 4-point sweep through papermill with one failing point,
+resuming, and the same sweep handed to a local Ray instance."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from lora_rl.config import ConfigError
+from lora_rl.sweep import SweepSpec, expand, load_results, run_sweep, validate
+
+
+def _spec(tmp_path, model_dir, **extra):
+    raw = {"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+           "overrides": [f"model.path={model_dir}", "run.steps=2", "rollout.prompts_per_step=4",
+                         "rollout.group_size=2", "rollout.max_new_tokens=8", "task.difficulty=1", "eval.size=8"],
+           "parallel": 2, "timeout": 300}
+    return SweepSpec.from_dict(raw | extra)
+
+
+def test_grid_and_points_expand_to_stable_ids(tmp_path):
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path),
+                                "grid": {"lora.lora_rank": [4, 8], "lora.target_modules": [["all-linear"],
+                                                                                          ["q_proj", "v_proj"]]},
+                                "points": [{"lora.use_lora": False}, {"lora.lora_rank": 4,
+                                                                      "lora.target_modules": ["all-linear"]}]})
+    points = expand(spec)
+    assert len(points) == 5  # the explicit duplicate of a grid point runs once
+    assert points[1].overrides[-1] == "lora.target_modules=[q_proj,v_proj]"
+    assert points[-1].overrides == ("lora.use_lora=false",)
+    assert [p.id for p in expand(spec)] == [p.id for p in points]
+    assert len({p.id for p in points}) == 5
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ({"grid": {"lora.lora_rank": [8]}}, "'recipe' is required"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x"}, "give a 'grid'"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"lora.lora_rank": 8}},
+     "grid.lora.lora_rank=8 must be a non-empty list"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "executor": "slurm"},
+     "executor='slurm' must be processes or ray"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "paralel": 2},
+     "unknown keys ['paralel']"),
+])
+def test_bad_sweep_files_are_refused(raw, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        SweepSpec.from_dict(raw | ({"output_dir": "x"} if "recipe" not in raw else {}))
+
+
+def test_a_bad_point_is_refused_before_anything_runs(tmp_path, random_model_dir):
+    spec = _spec(tmp_path, random_model_dir, grid={"lora.lora_rank": [8, -1]})
+    with pytest.raises(ConfigError, match=r"sweep point lora_rank=-1-\w+ .*lora.lora_rank=-1 must be a positive"):
+        validate(spec)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_four_points_one_failing_then_resume(tmp_path, random_model_dir):
+    spec = _spec(tmp_path, random_model_dir, grid={"lora.lora_rank": [4, 8, 16]},
+                 points=[{"task.name": "gsm8k", "task.data_dir": str(tmp_path / "no-such-folder")}])
+    lines = []
+    table = run_sweep(spec, log=lines.append)
+    assert len(table) == 4
+    ok, failed = table[table["status"] == "ok"], table[table["status"] != "ok"]
+    assert len(ok) == 3 and len(failed) == 1
+    assert "is not a folder" in failed.iloc[0]["reason"] and failed.iloc[0]["task.name"] == "gsm8k"
+    assert sorted(ok["lora.lora_rank"]) == [4, 8, 16]
+    assert (ok["steps_done"] == 2).all() and (ok["trainable_params"].diff().dropna() > 0).all()
+    for column in ("model.path", "rollout.group_size", "train.lr", "peak_memory_gib", "update_tokens_per_s"):
+        assert column in table, column
+    # One output notebook per point; results as CSV and Parquet with the same rows.
+    for point in ok["point"]:
+        assert (tmp_path / "sweep" / "points" / point / "03_run.ipynb").is_file()
+    assert len(pd.read_csv(tmp_path / "sweep" / "results.csv")) == len(load_results(tmp_path / "sweep")) == 4
+
+    stamps = {p: (tmp_path / "sweep" / "points" / p / "status.json").stat().st_mtime_ns for p in table["point"]}
+    again = run_sweep(spec, log=lines.append)
+    assert {p: (tmp_path / "sweep" / "points" / p / "status.json").stat().st_mtime_ns for p in table["point"]} \
+        == stamps, "a second invocation must re-run nothing that finished"
+    assert sum("skipped" in line for line in lines) == 4 and len(again) == 4
+
+
+def test_the_same_sweep_on_a_local_ray_instance(tmp_path, random_model_dir):
+    pytest.importorskip("ray")
+    spec = _spec(tmp_path, random_model_dir, grid={"lora.lora_rank": [4, 8]}, executor="ray")
+    table = run_sweep(spec, log=lambda line: None)
+    assert list(table["status"]) == ["ok", "ok"]
+    result = json.loads((tmp_path / "sweep" / "points" / table["point"][0] / "result.json").read_text())
+    assert result["summary"]["steps_done"] == 2

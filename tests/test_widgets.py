@@ -1,0 +1,77 @@
+"""The control panel's logic in plain Python: set `.value`, `.click()`, read what it shows."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lora_rl.widgets import LoRAPanel
+
+
+def _estimate(panel) -> str:
+    return re.search(r"class='estimate'>([^<]+)<", panel.info.value).group(1)
+
+
+@pytest.fixture
+def panel(random_model_dir, tmp_path):
+    p = LoRAPanel("examples/quickstart.yaml", output_root=str(tmp_path))
+    p.model.options = [*p.model.options, str(random_model_dir)]
+    p.model.value = str(random_model_dir)
+    return p
+
+
+def test_targets_come_from_the_models_linear_layers(panel):
+    assert panel.targets.options == ("all-linear", "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                     "v_proj")
+
+
+def test_changing_rank_or_targets_updates_the_estimate(panel):
+    panel.rank.value = 8
+    before, trainable = _estimate(panel), re.search(r"class='trainable'>([^<]+)<", panel.info.value).group(1)
+    panel.rank.value = 64
+    assert _estimate(panel) != before
+    assert re.search(r"class='trainable'>([^<]+)<", panel.info.value).group(1) != trainable
+    panel.targets.value = ["q_proj", "v_proj"]
+    assert "lora.target_modules=[q_proj,v_proj]" in panel.overrides()
+    smaller = panel.estimate()[0].trainable_params
+    panel.targets.value = ["all-linear"]
+    assert panel.estimate()[0].trainable_params > smaller
+    panel.devices.value = 4
+    assert panel.estimate()[1].weights_gib < panel.estimate()[1].weights_gib * 4  # sharded by the GPU count
+
+
+@pytest.mark.parametrize(("backend", "engine", "needle"), [
+    ("archon", "vllm", "Archon has no LoRA support"),
+    ("megatron", "embedded", "a Megatron backend does not have"),
+    ("megatron", "sglang", "planned but not supported yet"),
+    ("fsdp2", "sglang", "not built in this version"),
+])
+def test_an_unsupported_pair_disables_run_and_says_why(panel, backend, engine, needle):
+    panel.backend.value, panel.engine.value = backend, engine
+    assert panel.run_button.disabled
+    assert needle in panel.why_not_runnable() and needle in panel.info.value
+    panel.backend.value, panel.engine.value = "fsdp2", "embedded"
+    assert not panel.run_button.disabled and "supported" in panel.info.value
+
+
+def test_a_config_the_cli_would_refuse_is_refused_here(panel):
+    panel.engine.value = "vllm"
+    panel.use_lora.value = False
+    assert panel.run_button.disabled and "never full weights" in panel.why_not_runnable()
+
+
+def test_run_trains_and_stop_keeps_a_checkpoint(panel, tmp_path):
+    panel.steps.value = 2
+    panel.group_size.value = 2
+    panel.run_button.click()
+    summary = panel.wait(300)
+    assert panel.error is None and summary["steps_done"] == 2 and "finished after step 2" in panel.status.value
+    assert panel.progress.value == 2 and not panel.run_button.disabled
+    panel.steps.value = 500
+    panel.run_button.click()
+    assert panel.run_button.disabled  # one run at a time
+    panel.stop_button.click()
+    summary = panel.wait(300)
+    assert summary["stopped_early"] and summary["steps_done"] < 500
+    assert list((tmp_path / summary["run_dir"]).glob("checkpoints/step_*")), "Stop keeps the last checkpoint"

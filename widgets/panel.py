@@ -1,0 +1,225 @@
+"""The LoRA control panel: pick rank, alpha, target modules, backend, engine and run knobs; see what they
+cost before running; run and stop GRPO in the kernel with a live plot.
+
+Every control edits one list of `section.key=value` overrides on top of a recipe; `config()` turns them
+into the same `Config` the CLI builds (so a panel choice the CLI would refuse is refused here, with the
+same message), and Run calls the same `lora_rl.trainer.train`. The logic is plain Python: tests set
+`.value` and call `.click()`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import ipywidgets as w
+
+from lora_rl.backends import BUILT as BUILT_BACKENDS
+from lora_rl.config import ConfigError, load_config
+from lora_rl.estimate import ModelShape, estimate_memory, lora_params
+from lora_rl.lora import linear_module_names
+from lora_rl.models import BUILTINS, meta_model, model_config
+from lora_rl.rollout import BUILT as BUILT_ENGINES
+from lora_rl.support import BACKENDS, ENGINES, pair_status
+
+RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _fmt_gib(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+class LoRAPanel:
+    """`LoRAPanel(recipe)` in a notebook cell shows the panel (it is the cell's last expression)."""
+
+    def __init__(self, recipe: str = "examples/quickstart.yaml", *, output_root: str = "runs", seq_len: int = 0):
+        self.recipe = recipe
+        base = load_config(recipe)
+        self.output_root = output_root
+        self.seq_len = seq_len  # tokens per sequence for the estimate; 0: prompt ~ completion budget
+        style = {"description_width": "130px"}
+        layout = w.Layout(width="420px")
+        models = list(dict.fromkeys([base.model.path, *BUILTINS]))
+        self.model = w.Dropdown(options=models, value=base.model.path, description="model", style=style,
+                                layout=layout)
+        self.task = w.Dropdown(options=["arithmetic", "gsm8k"], value=base.task.name, description="task",
+                               style=style, layout=layout)
+        self.rank = w.SelectionSlider(options=list(RANKS), value=min(RANKS, key=lambda r: abs(r - base.lora.lora_rank)),
+                                      description="lora_rank", style=style, layout=layout, continuous_update=False)
+        self.alpha = w.FloatText(value=base.lora.lora_alpha, description="lora_alpha", style=style, layout=layout)
+        self.targets = w.SelectMultiple(options=["all-linear"], value=["all-linear"], rows=5,
+                                        description="target_modules", style=style, layout=layout)
+        self.use_lora = w.Checkbox(value=base.lora.use_lora, description="use_lora (off: full fine-tuning)")
+        self.backend = w.Dropdown(options=list(BACKENDS), value=base.backend.name, description="backend",
+                                  style=style, layout=layout)
+        self.engine = w.Dropdown(options=list(ENGINES), value=base.rollout.engine, description="rollout engine",
+                                 style=style, layout=layout)
+        self.devices = w.BoundedIntText(value=1, min=1, max=64, description="GPUs (estimate)", style=style,
+                                        layout=layout)
+        self.steps = w.BoundedIntText(value=base.run.steps, min=1, max=100_000, description="steps", style=style,
+                                      layout=layout)
+        self.group_size = w.BoundedIntText(value=base.rollout.group_size, min=2, max=256, description="group size",
+                                           style=style, layout=layout)
+        self.lr = w.FloatText(value=base.train.lr, description="lr", style=style, layout=layout)
+        self.info = w.HTML()
+        self.status = w.HTML()
+        self.run_button = w.Button(description="Run", button_style="success", icon="play")
+        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.progress = w.IntProgress(value=0, min=0, max=base.run.steps, description="step 0")
+        self.plot = w.Output()
+        self.run_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.summary: dict | None = None
+        self.error: str | None = None
+        self._refresh_targets()
+        for control in (self.rank, self.alpha, self.targets, self.use_lora, self.backend, self.engine, self.devices,
+                        self.steps, self.group_size, self.lr, self.task):
+            control.observe(lambda _: self.refresh(), names="value")
+        self.model.observe(lambda _: (self._refresh_targets(), self.refresh()), names="value")
+        self.refresh()
+        controls = w.VBox([self.model, self.task, self.use_lora, self.rank, self.alpha, self.targets, self.backend,
+                           self.engine, self.steps, self.group_size, self.lr, self.devices])
+        self.widget = w.VBox([w.HBox([controls, self.info]), self.status,
+                              w.HBox([self.run_button, self.stop_button, self.progress]), self.plot])
+
+    # --- what the controls mean ------------------------------------------------------------------------
+
+    def _refresh_targets(self) -> None:
+        names = linear_module_names(meta_model(self.model.value))
+        self.targets.options = ["all-linear", *names]
+        self.targets.value = ["all-linear"]
+        self._shape = ModelShape.from_config(model_config(self.model.value))
+
+    def overrides(self) -> list[str]:
+        return [f"model.path={self.model.value}", f"task.name={self.task.value}",
+                f"lora.use_lora={str(self.use_lora.value).lower()}", f"lora.lora_rank={self.rank.value}",
+                f"lora.lora_alpha={self.alpha.value}", f"lora.target_modules=[{','.join(self.targets.value)}]",
+                f"backend.name={self.backend.value}", f"rollout.engine={self.engine.value}",
+                f"run.steps={self.steps.value}", f"rollout.group_size={self.group_size.value}",
+                f"train.lr={self.lr.value}"]
+
+    def config(self, output_dir: str = "runs/panel"):
+        """The Config these choices make; raises ConfigError exactly as `lora-rl train` would."""
+        return load_config(self.recipe, [*self.overrides(), f"run.output_dir={output_dir}"])
+
+    def why_not_runnable(self) -> str:
+        """Empty when Run may start; else the reason, as the library words it."""
+        cell = pair_status(self.backend.value, self.engine.value)
+        if not cell.ok:
+            return cell.why
+        if self.backend.value not in BUILT_BACKENDS:
+            return f"backend {self.backend.value} is in the support matrix but not built in this version"
+        if self.engine.value not in BUILT_ENGINES:
+            return f"rollout engine {self.engine.value} is in the support matrix but not built in this version"
+        try:
+            self.config()
+        except ConfigError as err:
+            return str(err)
+        return ""
+
+    def estimate(self):
+        targets = list(self.targets.value) or ["all-linear"]
+        base = load_config(self.recipe)
+        seq_len = self.seq_len or 2 * base.rollout.max_new_tokens
+        batch = base.rollout.prompts_per_step * self.group_size.value // self.devices.value
+        common = dict(rank=self.rank.value, target_modules=targets, dtype=base.model.dtype,
+                      devices=self.devices.value, micro_batch_size=max(1, min(base.train.micro_batch_size, batch)),
+                      seq_len=seq_len, activation_checkpointing=base.backend.activation_checkpointing)
+        return (estimate_memory(self._shape, use_lora=self.use_lora.value, **common),
+                estimate_memory(self._shape, use_lora=False, **common))
+
+    def refresh(self) -> None:
+        targets = [t for t in self.targets.value if t != "all-linear"] or ["all-linear"]
+        chosen, full = self.estimate()
+        adapter = lora_params(self._shape, self.rank.value, targets)
+        dtype_bytes = _BYTES.get(load_config(self.recipe).model.dtype, 4)
+        why = self.why_not_runnable()
+        self.info.value = (
+            f"<b>{self.model.value}</b>: {_fmt_count(self._shape.total_params())} parameters<br>"
+            f"trainable (LoRA r={self.rank.value}, alpha/r={self.alpha.value / self.rank.value:.2f}): "
+            f"<b><span class='trainable'>{_fmt_count(adapter)}</span></b> "
+            f"({100 * adapter / self._shape.total_params():.2f}%)<br>"
+            f"adapter size: <b>{adapter * dtype_bytes / 1e6:.2f} MB</b><br>"
+            f"predicted peak memory per GPU ({self.devices.value} GPU): "
+            f"<b><span class='estimate'>{_fmt_gib(chosen.total_gib)}</span></b>"
+            f" {'(LoRA)' if self.use_lora.value else '(full fine-tuning)'}; full fine-tuning {_fmt_gib(full.total_gib)}"
+            f"<br><small>weights {_fmt_gib(chosen.weights_gib)} + trainable state {_fmt_gib(chosen.trainable_gib)} + "
+            f"activations {_fmt_gib(chosen.activations_gib)} + logits {_fmt_gib(chosen.logits_gib)}"
+            "</small><br>"
+            f"{self.backend.value} + {self.engine.value}: "
+            + ("<span style='color:green'>supported</span>" if not why else
+               f"<span style='color:#b00' class='why'>cannot run: {why}</span>"))
+        self.run_button.disabled = bool(why) or self._running
+        self.run_button.tooltip = why or "train with these settings"
+
+    # --- running ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Train in a background thread (the kernel stays responsive); Stop ends after the current step
+        with a checkpoint."""
+        if self.why_not_runnable() or self._running:
+            return
+        from lora_rl.live import LivePlot
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output_dir = next(str(d) for n in range(1000)
+                          if not (d := Path(self.output_root) / f"panel-{stamp}{f'-{n}' if n else ''}").exists())
+        config = load_config(self.recipe, [*self.overrides(), f"run.output_dir={output_dir}", "run.progress=false"])
+        self._stop.clear()
+        self.summary, self.error = None, None
+        self.progress.max, self.progress.value = config.run.steps, 0
+        live = LivePlot(every=max(1, config.run.steps // 50), total=config.run.steps, title=f"r={self.rank.value}")
+
+        def on_step(record):
+            self.progress.value = record["step"]
+            self.progress.description = f"step {record['step']}"
+            with self.plot:
+                live(record)
+
+        def work():
+            from lora_rl.trainer import train
+
+            try:
+                self.summary = train(config, on_step=on_step, should_stop=self._stop.is_set)
+                done = "stopped" if self.summary["stopped_early"] else "finished"
+                self.status.value = (f"{done} after step {self.summary['steps_done']}: held-out accuracy "
+                                     f"{100 * (self.summary['accuracy_before'] or 0):.1f}% -> "
+                                     f"{100 * (self.summary['accuracy_after'] or 0):.1f}%; run folder {output_dir}")
+            except Exception as err:  # shown in the panel; the thread must not die silently
+                self.error = f"{type(err).__name__}: {err}"
+                self.status.value = f"<span style='color:#b00'>failed: {self.error}</span>"
+            finally:
+                self._running = False
+                self.stop_button.disabled = True
+                self.refresh()
+
+        self.status.value = f"running in {output_dir} ..."
+        self.stop_button.disabled = False
+        self._running = True
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+        self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.status.value = "stopping after the current step (a checkpoint is kept) ..."
+
+    def wait(self, timeout: float | None = None) -> dict | None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.summary
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
