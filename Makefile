@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test setup clean
+.PHONY: quickstart test setup clean browser
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -21,8 +21,13 @@ $(STAMP): requirements.txt pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/lora-rl train examples/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q
+
+# The real-browser test drives Debian's chromium (Playwright's own browser download cannot work here).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium could not be installed: the real-browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,6 +10,7 @@ The LoRA section uses AReaL's vocabulary (`use_lora`, `lora_rank`, `lora_alpha`,
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 import types
 import typing
@@ -97,6 +98,11 @@ class BackendConfig:
     cpu_offload: bool = False  # FSDP2: keep parameter shards and gradients in CPU memory (GPU runs only)
     meta_init: bool = True  # with several processes, start on the meta device and read only each rank's shards
     reshard_after_forward: bool = True  # FSDP2: false keeps each layer gathered until its backward (less traffic)
+    bridge: str = "megatron-bridge"  # Megatron: HF <-> Megatron converter; mbridge has no LoRA path
+
+    def __post_init__(self) -> None:
+        if self.bridge not in ("megatron-bridge", "mbridge"):
+            _fail(self.SECTION, "bridge", self.bridge, "must be megatron-bridge or mbridge")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -118,6 +124,8 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0  # vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     request_timeout: float = 300.0  # seconds one HTTP request to the server may take
     startup_timeout: float = 600.0  # seconds a launched server may take to become healthy
+    on_server_failure: str = "restart"  # a launched server that dies: restart it (reload the adapter) | fail
+    api_key_env: str = ""  # environment variable holding the server's API key (sent as a bearer token)
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1:
@@ -147,6 +155,11 @@ class RolloutConfig:
             _fail(self.SECTION, "probe_size", self.probe_size, "must be 0 (no delivery check) or more")
         if not 0.0 < self.engine_memory < 1.0:
             _fail(self.SECTION, "engine_memory", self.engine_memory, "must be in (0, 1): a fraction of GPU memory")
+        if self.on_server_failure not in ("restart", "fail"):
+            _fail(self.SECTION, "on_server_failure", self.on_server_failure, "must be restart or fail")
+        if self.api_key_env and self.api_key_env not in os.environ:
+            _fail(self.SECTION, "api_key_env", self.api_key_env, "names an environment variable that is not set: "
+                  "export it with the server's API key, or leave api_key_env empty")
         for name in ("kv_cache_gib", "request_timeout", "startup_timeout"):
             if getattr(self, name) <= 0:
                 _fail(self.SECTION, name, getattr(self, name), "must be positive")
@@ -254,6 +267,9 @@ class Config:
                 f"grpo.kl_coef={self.grpo.kl_coef} needs lora.use_lora=true: the reference policy is the base "
                 "model with the adapter switched off; full fine-tuning would need a second model copy. "
                 "Set grpo.kl_coef=0 or lora.use_lora=true.")
+        if self.backend.name == "megatron" and self.backend.bridge == "mbridge" and self.lora.use_lora:
+            raise ConfigError("backend.bridge='mbridge' with lora.use_lora=true: mbridge has no LoRA path (AReaL "
+                              "requires megatron-bridge for LoRA). Set backend.bridge=megatron-bridge.")
         if self.rollout.engine in ("vllm", "vllm-server"):
             from lora_rl.rollout.vllm_common import check_vllm_config
 

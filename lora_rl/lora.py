@@ -118,7 +118,39 @@ def save_adapter(model: PeftModel, out_dir: str | Path, base_model_path: str | P
     return out_dir
 
 
+def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:
+    """Refuse an adapter made for another base model, naming the first layer that does not fit
+    (peft itself fails with a size mismatch deep inside torch's load_state_dict)."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"adapter folder {str(adapter_dir)!r} has no adapter_model.safetensors: pass a PEFT "
+                          "adapter folder such as runs/quickstart/adapter")
+    made_for = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path", "?")
+    modules = dict(base_model.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            path = key.split(".lora_")[0].removeprefix("base_model.model.")
+            module = modules.get(path)
+            shape = tuple(f.get_slice(key).get_shape())
+            fits = isinstance(module, nn.Linear) and (
+                shape[1] == module.in_features if ".lora_A." in key else shape[0] == module.out_features)
+            if not fits:
+                have = (f"is {type(module).__name__}({module.in_features} -> {module.out_features})"
+                        if isinstance(module, nn.Linear) else "does not exist" if module is None else
+                        f"is a {type(module).__name__}")
+                raise ConfigError(f"adapter {str(adapter_dir)!r} does not fit the base model {made_for}: its "
+                                  f"{key} has shape {list(shape)} but that model's {path} {have}. It was made for "
+                                  "another base model: use it with the model it was trained on (adapter_config.json "
+                                  "names the base in base_model_name_or_path).")
+
+
 def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> PeftModel:
+    check_adapter_fits(base_model, adapter_dir)
     return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable,
                                      autocast_adapter_dtype=False)
 

@@ -25,6 +25,8 @@ import threading
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
+from lora_rl.config import ConfigError
+
 __all__ = ["REWARDS", "answers_match", "extract_answer", "get_reward", "gsm8k_reward", "has_final_answer",
            "normalize_answer", "strict_reward"]
 
@@ -243,5 +245,5 @@ def get_reward(name: str) -> Callable[[str, str], float]:
     """Look up a reward function by name (see REWARDS)."""
     if name not in REWARDS:
         known = ", ".join(sorted(REWARDS))
-        raise ValueError(f"reward {name!r} is unknown: choose one of {known}")
+        raise ConfigError(f"task.reward={name!r} is unknown: choose one of {known}")
     return REWARDS[name]

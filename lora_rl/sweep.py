@@ -23,6 +23,7 @@ or timeout of one point never stops the others. Results are collected into `resu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -206,9 +207,12 @@ def run_point(spec: SweepSpec, point: Point) -> dict:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(_point_command(spec, point, folder), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env=_point_environment(spec))
         try:
             code = process.wait(timeout=spec.timeout)
+            # Whatever the point left behind (a kernel orphaned by a killed papermill, a server) goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             status, reason = ("ok", "") if code == 0 and (folder / "result.json").exists() else (
                 "failed", _failure_reason(log_path, code))
         except subprocess.TimeoutExpired:
@@ -224,8 +228,19 @@ def run_point(spec: SweepSpec, point: Point) -> dict:
     return record
 
 
+def _point_environment(spec: SweepSpec) -> dict[str, str]:
+    """Points running side by side share the cores: each gets its share of threads (unless set)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    threads = str(max(1, (os.cpu_count() or 1) // spec.parallel))
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(key, threads)
+    return env
+
+
 def _failure_reason(log_path: Path, code: int) -> str:
     """The last error line papermill printed (the exception the notebook raised)."""
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
     lines = log_path.read_text(errors="replace").splitlines()
     errors = [line.strip() for line in lines if "Error" in line or "error:" in line]
     return (errors[-1] if errors else f"exit code {code}")[:500]
@@ -323,8 +338,11 @@ def collect(spec: SweepSpec):
         rows.append(row)
     table = pd.DataFrame(rows)
     out = Path(spec.output_dir)
-    table.to_csv(out / "results.csv", index=False)
-    table.to_parquet(out / "results.parquet", index=False)
+    # Temporary file, then rename: a sweep killed while writing never leaves a truncated table behind.
+    for name, write in (("results.csv", table.to_csv), ("results.parquet", table.to_parquet)):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        write(tmp, index=False)
+        os.replace(tmp, out / name)
     return table
 
 

@@ -23,6 +23,8 @@ import random
 import zlib
 from dataclasses import dataclass
 
+from lora_rl.config import ConfigError
+
 __all__ = [
     "ARITHMETIC_SIZES",
     "INSTRUCTION",
@@ -85,17 +87,17 @@ class Problem:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"task.split={split!r} is unknown: choose one of {', '.join(SPLITS)}")
+        raise ConfigError(f"task.split={split!r} is unknown: choose one of {', '.join(SPLITS)}")
 
 
 def _check_difficulty(difficulty: int) -> None:
     if isinstance(difficulty, bool) or not isinstance(difficulty, int) or difficulty not in _LEVELS:
-        raise ValueError(f"task.difficulty={difficulty!r} is out of range: choose 1..5")
+        raise ConfigError(f"task.difficulty={difficulty!r} is out of range: choose 1..5")
 
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"task.limit={limit!r} is invalid: use None (all) or an integer >= 0")
+        raise ConfigError(f"task.limit={limit!r} is invalid: use None (all) or an integer >= 0")
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def make_arithmetic(n: int, *, difficulty: int, seed: int, split: str | None = N
     """
     _check_difficulty(difficulty)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n={n!r} is invalid: use an integer >= 0")
+        raise ConfigError(f"n={n!r} is invalid: use an integer >= 0")
     if split is not None:
         _check_split(split)
     count, (low, high), allowed = _LEVELS[difficulty]
@@ -195,10 +197,10 @@ def default_gsm8k_dir() -> pathlib.Path:
 def _gsm8k_reference(answer: str, path: pathlib.Path, line_number: int) -> str:
     """The number after the last "####", commas removed."""
     if "####" not in answer:
-        raise ValueError(f"{path}:{line_number}: answer has no '#### <number>' line; fix or drop this row")
+        raise ConfigError(f"{path}:{line_number}: answer has no '#### <number>' line; fix or drop this row")
     reference = answer.rsplit("####", 1)[1].strip().replace(",", "")
     if not reference:
-        raise ValueError(f"{path}:{line_number}: nothing after '####'; fix or drop this row")
+        raise ConfigError(f"{path}:{line_number}: nothing after '####'; fix or drop this row")
     return reference
 
 
@@ -209,10 +211,10 @@ def load_gsm8k(data_dir: str | os.PathLike[str], split: str, limit: int | None =
     folder = pathlib.Path(data_dir)
     hint = f"set task.data_dir or {GSM8K_DIR_ENV} to the folder holding train.jsonl and test.jsonl"
     if not folder.is_dir():
-        raise ValueError(f"task.data_dir={str(folder)!r} is not a folder: {hint}")
+        raise ConfigError(f"task.data_dir={str(folder)!r} is not a folder: {hint}")
     path = folder / f"{split}.jsonl"
     if not path.is_file():
-        raise ValueError(f"GSM8K file {str(path)!r} does not exist: {hint}")
+        raise ConfigError(f"GSM8K file {str(path)!r} does not exist: {hint}")
     problems: list[Problem] = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -221,9 +223,9 @@ def load_gsm8k(data_dir: str | os.PathLike[str], split: str, limit: int | None =
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
+                raise ConfigError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
             if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{line_number}: row needs 'question' and 'answer' fields")
+                raise ConfigError(f"{path}:{line_number}: row needs 'question' and 'answer' fields")
             answer = str(row["answer"])
             problems.append(
                 Problem(
@@ -256,7 +258,7 @@ def load_problems(
     ``limit`` keeps the first ``limit`` problems, so it is deterministic.
     """
     if name not in TASKS:
-        raise ValueError(f"task.name={name!r} is unknown: choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"task.name={name!r} is unknown: choose one of {', '.join(TASKS)}")
     _check_split(split)
     _check_limit(limit)
     if name == "arithmetic":

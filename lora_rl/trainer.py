@@ -255,6 +255,13 @@ def train(config: Config, *, resume: bool = False,
     if config.rollout.prompts_per_step % d.world:
         raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} does not split over {d.world} "
                           f"processes: use a multiple of {d.world}")
+    # The data first: a missing or malformed dataset must fail before the run folder is created.
+    task = config.task
+    train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
+                                   data_dir=task.data_dir or None)
+    eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
+                                  data_dir=task.data_dir or None, limit=config.eval.size)[d.rank::d.world]
+    reward_fn = get_reward(task.reward or task.name)
     # Rank 0 checks and creates the run folder; every rank raises the same error if it fails.
     error = None
     if d.main:
@@ -285,12 +292,6 @@ def train(config: Config, *, resume: bool = False,
     engine = make_engine(config.rollout.engine, backend=backend, tokenizer=tokenizer, config=config,
                          base_model_dir=base_dir, run_dir=run_dir)
     with contextlib.closing(engine):  # a launched server must not outlive the run, whatever ends it
-        task = config.task
-        train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
-                                       data_dir=task.data_dir or None)
-        eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
-                                      data_dir=task.data_dir or None, limit=config.eval.size)[d.rank::d.world]
-        reward_fn = get_reward(task.reward or task.name)
         prompt_cache: dict[int, list[int]] = {}
 
         log = MetricsLog(run_dir / "metrics.jsonl")
@@ -376,6 +377,7 @@ def train(config: Config, *, resume: bool = False,
                     "update_tokens_per_s": tokens / max(timer.seconds["update"], 1e-9),
                     "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
                     "sync_logprob_diff": delivery, "verify_seconds": timer.seconds["verify"],
+                    "engine_restarts": getattr(engine, "restarts", 0),
                     "peak_memory_gib": memory, "memory_kind": memory_kind,
                     "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
                     "elapsed_seconds": time.perf_counter() - wall_start,

@@ -82,3 +82,14 @@ def test_every_notebook_runs_headless(random_model_dir, tmp_path):
     compare = _papermill("04_compare.ipynb", tmp_path, {"results": str(tmp_path / "sweep")})
     assert compare.returncode == 0, compare.stderr[-3000:]
     assert (tmp_path / "sweep" / "plots" / "reward_curves.png").is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_papermill_reads_every_parameter(name):
+    """A parameter papermill cannot parse still runs, but with a warning and no type: keep them parseable."""
+    from papermill.translators import PythonTranslator
+
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    (cell,) = [c for c in book.cells if "parameters" in c.metadata.get("tags", [])]
+    names = [p.name for p in PythonTranslator.inspect(cell)]
+    assert names == [line.split(":")[0].split("=")[0].strip() for line in cell.source.splitlines()]

@@ -88,3 +88,12 @@ def test_the_same_sweep_on_a_local_ray_instance(tmp_path, random_model_dir):
     assert list(table["status"]) == ["ok", "ok"]
     result = json.loads((tmp_path / "sweep" / "points" / table["point"][0] / "result.json").read_text())
     assert result["summary"]["steps_done"] == 2
+
+
+def test_a_point_past_the_timeout_is_killed_and_recorded(tmp_path, random_model_dir):
+    spec = _spec(tmp_path, random_model_dir, points=[{"run.steps": 1000}], timeout=4)
+    table = run_sweep(spec, log=lambda line: None)
+    (row,) = table.to_dict("records")
+    assert row["status"] == "timeout" and "timeout of 4 s" in row["reason"]
+    status = json.loads((tmp_path / "sweep" / "points" / row["point"] / "status.json").read_text())
+    assert status["status"] == "timeout" and status["overrides"][-1] == "run.steps=1000"

@@ -71,6 +71,11 @@ class VLLMServerEngine:
         self.main = distributed.is_main()
         self.process = None
         self.version = -1
+        self.api_key = os.environ[rollout.api_key_env] if rollout.api_key_env else ""
+        # Restarting needs the one process that owns the server; with several ranks a dead server fails the run.
+        self.restart = rollout.on_server_failure == "restart" and distributed.world_size() == 1
+        self.restarts = 0
+        self._launch_args = (base_model_dir, config, run_dir)
         # Every rank agrees on the prefix, so all of them name the same adapter in their requests.
         self.versions = AdapterVersions(run_dir / "rollout_adapters", rollout.live_versions,
                                         prefix=distributed.broadcast_object(
@@ -99,6 +104,8 @@ class VLLMServerEngine:
         port = _free_port()
         self.log_path = run_dir / "vllm-server.log"
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **cpu_environment(config)}
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key  # in the environment, not on the command line (ps shows that)
         # Training processes run under torchrun: its rendezvous variables would make vLLM think it is
         # one rank of a distributed job.
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -145,7 +152,10 @@ class VLLMServerEngine:
 
     def _call(self, method: str, url: str, payload: dict | None, *, timeout: float | None = None):
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 body = response.read().decode(errors="replace")
@@ -231,7 +241,7 @@ class VLLMServerEngine:
         error = None
         if self.main:
             try:
-                self._load(version)
+                self._recovering(lambda: self._load(version))
                 for old in self.versions.loaded(version):
                     self._unload(old)  # unload first: deleting a registered folder kills the server
                     self.versions.delete(old)
@@ -251,6 +261,35 @@ class VLLMServerEngine:
                                f"({err}); see {getattr(self, 'log_path', 'the server log')}") from None
         return answer
 
+    def _server_died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def _recovering(self, call):
+        """Run `call`; if the launched server died meanwhile, restart it, reload the live adapters and run
+        `call` again (rollout.on_server_failure=restart), or fail naming the cause."""
+        try:
+            return call()
+        except RolloutError:
+            if not self._server_died():
+                raise
+        code = self.process.returncode
+        if not self.restart or self.restarts >= _RETRIES:
+            if self.restart:
+                why = f"it was restarted {self.restarts} times already"
+            elif distributed.world_size() > 1:
+                why = "restarts need a single training process"
+            else:
+                why = "rollout.on_server_failure=fail"
+            raise RolloutError(f"vllm-server died (exit code {code}) and is not restarted ({why}); last lines of "
+                               f"{self.log_path}:\n{self._log_tail()}")
+        self.restarts += 1
+        print(f"lora-rl: warning: vllm-server died (exit code {code}); restarting it ({self.restarts} of "
+              f"{_RETRIES}, rollout.on_server_failure=restart)", file=sys.stderr)
+        self.url = self._launch(*self._launch_args)
+        for version in self.versions.live:  # their folders are intact: nothing was unloaded
+            self._load(version)
+        return call()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         greedy = params.temperature == 0
         payloads = [{"model": self.versions.name(self.version), "prompt": p, "n": params.n,
@@ -258,8 +297,11 @@ class VLLMServerEngine:
                      "top_p": 1.0 if greedy else params.top_p, "logprobs": 0, "return_token_ids": True,
                      **({} if greedy else {"seed": params.seed * 1_000 + i})}
                     for i, p in enumerate(prompts)]
-        with ThreadPoolExecutor(min(_PARALLEL_REQUESTS, len(payloads))) as pool:
-            answers = list(pool.map(self._completion, payloads))
+        def send():
+            with ThreadPoolExecutor(min(_PARALLEL_REQUESTS, len(payloads))) as pool:
+                return list(pool.map(self._completion, payloads))
+
+        answers = self._recovering(send)
         out = []
         for i, answer in enumerate(answers):
             for choice in sorted(answer["choices"], key=lambda c: c["index"]):
@@ -272,8 +314,9 @@ class VLLMServerEngine:
     def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[float]]:
         # One request at a time: vLLM 0.32 crashes computing prompt logprobs of several LoRA requests
         # batched together (see vllm_inprocess.VLLMEngine.score).
-        answers = [self._completion({"model": self.versions.name(self.version), "prompt": s, "max_tokens": 1,
-                                     "temperature": 1.0, "prompt_logprobs": 0}) for s in sequences]
+        answers = self._recovering(lambda: [
+            self._completion({"model": self.versions.name(self.version), "prompt": s, "max_tokens": 1,
+                              "temperature": 1.0, "prompt_logprobs": 0}) for s in sequences])
         out = []
         for answer, seq, start in zip(answers, sequences, prompt_lengths, strict=True):
             positions = answer["choices"][0]["prompt_logprobs"]
