@@ -90,12 +90,14 @@ def lora_vs_full(results):
     use_lora = data["lora.use_lora"].astype(bool)
     if not use_lora.any() or use_lora.all():
         return None
-    labels = ["full fine-tuning"] + [f"LoRA r={int(r)}" for r in sorted(data[use_lora]["lora.lora_rank"].unique())]
-    groups = [data[~use_lora]] + [data[use_lora & (data["lora.lora_rank"] == r)]
-                                  for r in sorted(data[use_lora]["lora.lora_rank"].unique())]
+    lora = data[use_lora]
+    targets = lora["lora.target_modules"].map(_targets_label)
+    settings = sorted(set(zip(lora["lora.lora_rank"], targets, strict=True)), key=lambda rt: (rt[1], rt[0]))
+    labels = ["full fine-tuning"] + [f"LoRA r={int(r)} {t}" for r, t in settings]
+    groups = [data[~use_lora]] + [lora[(lora["lora.lora_rank"] == r) & (targets == t)] for r, t in settings]
     metrics = [("peak_memory_gib", f"peak memory, GiB ({_memory_kind(results)})"),
                ("update_tokens_per_s", "update tokens/s"), ("trainable_params", "trainable parameters")]
-    fig = Figure(figsize=(4 * len(metrics), 4))
+    fig = Figure(figsize=(4 * len(metrics), 4.5))
     axes = fig.subplots(1, len(metrics))
     for ax, (column, title) in zip(axes, metrics, strict=True):
         values = [g[column].mean() if column in g else float("nan") for g in groups]

@@ -127,8 +127,10 @@ def expand(spec: SweepSpec) -> list[Point]:
     for values in combos:
         own = tuple(_override(k, v) for k, v in values.items())
         digest = hashlib.sha1("\n".join(own).encode()).hexdigest()[:8]
-        readable = "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
-        readable = "".join(c if c.isalnum() or c in "=-_." else "_" for c in readable)[:60]
+        shown = lambda v: "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+        readable = "-".join(f"{k.split('.')[-1]}={shown(v)}" for k, v in values.items())
+        # Only safe characters: an id is a folder name inside the sweep folder, never a path.
+        readable = "".join(c if c.isalnum() or c in "=-_.+" else "_" for c in readable)[:60]
         point_id = f"{readable}-{digest}"
         if point_id in seen:
             continue  # the same point listed twice runs once

@@ -75,10 +75,20 @@ class VLLMEngine:
             self.versions.delete(old)
         return SyncStats(bytes=folder_bytes(Path(adapter_dir)), seconds=time.perf_counter() - start)
 
+    def _run(self, requests, sampling):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return self.llm.generate(requests, sampling, lora_request=self._request(self.version), use_tqdm=False)
+        except EngineDeadError as err:
+            raise RolloutError(f"the in-process vLLM engine died ({err}); its log is above. An in-process engine "
+                               "cannot be restarted: rollout.engine=vllm-server can (rollout.on_server_failure)") \
+                from None
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         requests = [{"prompt_token_ids": p} for p in prompts]
         sampling = [vllm_sampling(params, seed=params.seed * 1_000 + i) for i in range(len(prompts))]
-        outputs = self.llm.generate(requests, sampling, lora_request=self._request(self.version), use_tqdm=False)
+        outputs = self._run(requests, sampling)
         out = []
         for i, result in enumerate(outputs):
             for sample in result.outputs:
@@ -97,8 +107,7 @@ class VLLMEngine:
         for seq, start in zip(sequences, prompt_lengths, strict=True):
             # One sequence per call: vLLM 0.32 crashes computing prompt logprobs of several LoRA
             # requests in one batch (its LoRA logits path indexes one row per request, not per token).
-            (result,) = self.llm.generate([{"prompt_token_ids": seq}], sampling,
-                                          lora_request=self._request(self.version), use_tqdm=False)
+            (result,) = self._run([{"prompt_token_ids": seq}], sampling)
             out.append([result.prompt_logprobs[t][tok].logprob for t, tok in enumerate(seq) if t >= start])
         return out
 
