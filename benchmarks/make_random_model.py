@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fsdp2_scaling import SHAPES  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 
 from lora_rl.models import _train_tokenizer  # noqa: E402
 from lora_rl.tasks import format_prompt, load_problems  # noqa: E402

@@ -99,6 +99,7 @@ class BackendConfig:
     meta_init: bool = True  # with several processes, start on the meta device and read only each rank's shards
     reshard_after_forward: bool = True  # FSDP2: false keeps each layer gathered until its backward (less traffic)
     bridge: str = "megatron-bridge"  # Megatron: HF <-> Megatron converter; mbridge has no LoRA path
+    compile: bool = False  # on GPUs, torch.compile each decoder layer (full fine-tuning: 6-9% faster); CPU: ignored
 
     def __post_init__(self) -> None:
         if self.bridge not in ("megatron-bridge", "mbridge"):
@@ -218,6 +219,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # global gradient-norm clip; 0 switches clipping off
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the minibatch
     max_bad_updates: int = 3  # consecutive updates skipped for a NaN/inf loss or gradient before the run stops
+    chunked_logprobs: bool = True  # the head computes log-probs slice by slice: no [B, T, V] float32 logits
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -11,8 +11,9 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
                (norm inputs/outputs, q/attention output, residuals) plus 4 MLP-size ones (gate, up,
                activation, product) and k/v; with activation checkpointing only each layer's input,
                plus one layer recomputed
-  logits       [tokens, vocab] in the model dtype, upcast to float32, log-softmax and its gradient:
-               ~14 bytes per element in bf16 - at small scale the largest term
+  logits       plain: [tokens, vocab] in the model dtype, upcast to float32, log-softmax and its
+               gradient, ~14 bytes per element in bf16 - at small scale the largest term; chunked (the
+               default, train.chunked_logprobs): one slice of at most 2^26 elements at a time
 
 The GPU anchors of FIELD_NOTES section 6 and CPU runs in tests/test_estimate.py check it; the README
 states the error. It ignores allocator fragmentation and the CUDA context (~0.5 GiB outside torch).
@@ -93,7 +94,8 @@ class MemoryEstimate:
 
 def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16, target_modules=("all-linear",),
                     dtype: str = "bfloat16", devices: int = 1, micro_batch_size: int = 8, seq_len: int = 1024,
-                    activation_checkpointing: bool = False, cpu_offload: bool = False) -> MemoryEstimate:
+                    activation_checkpointing: bool = False, cpu_offload: bool = False,
+                    chunked_logprobs: bool = True) -> MemoryEstimate:
     """Peak memory per device of one GRPO update (see the module docstring for the terms)."""
     if dtype not in _BYTES:
         raise ConfigError(f"dtype={dtype!r} is not one of {list(_BYTES)}")
@@ -116,7 +118,12 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
         activations = shape.layers * tokens * h * b + per_layer
     else:
         activations = shape.layers * per_layer
-    logits = tokens * shape.vocab_size * (b + _LOGIT_EXTRA_BYTES)
+    elements = tokens * shape.vocab_size
+    if chunked_logprobs:  # one checkpointed slice lives at a time (lora_rl.batching._CHUNK_ELEMENTS)
+        from lora_rl.batching import _CHUNK_ELEMENTS
+
+        elements = min(elements, _CHUNK_ELEMENTS)
+    logits = elements * (b + _LOGIT_EXTRA_BYTES)
     peak = weights + trainable_bytes + activations + logits
     return MemoryEstimate(weights_gib=weights / GIB, trainable_gib=trainable_bytes / GIB,
                           activations_gib=activations / GIB, logits_gib=logits / GIB, total_gib=peak / GIB,
@@ -135,4 +142,4 @@ def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1)
                            target_modules=config.lora.target_modules, dtype=config.model.dtype, devices=devices,
                            micro_batch_size=min(config.train.micro_batch_size, max(batch, 1)), seq_len=seq_len,
                            activation_checkpointing=config.backend.activation_checkpointing,
-                           cpu_offload=config.backend.cpu_offload)
+                           cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs)

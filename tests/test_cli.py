@@ -7,11 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lora_rl.cli import main
 from lora_rl.config import load_config
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+ALL_EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+# Sweep files (a `recipe` key and a grid) are checked by test_every_sweep_example_validates.
+SWEEPS = [p for p in ALL_EXAMPLES if "recipe" in yaml.safe_load(p.read_text())]
+EXAMPLES = [p for p in ALL_EXAMPLES if p not in SWEEPS]
 
 
 def _smollm2_installed() -> bool:
@@ -64,3 +68,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(overrides, message, tmp
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_example_validates(path):
+    from lora_rl.sweep import load_spec, validate
+
+    assert len(validate(load_spec(path))) >= 2

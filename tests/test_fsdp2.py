@@ -76,8 +76,12 @@ def _join(rank: int, world: int, port: int) -> None:
     distributed.init()
 
 
-def _worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
+def _worker(rank: int, world: int, port: int, model_dir, out_path, chunk: int = 0) -> None:
     _join(rank, world, port)
+    if chunk:  # force the sliced output head, which tiny models never reach on their own
+        import lora_rl.batching
+
+        lora_rl.batching._CHUNK_ELEMENTS = chunk
     try:
         result = _one_step(model_dir, rank, world)
         result.pop("engine").save_adapter(out_path.parent / "adapter")  # collective: gather, rank 0 writes
@@ -98,6 +102,20 @@ def test_sharded_step_matches_unsharded(random_model_dir, tmp_path):
     assert sharded["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     for name, tensor in expected["state"].items():
         torch.testing.assert_close(sharded["state"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sliced_head_under_sharding_matches_plain_logprobs(random_model_dir, tmp_path):
+    """The chunked log-prob head (slices of 5 tokens, inside FSDP2's root forward, recomputed in backward)
+    against plain [B, T, V] log-probs without sharding: the same update."""
+    expected = _one_step(random_model_dir, 0, 1, "train.chunked_logprobs=false")
+    expected.pop("engine")
+    vocab = AutoModelForCausalLM.from_pretrained(random_model_dir).config.vocab_size
+    mp.spawn(_worker, args=(2, _free_port(), random_model_dir, tmp_path / "sharded.pt", 5 * vocab), nprocs=2,
+             join=True)
+    sliced = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    assert sliced["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    for name, tensor in expected["state"].items():
+        torch.testing.assert_close(sliced["state"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_activation_checkpointing_gives_the_same_update(random_model_dir):

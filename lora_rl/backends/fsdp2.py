@@ -67,7 +67,13 @@ class FSDP2Engine:
             fully_shard(model, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
             if on_meta:
                 self._materialize(model, buffers, config.run.seed)
+        if config.backend.compile and distributed.device().type == "cuda":
+            # Per layer, not the whole model: one compiled graph serves every layer, and the output head
+            # stays eager for the chunked log-prob head that is swapped in per call.
+            for layer in decoder_layers(model):
+                layer.compile(dynamic=True)
         self.model = model
+        self.chunked_logprobs = config.train.chunked_logprobs
         self.device = distributed.device()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -124,7 +130,8 @@ class FSDP2Engine:
         # checkpointing (HF models checkpoint only while training); scoring passes stay exact.
         self.model.train(with_grad)
         with torch.set_grad_enabled(with_grad):
-            return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy)
+            return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy,
+                                  chunked=self.chunked_logprobs)
 
     def reference(self) -> contextlib.AbstractContextManager:
         if not self.use_lora:

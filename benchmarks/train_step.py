@@ -1,0 +1,200 @@
+"""LoRA vs full fine-tuning on one device, through the project's own training path, side by side.
+
+Each variant builds a random-init model of a named shape (no weights can be downloaded) and runs the
+real FSDP2 engine (`lora_rl.backends.fsdp2.FSDP2Engine`, one process) with the GRPO loss:
+
+  step     one training step: log-probs with grad, clipped decoupled-PPO loss, backward, clipped AdamW step
+  update   the whole GRPO update, `lora_rl.trainer.grpo_update`: proximal (and, for LoRA, reference)
+           log-prob recompute, then the step
+
+Variants: full fine-tuning with plain log-probs, chunked log-probs, and chunked + compiled layers; LoRA
+as plain PEFT gives it (float32 adapters, plain log-probs), with adapters in the model dtype and chunked
+log-probs, and as lora-rl trains it by default (that, plus each decoder layer under torch.compile).
+Model-FLOPs utilisation counts 6N per token for full fine-tuning and 4N for LoRA (no weight gradients
+for the frozen base), plus causal attention, against the card's dense bf16 peak.
+
+    python benchmarks/train_step.py --shape qwen2.5-1.5b --batch 8 --seq 1024 --out benchmarks/results/train_step.json
+    python benchmarks/train_step.py --shape qwen2.5-7b --batch 4 --activation-checkpointing ...
+
+Prints a table, writes JSON and a PNG bar chart beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
+
+VARIANTS = {
+    "full, plain logprobs": dict(use_lora=False, chunked=False, plain_peft=False, compile=False),
+    "full, chunked logprobs": dict(use_lora=False, chunked=True, plain_peft=False, compile=False),
+    "full, chunked+compile": dict(use_lora=False, chunked=True, plain_peft=False, compile=True),
+    "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, compile=False),
+    "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, compile=False),
+    "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, compile=True),
+}
+
+
+def _peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def run_variant(name: str, args, device) -> dict:
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lora_rl import grpo
+    from lora_rl.backends.fsdp2 import FSDP2Engine
+    from lora_rl.batching import make_batch
+    from lora_rl.config import load_config
+    from lora_rl.lora import inject_lora
+    from lora_rl.trainer import grpo_update
+
+    v = VARIANTS[name]
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    micro = args.micro or args.batch
+    config = load_config(None, [f"model.dtype={dtype}", f"lora.use_lora={v['use_lora']}", "lora.lora_rank=16",
+                                "lora.lora_alpha=32", f"train.micro_batch_size={micro}", "rollout.group_size=2",
+                                f"rollout.prompts_per_step={max(1, args.batch // 2)}", "grpo.log_kl=false",
+                                f"train.chunked_logprobs={v['chunked']}", "train.lr=1e-5",
+                                f"backend.compile={v['compile']}",
+                                f"backend.activation_checkpointing={args.activation_checkpointing}"])
+    torch.manual_seed(0)
+    shape = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape, dtype=getattr(torch, dtype))
+    n_params = sum(p.numel() for p in model.parameters())
+    if v["use_lora"] and v["plain_peft"]:  # peft's defaults: adapters upcast to float32
+        model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    elif v["use_lora"]:
+        model = inject_lora(model, config.lora)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if v["use_lora"]:
+            model.enable_input_require_grads()
+    engine = FSDP2Engine(model, config, Path("."))
+    g = torch.Generator().manual_seed(0)
+    half = args.seq // 2
+    prompts = [torch.randint(0, shape.vocab_size, (half,), generator=g).tolist() for _ in range(args.batch)]
+    completions = [torch.randint(0, shape.vocab_size, (half,), generator=g).tolist() for _ in range(args.batch)]
+    batch = make_batch(prompts, completions, pad_id=0).to(device)
+    behaviour = torch.full(batch.completion_mask.shape, -12.0, device=device)
+    advantages = torch.randn(args.batch, generator=g).to(device)
+
+    def step():
+        tokens = batch.completion_mask.sum()
+        for start in range(0, args.batch, micro):
+            rows = slice(start, start + micro)
+            logp, _ = engine.logprobs(batch.select(rows), 1.0, with_grad=True)
+            loss, _, _ = grpo.policy_loss(logp, logp.detach(), advantages[rows], batch.completion_mask[rows],
+                                          clip_low=0.2, clip_high=0.28, global_tokens=tokens,
+                                          behaviour_logp=behaviour[rows], importance_cap=None)
+            engine.backward(loss)
+        engine.optimizer_step()
+
+    def timed(fn):
+        times = []
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        return statistics.median(times[args.warmup:]), peak
+
+    step_s, step_peak = timed(step)
+    update_s, update_peak = timed(lambda: grpo_update(engine, batch, behaviour, advantages, config))
+    tokens = args.batch * args.seq
+    h, layers = SHAPES[args.shape]["hidden_size"], SHAPES[args.shape]["num_hidden_layers"]
+    attention = 6 * layers * args.seq * h  # causal QK^T and AV, forward + backward, per token
+    flops_per_token = (4 if v["use_lora"] else 6) * n_params + attention
+    row = {"variant": name, **v, "params": n_params,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "step_s": step_s, "step_tokens_per_s": tokens / step_s, "step_peak_gib": step_peak,
+           "update_s": update_s, "update_peak_gib": update_peak,
+           "model_tflops_per_s": flops_per_token * tokens / step_s / 1e12}
+    del engine, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--micro", type=int, default=0, help="sequences per forward/backward (0: the whole batch)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from lora_rl import distributed
+
+    distributed.init()
+    device = distributed.device()
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = _peak_tflops(card)
+    rows = [run_variant(name, args, device) for name in args.variants]
+    fastest_full = min((r["step_s"] for r in rows if not r["use_lora"]), default=float("nan"))
+    full_peak = min((r["step_peak_gib"] for r in rows if not r["use_lora"]), default=float("nan"))
+    for r in rows:
+        r["step_vs_fastest_full"] = r["step_s"] / fastest_full
+        r["peak_vs_full"] = r["step_peak_gib"] / full_peak
+        r["mfu"] = r["model_tflops_per_s"] / peak if peak else None
+    print(f"{args.shape}, batch {args.batch} x {args.seq}, micro {args.micro or args.batch}, "
+          f"activation checkpointing {args.activation_checkpointing}, {card}")
+    print(f"{'variant':<24}{'step s':>8}{'tok/s':>9}{'peak GiB':>10}{'x full':>8}{'mem x':>7}{'MFU':>6}"
+          f"{'update s':>10}{'upd GiB':>9}")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "-"
+        print(f"{r['variant']:<24}{r['step_s']:>8.3f}{r['step_tokens_per_s']:>9.0f}{r['step_peak_gib']:>10.1f}"
+              f"{r['step_vs_fastest_full']:>8.2f}{r['peak_vs_full']:>7.2f}{mfu:>6}{r['update_s']:>10.3f}"
+              f"{r['update_peak_gib']:>9.1f}")
+    result = {"benchmark": "train_step", "device": card, "torch": torch.__version__, "settings": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(rows, args.out.with_suffix(".png"), f"{args.shape} on {card}")
+    print(f"written to {args.out} and {args.out.with_suffix('.png')}")
+    distributed.shutdown()
+
+
+def _plot(rows, path: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 3)
+    labels = [r["variant"].replace(", ", "\n") for r in rows]
+    colors = ["tab:gray" if not r["use_lora"] else "tab:blue" for r in rows]
+    for ax, key, name in zip(axes, ("step_s", "step_peak_gib", "update_s"),
+                             ("s per training step", "peak GiB", "s per GRPO update"), strict=True):
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(name, fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+if __name__ == "__main__":
+    main()
