@@ -115,6 +115,7 @@ class RolloutConfig:
     max_new_tokens: int = 32  # completion length limit
     temperature: float = 1.0  # sampling temperature; the trainer scores tokens at the same temperature
     top_p: float = 1.0  # nucleus sampling; below 1 the loss sees slightly off-policy samples
+    merge_for_generation: bool = True  # embedded engine: fold the adapter into the weights while sampling
     # vLLM engines (vllm in-process, vllm-server over HTTP); ignored by the embedded engine.
     server_url: str = ""  # vllm-server: attach to this running server; empty: launch one on 127.0.0.1
     max_lora_rank: int = 0  # the engine's LoRA slot size; 0: the smallest rank vLLM allows that fits lora_rank

@@ -8,6 +8,7 @@ models are refused (lora-rl trains dense models only).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -186,3 +187,25 @@ def merge_to_folder(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
+
+
+@contextlib.contextmanager
+def merged_for_generation(model: PeftModel):
+    """Fold the adapter into the base weights for the duration of a rollout: each adapted linear is one
+    matmul instead of three small ones plus a scale and an add, per generated token.
+
+    peft's unmerge subtracts the update again, which in bf16 leaves rounding error in the frozen base
+    every step; the base weights are therefore copied first and restored exactly afterwards (the copy
+    lives only while generating, when no activations or gradients are held)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved, strict=True):
+                layer.get_base_layer().weight.copy_(weight)

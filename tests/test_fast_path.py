@@ -58,3 +58,24 @@ def test_small_logits_skip_the_slices(random_model_dir, monkeypatch):
     monkeypatch.setattr(lora_rl.batching, "_CHUNK_ELEMENTS", 2)
     token_logprobs(ours, batch)
     assert calls == [1]
+
+
+def test_generation_with_the_adapter_merged_leaves_the_base_exact(random_model_dir):
+    """Merged sampling gives the same tokens and log-probs, and the frozen base comes back bit for bit."""
+    from lora_rl.lora import merged_for_generation
+    from lora_rl.rollout.base import SamplingParams
+    from lora_rl.rollout.embedded import sample
+
+    _, ours = _models(random_model_dir)
+    ours = ours.to(torch.bfloat16)  # where an unmerge by subtraction would leave rounding in the base
+    base = {n: p.detach().clone() for n, p in ours.named_parameters() if "lora_" not in n}
+    params = SamplingParams(n=2, max_new_tokens=6, temperature=1.0, seed=3)
+    plain = sample(ours, [[5, 6, 7]], params, eos_id=2, pad_id=0)
+    with merged_for_generation(ours):
+        merged = sample(ours, [[5, 6, 7]], params, eos_id=2, pad_id=0)
+    for a, b in zip(plain, merged, strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=0.05, rtol=0)
+    for name, p in ours.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base[name]), name

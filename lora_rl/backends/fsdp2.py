@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from lora_rl import distributed
 from lora_rl.batching import TokenBatch, token_logprobs
 from lora_rl.config import Config, ConfigError
-from lora_rl.lora import save_adapter
+from lora_rl.lora import merged_for_generation, save_adapter
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
 # never the whole model (that is what AReaL gathers every step).
@@ -74,6 +74,7 @@ class FSDP2Engine:
                 layer.compile(dynamic=True)
         self.model = model
         self.chunked_logprobs = config.train.chunked_logprobs
+        self.merge_for_generation = config.rollout.merge_for_generation
         self.device = distributed.device()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -144,8 +145,11 @@ class FSDP2Engine:
         units = [m for m in self.model.modules() if isinstance(m, FSDPModule)] if self.sharded else []
         for unit in units:
             unit.unshard()
+        # Unsharded LoRA models generate with the adapter merged (rollout.merge_for_generation).
+        merge = self.use_lora and self.merge_for_generation and not self.sharded
         try:
-            yield
+            with merged_for_generation(self.model) if merge else contextlib.nullcontext():
+                yield
         finally:
             for unit in units:
                 unit.reshard()

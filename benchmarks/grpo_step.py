@@ -1,0 +1,141 @@
+"""A whole GRPO step, rollout included, for LoRA and full fine-tuning on one device, side by side.
+
+The workload of FIELD_NOTES section 6's TRL comparison: a random-init Qwen2.5-0.5B-shaped model,
+8 prompts x 8 samples x 256 new tokens, LoRA r=16 all-linear. Each variant runs the project's own
+pieces as `lora_rl.trainer.train` does: the embedded rollout engine inside the FSDP2 engine's
+`generation()` context, then `trainer.grpo_update`. LoRA is run with the adapter merged into the
+weights while sampling (the default, `rollout.merge_for_generation`) and unmerged (plain PEFT).
+A random-init model never samples EOS, so every completion is exactly --new-tokens long.
+
+    python benchmarks/grpo_step.py --out benchmarks/results/grpo_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
+VARIANTS = {
+    "full fine-tuning": dict(use_lora=False, merge=False),
+    "LoRA, unmerged sampling": dict(use_lora=True, merge=False),
+    "LoRA, merged sampling": dict(use_lora=True, merge=True),
+}
+
+
+def run_variant(name: str, args, device) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lora_rl.backends.fsdp2 import FSDP2Engine
+    from lora_rl.batching import make_batch
+    from lora_rl.config import load_config
+    from lora_rl.lora import inject_lora
+    from lora_rl.rollout import SamplingParams
+    from lora_rl.rollout.embedded import EmbeddedEngine
+    from lora_rl.trainer import grpo_update
+
+    v = VARIANTS[name]
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    config = load_config(None, [f"model.dtype={dtype}", f"lora.use_lora={v['use_lora']}", "lora.lora_rank=16",
+                                "lora.lora_alpha=32", f"rollout.prompts_per_step={args.prompts}",
+                                f"rollout.group_size={args.samples}", f"rollout.max_new_tokens={args.new_tokens}",
+                                f"rollout.merge_for_generation={v['merge']}", f"train.micro_batch_size={args.micro}",
+                                "grpo.log_kl=false", "train.lr=1e-5"])
+    torch.manual_seed(0)
+    shape = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=4096)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(shape, dtype=getattr(torch, dtype))
+    if v["use_lora"]:
+        model = inject_lora(model, config.lora)
+    backend = FSDP2Engine(model, config, Path("."))
+    engine = EmbeddedEngine(backend.model, type("Tok", (), {"eos_token_id": shape.vocab_size + 1,
+                                                            "pad_token_id": 0})(),
+                            generation_context=backend.generation)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, shape.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+               for _ in range(args.prompts)]
+    params = SamplingParams(n=args.samples, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rollout_s, update_s = [], []
+    for i in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        completions = engine.generate(prompts, params)
+        sync()
+        middle = time.perf_counter()
+        batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions], 0)
+        behaviour = torch.zeros_like(batch.completion_mask)
+        for row, c in enumerate(completions):
+            behaviour[row, args.prompt_tokens - 1:args.prompt_tokens - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
+        advantages = torch.randn(len(completions), generator=g)
+        grpo_update(backend, batch, behaviour, advantages, config)
+        sync()
+        if i >= args.warmup:
+            rollout_s.append(middle - start)
+            update_s.append(time.perf_counter() - middle)
+    generated = args.prompts * args.samples * args.new_tokens
+    row = {"variant": name, **v, "rollout_s": statistics.median(rollout_s), "update_s": statistics.median(update_s)}
+    row["step_s"] = row["rollout_s"] + row["update_s"]
+    row["rollout_tokens_per_s"] = generated / row["rollout_s"]
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    del engine, backend, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/grpo_step.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from lora_rl import distributed
+
+    distributed.init()
+    device = distributed.device()
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    rows = [run_variant(name, args, device) for name in args.variants]
+    full = next((r for r in rows if not r["use_lora"]), None)
+    for r in rows:
+        r["step_vs_full"] = r["step_s"] / full["step_s"] if full else None
+        r["rollout_vs_full"] = r["rollout_s"] / full["rollout_s"] if full else None
+    print(f"{args.shape}: {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, {card}")
+    print(f"{'variant':<26}{'rollout s':>10}{'update s':>10}{'step s':>8}{'gen tok/s':>11}{'step x full':>12}"
+          f"{'gen x full':>11}{'peak GiB':>10}")
+    for r in rows:
+        print(f"{r['variant']:<26}{r['rollout_s']:>10.2f}{r['update_s']:>10.2f}{r['step_s']:>8.2f}"
+              f"{r['rollout_tokens_per_s']:>11.0f}{(r['step_vs_full'] or 0):>12.2f}{(r['rollout_vs_full'] or 0):>11.2f}"
+              f"{r['peak_gib']:>10.1f}")
+    result = {"benchmark": "grpo_step", "device": card, "torch": torch.__version__,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.out}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
