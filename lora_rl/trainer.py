@@ -273,7 +273,6 @@ def train(config: Config, *, resume: bool = False,
     if error:
         raise ConfigError(error)
     run_dir = Path(config.run.output_dir)
-    torch.manual_seed(config.run.seed)
     progress = config.run.progress and d.main
 
     if d.main:  # build a built-in model once, not once per rank
@@ -286,6 +285,9 @@ def train(config: Config, *, resume: bool = False,
         model.to(d.device)
     check_model(model, config.lora)
     total_params = sum(p.numel() for p in model.parameters())
+    # Seeded here, after the model is built or loaded: building a built-in model draws random numbers,
+    # and the adapter's initialisation must not depend on whether the model was already cached.
+    torch.manual_seed(config.run.seed)
     if config.lora.use_lora:
         model = inject_lora(model, config.lora)
     backend = make_backend(config.backend.name, model=model, config=config, base_model_path=base_dir)
