@@ -30,6 +30,17 @@ def _targets_label(value) -> str:
         return str(value)
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, *, legend_size: int):
+    """Labels, grid and legend shared by the line plots."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    return fig
+
+
 def _by_rank(results, ys: list[tuple[str, str]], ylabel: str, title: str):
     data = _finished(results)
     data = data[data["lora.use_lora"].astype(bool)] if "lora.use_lora" in data else data
@@ -43,13 +54,7 @@ def _by_rank(results, ys: list[tuple[str, str]], ylabel: str, title: str):
             if column in group:
                 ax.plot(group.index, group[column], marker="o", label=f"{name}{targets}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("LoRA rank")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "LoRA rank", ylabel, title, legend_size=8)
 
 
 def memory_vs_rank(results):
@@ -74,13 +79,7 @@ def reward_curves(results):
             continue
         records = [json.loads(line) for line in path.read_text().splitlines()]
         ax.plot([r["step"] for r in records], [r["reward_mean"] for r in records], label=str(row.get("point", "")))
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("mean reward")
-    ax.set_title("Reward per configuration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "GRPO step", "mean reward", "Reward per configuration", legend_size=7)
 
 
 def lora_vs_full(results):

@@ -24,26 +24,31 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("LORA_RL_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+def _build(tmp_path_factory, recipe: TinyRecipe, name: str, warm: bool):
+    """A tiny model from `recipe`, random or after a short supervised warm-start on 1-digit sums."""
+    if warm:
+        recipe = dataclasses.replace(recipe, warmstart_steps=150, warmstart_lr=5e-3)
+    return build_tiny(recipe, tmp_path_factory.mktemp(name))
+
+
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory):
     """A randomly initialised tiny Llama with a locally trained tokenizer."""
-    return build_tiny(TEST_RECIPE, tmp_path_factory.mktemp("random-tiny"))
+    return _build(tmp_path_factory, TEST_RECIPE, "random-tiny", warm=False)
 
 
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory):
-    """The same shape after a short supervised warm-start on 1-digit sums: RL has signal to work with."""
-    recipe = dataclasses.replace(TEST_RECIPE, warmstart_steps=150, warmstart_lr=5e-3)
-    return build_tiny(recipe, tmp_path_factory.mktemp("warm-tiny"))
+    """The same shape after a short warm-start: RL has signal to work with."""
+    return _build(tmp_path_factory, TEST_RECIPE, "warm-tiny", warm=True)
 
 
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory):
     """TEST_RECIPE with heads vLLM can serve on the CPU; random weights."""
-    return build_tiny(VLLM_RECIPE, tmp_path_factory.mktemp("vllm-tiny"))
+    return _build(tmp_path_factory, VLLM_RECIPE, "vllm-tiny", warm=False)
 
 
 @pytest.fixture(scope="session")
 def vllm_warm_model_dir(tmp_path_factory):
-    recipe = dataclasses.replace(VLLM_RECIPE, warmstart_steps=150, warmstart_lr=5e-3)
-    return build_tiny(recipe, tmp_path_factory.mktemp("vllm-warm-tiny"))
+    return _build(tmp_path_factory, VLLM_RECIPE, "vllm-warm-tiny", warm=True)
