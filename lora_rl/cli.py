@@ -28,21 +28,29 @@ def validate(config) -> None:
     check_model(meta_model(config.model.path), config.lora)
 
 
-def _estimate_table(config, devices: int, seq_len: int | None) -> str:
+def _estimate_table(config, devices: int, seq_len: int | None, gib_per_device: float | None = None) -> str:
     import dataclasses
 
     from lora_rl.estimate import estimate_for_config
 
-    full_config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, use_lora=False))
+    # The same run with every weight training; the estimate is about the trainer only, so the rollout
+    # engine (the vLLM engines refuse full fine-tuning) does not matter here.
+    full_config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, use_lora=False),
+                                      rollout=dataclasses.replace(config.rollout, engine="embedded"))
     rows = [("LoRA r=%d %s" % (config.lora.lora_rank, ",".join(config.lora.target_modules)),
              estimate_for_config(config, seq_len=seq_len, devices=devices)),
             ("full fine-tuning", estimate_for_config(full_config, seq_len=seq_len, devices=devices))]
+    fit = f"{'fits ' + format(gib_per_device, 'g') + ' GiB':>22}" if gib_per_device else ""
     lines = [f"predicted peak memory per device: {config.model.path}, {config.model.dtype}, {devices} device(s), "
              f"backend {config.backend.name}",
-             f"{'':<32}{'weights':>9}{'trainable':>11}{'activations':>13}{'logits':>9}{'total GiB':>11}"]
+             f"{'':<32}{'weights':>9}{'trainable':>11}{'activations':>13}{'logits':>9}{'total GiB':>11}{fit}"]
     for name, e in rows:
+        verdict = ""
+        if gib_per_device:
+            over = e.total_gib - gib_per_device
+            verdict = f"{'no: over by ' + format(over, '.1f') if over > 0 else 'yes: ' + format(-over, '.1f') + ' spare':>22}"
         lines.append(f"{name:<32}{e.weights_gib:>9.2f}{e.trainable_gib:>11.2f}{e.activations_gib:>13.2f}"
-                     f"{e.logits_gib:>9.2f}{e.total_gib:>11.2f}")
+                     f"{e.logits_gib:>9.2f}{e.total_gib:>11.2f}{verdict}")
     return "\n".join(lines)
 
 
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--devices", type=int, default=1, help="GPUs the FSDP2 run shards over")
             p.add_argument("--seq-len", type=int, default=None,
                            help="tokens per sequence (default: twice rollout.max_new_tokens)")
+            p.add_argument("--gib-per-device", type=float, default=None,
+                           help="device memory in GiB: say whether each variant fits, and by how much not")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
             p.add_argument("--nproc", type=int, default=1,
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: ok")
             return 0
         if args.command == "estimate":
-            print(_estimate_table(config, args.devices, args.seq_len))
+            print(_estimate_table(config, args.devices, args.seq_len, args.gib_per_device))
             return 0
         if args.nproc > 1 and "RANK" not in os.environ:
             return _torchrun(args.nproc, argv if argv is not None else sys.argv[1:])

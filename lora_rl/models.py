@@ -176,6 +176,17 @@ def meta_model(path: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(model_config(path))
 
 
+def empty_model(config, dtype: str = "float32") -> torch.nn.Module:
+    """A model with parameters on the meta device (no memory) and real buffers (rotary tables), for
+    FSDP2 to materialise shard by shard: from safetensors, or randomly for benchmark shapes."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.tie_weights()  # a tied output head must count (and shard) once, as when loading weights
+    return model
+
+
 def load_model(path: str, dtype: str = "float32", progress: bool = True, empty: bool = False):
     """(model, tokenizer, folder) for a built-in name or an HF folder, weights in `dtype`.
 
@@ -187,11 +198,7 @@ def load_model(path: str, dtype: str = "float32", progress: bool = True, empty: 
     if tokenizer.pad_token_id is None:  # padding is needed for batched generation and scoring
         tokenizer.pad_token = tokenizer.eos_token
     if empty:
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=DTYPES[dtype])
-        model.tie_weights()  # a tied output head must count (and shard) once, as when loading weights
+        model = empty_model(AutoConfig.from_pretrained(str(folder)), dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
     return model, tokenizer, folder

@@ -116,3 +116,21 @@ def test_estimate_for_a_run_config():
     assert estimate.trainable_params == lora_params(ModelShape.from_config(model_config("tiny-arith")), 8,
                                                     ["all-linear"])
     assert 0 < estimate.total_gib < 1
+
+
+def test_the_72b_recipe_fits_four_80gb_cards_with_lora_and_full_finetuning_does_not(capsys):
+    """examples/qwen2.5_72b_lora_4gpu.yaml carries Qwen2.5-72B's real shape; the CLI says what fits."""
+    from pathlib import Path
+
+    from lora_rl.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "qwen2.5_72b_lora_4gpu.yaml"
+    config = load_config(str(recipe), [])
+    shape = ModelShape.from_config(model_config(config.model.path))
+    assert 72e9 < shape.total_params() < 73.5e9  # Qwen2.5-72B: 72.7B parameters
+    assert main(["estimate", str(recipe), "--devices", "4", "--seq-len", "1024", "--gib-per-device", "80"]) == 0
+    lora_line, full_line = [line for line in capsys.readouterr().out.splitlines()
+                            if line.startswith(("LoRA", "full"))]
+    assert "yes:" in lora_line and float(lora_line.split()[-4]) < 80
+    over = float(full_line.split("over by ")[1])
+    assert over > 40  # bf16 weights, gradients and AdamW moments: ~146 GiB a card

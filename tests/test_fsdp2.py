@@ -17,15 +17,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lora_rl import distributed
-from lora_rl.backends.fsdp2 import FSDP2Engine, decoder_layers
+from lora_rl.backends.fsdp2 import FSDP2Engine, decoder_layers, initial_tensor
 from lora_rl.batching import make_batch
 from lora_rl.config import load_config
 from lora_rl.lora import inject_lora
 from lora_rl.metrics import without_timings
-from lora_rl.models import load_model
+from lora_rl.models import empty_model, load_model
 from lora_rl.trainer import grpo_update
 
 
@@ -219,3 +220,59 @@ def test_meta_device_start_materialises_the_same_model(random_model_dir, tmp_pat
     expected = AutoModelForCausalLM.from_pretrained(random_model_dir)(input_ids=torch.tensor([[5, 6, 7, 9, 11]])).logits
     # LoRA B starts at zero, so the sharded, meta-started model must reproduce the base model exactly.
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=0, rtol=0)
+
+
+def _random_init_worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
+    _join(rank, world, port)
+    try:
+        config = load_config(None, ["lora.lora_rank=4"])
+        model = empty_model(AutoConfig.from_pretrained(model_dir))
+        engine = FSDP2Engine(inject_lora(model, config.lora), config, None)  # no base folder: random weights
+        state = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(state, out_path)
+    finally:
+        distributed.shutdown()
+
+
+def test_random_meta_init_is_the_same_model_for_any_process_count(random_model_dir, tmp_path):
+    """Random-init benchmark shapes (no weights to read): the sharded model gathered from two ranks is
+    exactly the seeded per-tensor init a single process draws, so a shape's numbers do not depend on
+    how many devices it was spread over."""
+    mp.spawn(_random_init_worker, args=(2, _free_port(), random_model_dir, tmp_path / "state.pt"), nprocs=2,
+             join=True)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    hf_config = AutoConfig.from_pretrained(random_model_dir)
+    std = hf_config.initializer_range
+    assert hf_config.tie_word_embeddings  # the tied head gets the embeddings' values, as a loaded model has
+    for name, tensor in state.items():
+        hf_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        hf_name = "model.embed_tokens.weight" if hf_name == "lm_head.weight" else hf_name
+        expected = initial_tensor(hf_name, tensor.shape, 0, torch.device("cpu"), std)
+        torch.testing.assert_close(tensor, expected, atol=0, rtol=0, msg=name)
+    weights = [t for n, t in state.items() if n.endswith("mlp.up_proj.base_layer.weight")]
+    assert len(weights) == 2 and not torch.equal(*weights)  # each layer draws its own weights
+    assert abs(float(weights[0].std()) - std) < 0.2 * std
+    assert all(float(t.abs().sum()) == 0 for n, t in state.items() if "lora_B" in n)
+
+
+def test_sharded_update_benchmark_runs_a_recipe_on_two_processes(tmp_path):
+    """benchmarks/sharded_update.py (the 72B-on-4-GPUs measurement) end to end, on a tiny shape and gloo."""
+    shape = tmp_path / "shape"
+    shape.mkdir()
+    (shape / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(root / "benchmarks" / "sharded_update.py"), str(root / "examples" / "qwen2.5_72b_lora_4gpu.yaml"),
+         f"model.path={shape}", "model.dtype=float32", "lora.lora_rank=4", "--seq", "32", "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["devices"] == 2 and row["sequences_per_device"] == 8 and row["activation_checkpointing"]
+    assert row["use_lora"] and row["trainable_params"] < row["params"] / 10
+    assert len(row["update_times_s"]) == 3 and all(t > 0 for t in row["update_times_s"])
+    assert row["full_finetune_predicted_gib"] > row["predicted_gib"]

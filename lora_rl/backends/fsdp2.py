@@ -30,6 +30,25 @@ from lora_rl.lora import merged_for_generation, save_adapter
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
+def initial_tensor(name: str, shape, seed: int, device, std: float = 0.02) -> torch.Tensor:
+    """The seeded initial value of a parameter, the same on every rank and for any world size: LoRA A
+    Kaiming-uniform and LoRA B zeros (the adapter starts as a no-op, as in peft); for random-init base
+    models, norm weights one, biases zero and other weights N(0, std) as Hugging Face initialises them."""
+    import math
+    import zlib
+
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    full = torch.zeros(shape, device=device)
+    if "lora_B" in name or name.endswith(".bias"):
+        return full
+    if "lora_A" in name:
+        bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear
+        return full.uniform_(-bound, bound, generator=g)
+    if "norm" in name and len(shape) == 1:
+        return full.fill_(1.0)
+    return full.normal_(0.0, std, generator=g)
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks, found by class name so any HF decoder-only family works."""
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -38,7 +57,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 class FSDP2Engine:
     name = "fsdp2"
 
-    def __init__(self, model: torch.nn.Module, config: Config, base_model_path: Path):
+    def __init__(self, model: torch.nn.Module, config: Config, base_model_path: Path | None):
+        # base_model_path None: a meta-device model gets seeded random weights (benchmark shapes only).
         self.config = config
         self.base_model_path = base_model_path
         self.use_lora = config.lora.use_lora
@@ -81,12 +101,10 @@ class FSDP2Engine:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
 
     def _materialize(self, model: torch.nn.Module, buffers: dict[str, torch.Tensor], seed: int) -> None:
-        """Give a meta-device model its weights one tensor at a time: each rank reads a tensor from
-        the base model's safetensors, keeps its own shard and drops the rest, so no process ever
-        holds the whole model. LoRA A gets a seeded Kaiming-uniform init (identical on every rank),
-        LoRA B zeros (so the adapter starts as a no-op, as in peft)."""
-        import math
-
+        """Give a meta-device model its weights one tensor at a time: every rank builds the same full
+        tensor - read from the base model's safetensors, or drawn from a seeded generator when there is
+        no base folder (random-init benchmark shapes) - keeps its own shard and drops the rest, so no
+        process ever holds the whole model and no rank sends weights to another."""
         from safetensors import safe_open
         from torch.distributed.tensor import distribute_tensor
 
@@ -98,23 +116,20 @@ class FSDP2Engine:
                 key = f"{module_name}.{name}" if module_name else name
                 if key in buffers:
                     module._buffers[name] = buffers[key].to(compute)
-        files = sorted(Path(self.base_model_path).glob("*.safetensors"))
         where = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                where.update({key: file for key in f.keys()})
+        if self.base_model_path is not None:
+            for file in sorted(Path(self.base_model_path).glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    where.update({key: file for key in f.keys()})
+        std = getattr(model.config, "initializer_range", 0.02)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 hf_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
                 if hf_name not in where and hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
                     # to_empty() unties a tied head; it is frozen, so a copy of the embeddings serves.
                     hf_name = "model.embed_tokens.weight"
-                if "lora_A" in name or "lora_B" in name:
-                    full = torch.zeros(param.shape)
-                    if "lora_A" in name:
-                        g = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, name)))
-                        bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)), as nn.Linear
-                        full.uniform_(-bound, bound, generator=g)
+                if "lora_A" in name or "lora_B" in name or self.base_model_path is None:
+                    full = initial_tensor(hf_name, param.shape, seed, compute, std)
                 elif hf_name in where:
                     with safe_open(str(where[hf_name]), framework="pt") as f:
                         full = f.get_tensor(hf_name)
@@ -122,7 +137,9 @@ class FSDP2Engine:
                     raise ConfigError(f"backend.meta_init=true reads weights from safetensors, and {hf_name} is not "
                                       f"in {self.base_model_path}: convert the model to safetensors or set "
                                       "backend.meta_init=false")
-                shard = distribute_tensor(full.to(param.dtype).to(compute), param.device_mesh, param.placements)
+                # src_data_rank=None: each rank slices its own shard from its identical copy (no scatter).
+                shard = distribute_tensor(full.to(compute, param.dtype), param.device_mesh, param.placements,
+                                          src_data_rank=None)
                 param.to_local().copy_(shard.to_local())
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
