@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sharded_update.json"))
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier result (fewer devices, same per-device batch): report scaling efficiency")
     args = parser.parse_args()
 
     import torch
@@ -132,6 +134,14 @@ def main() -> None:
         print(f"{build_s:>20.1f}{step_s:>10.2f}{row['tokens_per_s']:>10.0f}{max_peak:>14.1f}"
               f"{max(r for _, r in peaks):>10.1f}{predicted.total_gib:>11.1f}{error:>8}{full.total_gib:>12.1f} GiB")
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.baseline:
+            base = json.loads(args.baseline.read_text())
+            row["baseline"] = {k: base[k] for k in ("device", "devices", "tokens_per_s", "sequences_per_device")}
+            # Weak scaling: the same work per device, so perfect scaling multiplies tokens/s by the device ratio.
+            row["scaling_efficiency"] = row["tokens_per_s"] / (base["tokens_per_s"] * d.world / base["devices"])
+            print(f"scaling from {base['devices']} to {d.world} devices ({base['sequences_per_device']} -> "
+                  f"{per_device} sequences per device): {row['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+                  f"efficiency {100 * row['scaling_efficiency']:.0f}%")
         args.out.write_text(json.dumps(row, indent=2) + "\n")
         print(f"written to {args.out}")
     distributed.shutdown()

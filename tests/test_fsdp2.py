@@ -276,3 +276,14 @@ def test_sharded_update_benchmark_runs_a_recipe_on_two_processes(tmp_path):
     assert row["use_lora"] and row["trainable_params"] < row["params"] / 10
     assert len(row["update_times_s"]) == 3 and all(t > 0 for t in row["update_times_s"])
     assert row["full_finetune_predicted_gib"] > row["predicted_gib"]
+    # The 4 -> 8 GPU comparison of the 8-GPU recipe: scaling efficiency against an earlier result.
+    again = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(root / "benchmarks" / "sharded_update.py"), str(root / "examples" / "qwen2.5_72b_lora_8gpu.yaml"),
+         f"model.path={shape}", "model.dtype=float32", "lora.lora_rank=4", "--seq", "32", "--steps", "1",
+         "--batch", "8", "--baseline", str(out), "--out", str(tmp_path / "scaled.json")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    scaled = json.loads((tmp_path / "scaled.json").read_text())
+    assert scaled["baseline"]["tokens_per_s"] == row["tokens_per_s"]
+    assert scaled["scaling_efficiency"] == pytest.approx(scaled["tokens_per_s"] / row["tokens_per_s"])
