@@ -8,8 +8,10 @@ real FSDP2 engine (`lora_rl.backends.fsdp2.FSDP2Engine`, one process) with the G
            log-prob recompute, then the step
 
 Variants: full fine-tuning with plain log-probs, chunked log-probs, and chunked + compiled layers; LoRA
-as plain PEFT gives it (float32 adapters, plain log-probs), with adapters in the model dtype and chunked
-log-probs, and as lora-rl trains it by default (that, plus each decoder layer under torch.compile).
+as plain PEFT gives it (float32 adapters, plain log-probs, peft's forward), with adapters in the model
+dtype and chunked log-probs, with each LoRA linear as one autograd function (`train.fused_lora`) and
+plain or chunked log-probs (chunked + fused is lora-rl's default), and the default with each decoder
+layer under torch.compile (`backend.compile`). `--profile` adds each variant's top CUDA kernels.
 Model-FLOPs utilisation counts 6N per token for full fine-tuning and 4N for LoRA (no weight gradients
 for the frozen base), plus causal attention, against the card's dense bf16 peak.
 
@@ -32,12 +34,14 @@ from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a scri
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 
 VARIANTS = {
-    "full, plain logprobs": dict(use_lora=False, chunked=False, plain_peft=False, compile=False),
-    "full, chunked logprobs": dict(use_lora=False, chunked=True, plain_peft=False, compile=False),
-    "full, chunked+compile": dict(use_lora=False, chunked=True, plain_peft=False, compile=True),
-    "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, compile=False),
-    "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, compile=False),
-    "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, compile=True),
+    "full, plain logprobs": dict(use_lora=False, chunked=False, plain_peft=False, fused=False, compile=False),
+    "full, chunked logprobs": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=False),
+    "full, chunked+compile": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True),
+    "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, fused=False, compile=False),
+    "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, fused=False, compile=False),
+    "LoRA, fused, plain logprobs": dict(use_lora=True, chunked=False, plain_peft=False, fused=True, compile=False),
+    "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False),
+    "LoRA, default+compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True),
 }
 
 
@@ -65,6 +69,7 @@ def run_variant(name: str, args, device) -> dict:
                                 "lora.lora_alpha=32", f"train.micro_batch_size={micro}", "rollout.group_size=2",
                                 f"rollout.prompts_per_step={max(1, args.batch // 2)}", "grpo.log_kl=false",
                                 f"train.chunked_logprobs={v['chunked']}", "train.lr=1e-5",
+                                f"train.fused_lora={v['fused']}",
                                 f"backend.compile={v['compile']}",
                                 f"backend.activation_checkpointing={args.activation_checkpointing}"])
     torch.manual_seed(0)
@@ -116,6 +121,7 @@ def run_variant(name: str, args, device) -> dict:
         return statistics.median(times[args.warmup:]), peak
 
     step_s, step_peak = timed(step)
+    profile = _profile(step, args.out.with_suffix(f".{_slug(name)}.kernels.txt")) if args.profile else {}
     update_s, update_peak = timed(lambda: grpo_update(engine, batch, behaviour, advantages, config))
     tokens = args.batch * args.seq
     h, layers = SHAPES[args.shape]["hidden_size"], SHAPES[args.shape]["num_hidden_layers"]
@@ -125,12 +131,37 @@ def run_variant(name: str, args, device) -> dict:
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "step_s": step_s, "step_tokens_per_s": tokens / step_s, "step_peak_gib": step_peak,
            "update_s": update_s, "update_peak_gib": update_peak,
-           "model_tflops_per_s": flops_per_token * tokens / step_s / 1e12}
+           "model_tflops_per_s": flops_per_token * tokens / step_s / 1e12, **profile}
     del engine, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def _profile(fn, path: Path) -> dict:
+    """One more step under torch.profiler: GPU busy time split into GEMMs and the rest, and the top
+    kernels by self GPU time written to `path`. Busy time well under the step time means the step
+    waits on the CPU (launches, Python)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    gemm_words = ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90")
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3
+    gemm = sum(e.self_device_time_total for e in kernels if any(w in e.key.lower() for w in gemm_words)) / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]
+    path.write_text("\n".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}" for e in top)
+                    + "\n")
+    return {"gpu_busy_ms": busy, "gemm_ms": gemm, "kernel_launches": sum(e.count for e in kernels)}
 
 
 def main() -> None:
@@ -142,6 +173,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of each variant (CUDA)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
     args = parser.parse_args()
@@ -163,13 +195,14 @@ def main() -> None:
         r["mfu"] = r["model_tflops_per_s"] / peak if peak else None
     print(f"{args.shape}, batch {args.batch} x {args.seq}, micro {args.micro or args.batch}, "
           f"activation checkpointing {args.activation_checkpointing}, {card}")
-    print(f"{'variant':<24}{'step s':>8}{'tok/s':>9}{'peak GiB':>10}{'x full':>8}{'mem x':>7}{'MFU':>6}"
+    print(f"{'variant':<28}{'step s':>8}{'tok/s':>9}{'peak GiB':>10}{'x full':>8}{'mem x':>7}{'MFU':>6}"
           f"{'update s':>10}{'upd GiB':>9}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "-"
-        print(f"{r['variant']:<24}{r['step_s']:>8.3f}{r['step_tokens_per_s']:>9.0f}{r['step_peak_gib']:>10.1f}"
+        print(f"{r['variant']:<28}{r['step_s']:>8.3f}{r['step_tokens_per_s']:>9.0f}{r['step_peak_gib']:>10.1f}"
               f"{r['step_vs_fastest_full']:>8.2f}{r['peak_vs_full']:>7.2f}{mfu:>6}{r['update_s']:>10.3f}"
-              f"{r['update_peak_gib']:>9.1f}")
+              f"{r['update_peak_gib']:>9.1f}" + (f"  GPU busy {r['gpu_busy_ms']:.0f} ms, GEMM {r['gemm_ms']:.0f} ms, "
+                                                 f"{r['kernel_launches']} kernels" if "gpu_busy_ms" in r else ""))
     result = {"benchmark": "train_step", "device": card, "torch": torch.__version__, "settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

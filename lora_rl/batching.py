@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -55,13 +54,15 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entr
     """Log-probs of each target token at `temperature` ([B, T-1], float32), optionally entropies.
 
     chunked (the default): when the logits would exceed one slice, the output head computes them a slice
-    of tokens at a time under activation checkpointing, so the [B, T, V] logits never exist in float32
-    (with a 150k vocabulary they are the largest tensor of the whole update); False materialises them
-    as a plain forward does."""
+    of tokens at a time and recomputes them in the backward (`_SlicedHead`), so the [B, T, V] logits
+    never exist in float32 (with a 150k vocabulary they are the largest tensor of the whole update);
+    False materialises them as a plain forward does."""
+    # use_cache=False throughout: scoring needs no KV cache, and building one costs copies and memory
+    # and makes torch.compile recompile each decoder layer (the cache's per-layer state is guarded).
     vocab = model.get_output_embeddings().weight.shape[0]
     if chunked and batch.input_ids.numel() * vocab > _CHUNK_ELEMENTS:  # one slice would hold it all: no gain
         return _chunked_token_logprobs(model, batch, temperature, with_entropy)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # [B, T-1, V]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]  # [B, T-1, V]
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # float32: bf16 log-softmax loses ~1e-2
     logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
     entropy = None
@@ -73,14 +74,68 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entr
 _CHUNK_ELEMENTS = 2 ** 26  # logits elements per slice: 256 MiB in float32 (~440 tokens of a 150k vocabulary)
 
 
-def _head_slice(hidden, targets, weight, bias, temperature: float):
-    """[N, H] hidden states -> [N, 2]: log-prob of each target and the entropy, both float32."""
-    logits = F.linear(hidden, weight, bias).float() / temperature  # [N, V]
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return torch.stack([logp, entropy], dim=-1)
+class _SlicedHead(torch.autograd.Function):
+    """Log-prob of each row's target under the output head, a slice of rows at a time, with a
+    hand-written backward: the forward keeps only each row's log-sum-exp, the backward recomputes a
+    slice's logits and turns them straight into the gradient (softmax minus one-hot), so no float32
+    [rows, vocab] tensor outlives its slice and no log-softmax is stored. A frozen head (LoRA) gets no
+    weight gradient. Entropies, when asked for, are a metric without gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
+        rows = hidden.shape[0]
+        step = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        logp = torch.empty(rows, dtype=_accumulate(hidden), device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else None
+        for i in range(0, rows, step):
+            z = _slice_logits(hidden[i:i + step], weight, bias, temperature)
+            lse[i:i + step] = torch.logsumexp(z, dim=-1)
+            logp[i:i + step] = z.gather(-1, targets[i:i + step, None]).squeeze(-1) - lse[i:i + step]
+            if with_entropy:  # H = lse - sum(p * z)
+                p = (z - lse[i:i + step, None]).exp_()
+                entropy[i:i + step] = lse[i:i + step] - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.step = temperature, step
+        if entropy is None:
+            return logp, torch.zeros_like(logp)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=_accumulate(hidden), device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=_accumulate(hidden), device=bias.device) if need_bias else None
+        for i in range(0, hidden.shape[0], ctx.step):
+            g = grad_logp[i:i + ctx.step, None].to(_accumulate(hidden))
+            z = _slice_logits(hidden[i:i + ctx.step], weight, bias, ctx.temperature)
+            # d logp / d z = one_hot(target) - softmax(z), times the incoming gradient, over the temperature
+            grad_z = (z - lse[i:i + ctx.step, None]).exp_().mul_(-g)
+            grad_z.scatter_add_(-1, targets[i:i + ctx.step, None], g)
+            if ctx.temperature != 1.0:
+                grad_z.div_(ctx.temperature)
+            grad_z = grad_z.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[i:i + ctx.step] = grad_z @ weight
+            if need_weight:
+                grad_weight += grad_z.t() @ hidden[i:i + ctx.step]
+            if need_bias:
+                grad_bias += grad_z.to(grad_bias.dtype).sum(0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None)
+
+
+def _accumulate(hidden: torch.Tensor) -> torch.dtype:
+    """float32 for 16- and 32-bit models (bf16 log-softmax loses ~1e-2), float64 for float64 checks."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _slice_logits(hidden, weight, bias, temperature: float) -> torch.Tensor:
+    z = F.linear(hidden, weight, bias).to(_accumulate(hidden))
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_entropy: bool):
@@ -89,19 +144,14 @@ def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_e
 
     def forward(hidden):  # runs inside the model's forward, so FSDP2 has the head's weight gathered
         b, t, h = hidden.shape
-        flat, flat_targets = hidden.reshape(b * t, h), targets.reshape(b * t)
-        step = max(1, _CHUNK_ELEMENTS // head.weight.shape[0])
-        parts = [torch.utils.checkpoint.checkpoint(_head_slice, flat[i:i + step], flat_targets[i:i + step],
-                                                   head.weight, head.bias, temperature, use_reentrant=False)
-                 if torch.is_grad_enabled() else
-                 _head_slice(flat[i:i + step], flat_targets[i:i + step], head.weight, head.bias, temperature)
-                 for i in range(0, b * t, step)]
-        return torch.cat(parts).reshape(b, t, 2)
+        logp, entropy = _SlicedHead.apply(hidden.reshape(b * t, h), head.weight, head.bias, targets.reshape(b * t),
+                                          temperature, with_entropy)
+        return torch.stack([logp, entropy], dim=-1).reshape(b, t, 2)
 
     # The head's own forward is swapped for this call only: the model then returns [B, T, 2] "logits".
     head.forward = forward
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # [B, T-1, 2]
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]  # [B, T-1, 2]
     finally:
         del head.forward
     return out[..., 0], (out[..., 1].detach() if with_entropy else None)

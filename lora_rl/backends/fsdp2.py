@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from lora_rl import distributed
 from lora_rl.batching import TokenBatch, token_logprobs
 from lora_rl.config import Config, ConfigError
+from lora_rl.fused_lora import fuse_lora
 from lora_rl.lora import merged_for_generation, save_adapter
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
@@ -87,9 +88,16 @@ class FSDP2Engine:
             fully_shard(model, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
             if on_meta:
                 self._materialize(model, buffers, config.run.seed)
+        if self.use_lora and config.train.fused_lora:
+            fuse_lora(model)
         if config.backend.compile and distributed.device().type == "cuda":
-            # Per layer, not the whole model: one compiled graph serves every layer, and the output head
-            # stays eager for the chunked log-prob head that is swapped in per call.
+            # Per layer, not the whole model: one compiled graph serves every layer (scoring runs without
+            # a KV cache, whose per-layer state would force a graph per layer), and the output head stays
+            # eager for the sliced log-prob head that is swapped in per call. The first layer gets a second
+            # graph (its input needs no gradient under LoRA); the limit is raised so that no layer ever
+            # falls back to eager silently.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       2 * len(decoder_layers(model)))
             for layer in decoder_layers(model):
                 layer.compile(dynamic=True)
         self.model = model
@@ -98,7 +106,10 @@ class FSDP2Engine:
         self.device = distributed.device()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        # On GPUs the fused AdamW is one kernel for all tensors: hundreds of small LoRA tensors otherwise
+        # cost more in launches than in arithmetic.
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay,
+                                           fused=self.device.type == "cuda")
 
     def _materialize(self, model: torch.nn.Module, buffers: dict[str, torch.Tensor], seed: int) -> None:
         """Give a meta-device model its weights one tensor at a time: every rank builds the same full
