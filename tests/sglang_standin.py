@@ -273,7 +273,7 @@ def serve(argv: list[str]):
 
 def write_test_model(folder: Path) -> Path:
     """The tiny warm-started model the SGLang tests train (tests/conftest.py's VLLM_RECIPE, warm)."""
-    from conftest import VLLM_RECIPE, warm  # tests/ is on sys.path under pytest, and in __main__ below
+    from conftest import VLLM_RECIPE, warm  # tests/ is on sys.path (pytest, or PYTHONPATH=tests)
 
     from lora_rl.models import build_tiny
 
@@ -284,7 +284,6 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["--write-test-model"]:
-        sys.path.insert(0, str(Path(__file__).parent))
         print(write_test_model(Path(sys.argv[2])))
     else:
         _, _, url = serve(sys.argv[1:])
