@@ -60,7 +60,7 @@ def bench_model(name: str, args, work: Path) -> dict:
     from lora_rl.config import load_config
     from lora_rl.lora import inject_lora, merge_adapter, save_adapter
     from lora_rl.models import load_model, resolve_model_path
-    from lora_rl.rollout.vllm_common import folder_bytes
+    from lora_rl.rollout.adapters import folder_bytes
     from lora_rl.rollout.vllm_inprocess import VLLMEngine
 
     base_dir = resolve_model_path(name, progress=False)

@@ -116,18 +116,22 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature; the trainer scores tokens at the same temperature
     top_p: float = 1.0  # nucleus sampling; below 1 the loss sees slightly off-policy samples
     merge_for_generation: bool = True  # embedded engine: fold the adapter into the weights while sampling
-    # vLLM engines (vllm in-process, vllm-server over HTTP); ignored by the embedded engine.
-    server_url: str = ""  # vllm-server: attach to this running server; empty: launch one on 127.0.0.1
-    max_lora_rank: int = 0  # the engine's LoRA slot size; 0: the smallest rank vLLM allows that fits lora_rank
+    # Adapter-loading engines (vllm in-process; vllm-server and sglang over HTTP); ignored by the embedded engine.
+    server_url: str = ""  # vllm-server, sglang: attach to this running server; empty: launch one on 127.0.0.1
+    max_lora_rank: int = 0  # the engine's LoRA slot size; 0: vLLM's smallest allowed rank >= lora_rank, SGLang's lora_rank
     live_versions: int = 2  # adapter versions kept loaded; older ones are unloaded, then their folders deleted
     max_sync_logprob_diff: float | None = None  # stop if engine and trainer logprobs differ more; null: by dtype
     probe_size: int = 4  # sequences re-scored by engine and trainer after each sync to verify delivery
-    engine_memory: float = 0.15  # vLLM gpu_memory_utilization (the trainer shares the card)
+    engine_memory: float = 0.15  # vLLM gpu_memory_utilization / SGLang mem_fraction_static (the trainer shares the card)
     kv_cache_gib: float = 1.0  # vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     request_timeout: float = 300.0  # seconds one HTTP request to the server may take
     startup_timeout: float = 600.0  # seconds a launched server may take to become healthy
     on_server_failure: str = "restart"  # a launched server that dies: restart it (reload the adapter) | fail
     api_key_env: str = ""  # environment variable holding the server's API key (sent as a bearer token)
+    # SGLang's LoRA pool, sized at start-up (every version must fit it; see lora_rl/rollout/sglang_server.py).
+    lora_target_modules: tuple[str, ...] = ()  # sglang: modules the pool covers ([all] or names); empty: lora.target_modules
+    max_loaded_loras: int = 0  # sglang: adapters the server holds at once; 0: live_versions + 1 (one draining)
+    max_loras_per_batch: int = 2  # sglang: adapters one batch may mix (a draining version and the newest)
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1:
@@ -146,7 +150,11 @@ class RolloutConfig:
             _fail(self.SECTION, "server_url", self.server_url, "must start with http:// or https://, "
                   "e.g. http://127.0.0.1:8000 (or leave it empty to launch a server)")
         if self.max_lora_rank < 0:
-            _fail(self.SECTION, "max_lora_rank", self.max_lora_rank, "must be 0 (automatic) or a vLLM rank")
+            _fail(self.SECTION, "max_lora_rank", self.max_lora_rank, "must be 0 (automatic) or a LoRA rank")
+        if self.max_loaded_loras < 0:
+            _fail(self.SECTION, "max_loaded_loras", self.max_loaded_loras, "must be 0 (automatic) or more")
+        if self.max_loras_per_batch < 1:
+            _fail(self.SECTION, "max_loras_per_batch", self.max_loras_per_batch, "must be at least 1")
         if self.live_versions < 1:
             _fail(self.SECTION, "live_versions", self.live_versions,
                   "must be at least 1: the engine needs the current adapter loaded")
@@ -278,6 +286,10 @@ class Config:
             from lora_rl.rollout.vllm_common import check_vllm_config
 
             check_vllm_config(self)
+        if self.rollout.engine == "sglang":
+            from lora_rl.rollout.sglang_server import check_sglang_config
+
+            check_sglang_config(self)
         batch = self.rollout.prompts_per_step * self.rollout.group_size
         if batch % self.grpo.minibatches:
             raise ConfigError(

@@ -35,9 +35,9 @@ MATRIX: dict[tuple[str, str], Cell] = {
     ("fsdp2", "sglang"): Cell(True),
     ("megatron", "vllm"): Cell(True),
     ("megatron", "vllm-server"): Cell(True),
-    # AReaL refuses Megatron + SGLang; lora-rl aims to support it but does not yet.
-    ("megatron", "sglang"): Cell(False, "Megatron + SGLang is planned but not supported yet: "
-                                        "use rollout.engine=vllm with Megatron, or backend.name=fsdp2 with SGLang"),
+    # AReaL refuses Megatron + SGLang. lora-rl's SGLang engine loads PEFT adapter folders only, never the trainer's
+    # weights, so it is backend-agnostic: this cell relies on the Megatron backend exporting PEFT-format adapters.
+    ("megatron", "sglang"): Cell(True),
     ("megatron", "embedded"): Cell(False, "the embedded engine generates with the trainer's Hugging Face model, "
                                           "which a Megatron backend does not have: use rollout.engine=vllm"),
     **{("archon", engine): _ARCHON for engine in ENGINES},

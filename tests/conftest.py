@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -24,31 +27,88 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("LORA_RL_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-def _build(tmp_path_factory, recipe: TinyRecipe, name: str, warm: bool):
-    """A tiny model from `recipe`, random or after a short supervised warm-start on 1-digit sums."""
-    if warm:
-        recipe = dataclasses.replace(recipe, warmstart_steps=150, warmstart_lr=5e-3)
-    return build_tiny(recipe, tmp_path_factory.mktemp(name))
+def warm(recipe: TinyRecipe) -> TinyRecipe:
+    """`recipe` with a short supervised warm-start on 1-digit sums: RL has signal to work with."""
+    return dataclasses.replace(recipe, warmstart_steps=150, warmstart_lr=5e-3)
+
+
+def _build(tmp_path_factory, recipe: TinyRecipe, name: str, warm_start: bool):
+    """A tiny model from `recipe`, random or warm-started."""
+    return build_tiny(warm(recipe) if warm_start else recipe, tmp_path_factory.mktemp(name))
 
 
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory):
     """A randomly initialised tiny Llama with a locally trained tokenizer."""
-    return _build(tmp_path_factory, TEST_RECIPE, "random-tiny", warm=False)
+    return _build(tmp_path_factory, TEST_RECIPE, "random-tiny", warm_start=False)
 
 
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory):
     """The same shape after a short warm-start: RL has signal to work with."""
-    return _build(tmp_path_factory, TEST_RECIPE, "warm-tiny", warm=True)
+    return _build(tmp_path_factory, TEST_RECIPE, "warm-tiny", warm_start=True)
 
 
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory):
     """TEST_RECIPE with heads vLLM can serve on the CPU; random weights."""
-    return _build(tmp_path_factory, VLLM_RECIPE, "vllm-tiny", warm=False)
+    return _build(tmp_path_factory, VLLM_RECIPE, "vllm-tiny", warm_start=False)
 
 
 @pytest.fixture(scope="session")
 def vllm_warm_model_dir(tmp_path_factory):
-    return _build(tmp_path_factory, VLLM_RECIPE, "vllm-warm-tiny", warm=True)
+    return _build(tmp_path_factory, VLLM_RECIPE, "vllm-warm-tiny", warm_start=True)
+
+
+# --- a scripted HTTP server on 127.0.0.1, for the server engines' failure paths -------------------------------
+
+
+class _Script:
+    """Answers per endpoint: a list of (status, body) consumed in order; the last one repeats."""
+
+    def __init__(self, answers):
+        self.answers = {k: list(v) for k, v in answers.items()}
+        self.calls: list[tuple[str, dict | None]] = []
+
+    def answer(self, path, payload):
+        self.calls.append((path, payload))
+        queue = self.answers.get(path, [(404, {"error": "no such endpoint"})])
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+@pytest.fixture
+def scripted_server():
+    servers = []
+
+    def start(answers):
+        script = _Script(answers)
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, payload):
+                status, body = script.answer(self.path, payload)
+                if status == "hang":
+                    threading.Event().wait(3)
+                    status, body = 200, {}
+                data = (body if isinstance(body, str) else json.dumps(body)).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._reply(None)
+
+            def do_POST(self):
+                self._reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", script
+
+    yield start
+    for server in servers:
+        server.shutdown()

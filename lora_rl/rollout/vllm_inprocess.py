@@ -13,8 +13,8 @@ from pathlib import Path
 
 from lora_rl.config import Config
 from lora_rl.rollout.base import Completion, RolloutError, SamplingParams, SyncStats
-from lora_rl.rollout.vllm_common import (AdapterVersions, check_engine_model, cpu_environment, folder_bytes,
-                                         slot_rank)
+from lora_rl.rollout.adapters import AdapterVersions, folder_bytes
+from lora_rl.rollout.vllm_common import check_engine_model, cpu_environment, slot_rank
 
 
 def vllm_sampling(params: SamplingParams, *, seed: int):
