@@ -10,8 +10,8 @@ real FSDP2 engine (`lora_rl.backends.fsdp2.FSDP2Engine`, one process) with the G
 Variants: full fine-tuning with plain log-probs, chunked log-probs, and chunked + compiled layers; LoRA
 as plain PEFT gives it (float32 adapters, plain log-probs, peft's forward), with adapters in the model
 dtype and chunked log-probs, with each LoRA linear as one autograd function (`train.fused_lora`) and
-plain or chunked log-probs (chunked + fused is lora-rl's default), and the default with each decoder
-layer under torch.compile (`backend.compile`). `--profile` adds each variant's top CUDA kernels.
+plain or chunked log-probs, and as lora-rl trains it by default: fused, chunked, each decoder layer
+under torch.compile (`backend.compile`). `--profile` adds each variant's top CUDA kernels.
 Model-FLOPs utilisation counts 6N per token for full fine-tuning and 4N for LoRA (no weight gradients
 for the frozen base), plus causal attention, against the card's dense bf16 peak.
 
@@ -40,8 +40,8 @@ VARIANTS = {
     "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, fused=False, compile=False),
     "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, fused=False, compile=False),
     "LoRA, fused, plain logprobs": dict(use_lora=True, chunked=False, plain_peft=False, fused=True, compile=False),
-    "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False),
-    "LoRA, default+compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True),
+    "LoRA, fused, no compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False),
+    "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True),
 }
 
 

@@ -100,6 +100,7 @@ class FSDP2Engine:
                                                        2 * len(decoder_layers(model)))
             for layer in decoder_layers(model):
                 layer.compile(dynamic=True)
+        self.compiled = config.backend.compile and distributed.device().type == "cuda"
         self.model = model
         self.chunked_logprobs = config.train.chunked_logprobs
         self.merge_for_generation = config.rollout.merge_for_generation
@@ -175,8 +176,11 @@ class FSDP2Engine:
             unit.unshard()
         # Unsharded LoRA models generate with the adapter merged (rollout.merge_for_generation).
         merge = self.use_lora and self.merge_for_generation and not self.sharded
+        # Sampling runs the layers eagerly: with a KV cache and one new token per call, compiled layers
+        # would recompile per layer and per shape for no gain.
+        eager = torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
         try:
-            with merged_for_generation(self.model) if merge else contextlib.nullcontext():
+            with merged_for_generation(self.model) if merge else contextlib.nullcontext(), eager:
                 yield
         finally:
             for unit in units:
