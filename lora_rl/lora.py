@@ -201,10 +201,20 @@ def merged_for_generation(model: PeftModel):
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    forwards = [vars(m).get("forward") for m in layers]  # an instance forward, e.g. train.fused_lora's
     model.merge_adapter()
+    for layer in layers:
+        # Merged, peft's wrapper would only add Python work to every call of every generated token
+        # (sampling is bound by kernel launches): call the base layer directly.
+        layer.forward = layer.get_base_layer().forward
     try:
         yield
     finally:
+        for layer, forward in zip(layers, forwards, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
         model.unmerge_adapter()
         with torch.no_grad():
             for layer, weight in zip(layers, saved, strict=True):
