@@ -24,13 +24,15 @@ from lora_rl.lora import hf_target_names, inject_lora, load_adapter, megatron_ta
 if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.bridge") is None:
     pytest.skip("megatron-core + megatron-bridge are not installed (README: Megatron)", allow_module_level=True)
 
+# Non-default RoPE base and norm epsilon: a converter that drops either (megatron-bridge 0.3.1 misses
+# transformers 5's rope_parameters) fails the parity test.
 FAMILIES = {
     "qwen2": lambda: Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 tie_word_embeddings=True),
+                                 tie_word_embeddings=True, rope_theta=50000.0, rms_norm_eps=1e-5),
     "llama": lambda: LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 tie_word_embeddings=False),
+                                 tie_word_embeddings=False, rope_theta=100000.0, rms_norm_eps=1e-5),
 }
 
 
@@ -127,7 +129,7 @@ def _rewarded_batch(vocab: int):
 
 def test_grpo_updates_raise_expected_reward(family_dir):
     """A few GRPO updates on a fixed batch: rewarded completions become likelier, unrewarded ones less likely,
-    so the policy's expected reward over the batch's completions (probability-weighted) goes up."""
+    so the expected reward over each group's completions (weighted by their per-token probability) goes up."""
     from lora_rl.trainer import grpo_update
 
     engine = _engine(family_dir, "train.lr=1e-2", "train.micro_batch_size=4", "grpo.minibatches=2",
@@ -135,8 +137,8 @@ def test_grpo_updates_raise_expected_reward(family_dir):
     batch, rewards, advantages = _rewarded_batch(engine.vocab)
     mask = batch.completion_mask
 
-    def sequence_logprobs():
-        return (engine.logprobs(batch, 1.0, with_grad=False)[0] * mask).sum(-1)  # [B]
+    def sequence_logprobs():  # mean token log-prob per completion [B]: length-normalised
+        return (engine.logprobs(batch, 1.0, with_grad=False)[0] * mask).sum(-1) / mask.sum(-1)
 
     def expected_reward(logp):  # within each group: the completions' probabilities, renormalised
         return float((torch.softmax(logp.view(2, 4), -1) * rewards.view(2, 4)).sum(-1).mean())
@@ -170,6 +172,78 @@ def test_checkpoint_resume_restores_adapter_and_optimizer(family_dir, tmp_path):
     assert first.optimizer.state_dict()["state"].keys() == second.optimizer.state_dict()["state"].keys()
     with pytest.raises(ConfigError, match="resume with the backend.tensor_parallel it was saved with"):
         second.load_state(tmp_path / "elsewhere")
+
+
+_STEP = ("train.micro_batch_size=2", "grpo.minibatches=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
+         "train.max_grad_norm=0.01")
+
+
+def _one_update(model_dir, rank: int, world: int, *overrides) -> dict:
+    """One GRPO update from a random non-zero adapter; this rank holds every world-th row of each minibatch."""
+    from lora_rl.trainer import grpo_update
+
+    engine = _engine(model_dir, *_STEP, *overrides)
+    _randomise_adapter(engine)
+    batch, _, advantages = _rewarded_batch(engine.vocab)
+    behaviour = torch.full(batch.completion_mask.shape, -2.0)
+    rows = torch.cat([torch.arange(start + rank, start + 4, world) for start in (0, 4)])
+    stats = grpo_update(engine, batch.select(rows), behaviour[rows], advantages[rows], engine.config)
+    return {"state": engine.trainable_state(), "grad_norm": stats["grad_norm"],
+            "recompute": engine.megatron.config.recompute_granularity}
+
+
+def _data_parallel_worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lora_rl import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init()
+    try:
+        result = _one_update(model_dir, rank, world)
+        if rank == 0:
+            torch.save(result, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_update_matches_one_process(family_dir, tmp_path):
+    """Two gloo processes, each with half of every minibatch: the adapter's gradients are summed over the
+    data-parallel ranks, so the update (with a binding grad-norm clip) equals the one-process update."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    expected = _one_update(family_dir, 0, 1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_data_parallel_worker, args=(2, port, family_dir, tmp_path / "dp.pt"), nprocs=2, join=True)
+    got = torch.load(tmp_path / "dp.pt", weights_only=True)
+    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5) and expected["grad_norm"] > 0.01
+    for name, tensor in expected["state"].items():
+        torch.testing.assert_close(got["state"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's recompute saves CUDA RNG states")
+def test_activation_checkpointing_gives_the_same_update(family_dir):
+    plain = _one_update(family_dir, 0, 1)
+    recomputed = _one_update(family_dir, 0, 1, "backend.activation_checkpointing=true")
+    assert (plain["recompute"], recomputed["recompute"]) == (None, "full")
+    assert recomputed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-6)
+    for name, tensor in plain["state"].items():
+        torch.testing.assert_close(recomputed["state"][name], tensor, atol=1e-7, rtol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only refusal")
+def test_activation_checkpointing_on_the_cpu_is_refused(family_dir):
+    with pytest.raises(ConfigError, match="backend.activation_checkpointing=true with Megatron needs CUDA"):
+        _engine(family_dir, "backend.activation_checkpointing=true")
 
 
 @pytest.mark.parametrize(("targets", "megatron", "trained"), [

@@ -58,6 +58,17 @@ def _init_parallel(mc: megatron_compat.Megatron, tensor_parallel: int, seed: int
     mc.tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
 
+def _rope_theta(hf_config) -> float:
+    """RoPE's base as the HF config states it. transformers 5 moved it into `rope_parameters`, where
+    megatron-bridge 0.3.1 does not look (it silently builds with 10000: SmolLM2's is 100000)."""
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", "default")
+    if kind != "default":
+        raise ConfigError(f"the model uses RoPE type {kind!r}; the Megatron backend is verified for default RoPE only "
+                          "(Qwen2/2.5, Llama 2, SmolLM2): use backend.name=fsdp2 for this model")
+    return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
 def build_megatron(base_model_path: Path, config: Config) -> tuple[object, list[torch.nn.Module], int]:
     """(bridge, model chunks, HF vocabulary size): the HF folder as a Megatron model with LoRA adapters."""
     mc = megatron_compat.load()
@@ -67,6 +78,7 @@ def build_megatron(base_model_path: Path, config: Config) -> tuple[object, list[
     dtype = DTYPES[config.model.dtype]
     bridge = mc.AutoBridge.from_hf_pretrained(str(base_model_path))
     provider = bridge.to_megatron_provider(load_weights=True)
+    provider.rotary_base = _rope_theta(bridge.hf_pretrained.config)
     provider.transformer_layer_spec = mc.local_layer_spec  # transformer-engine is not installed
     provider.tensor_model_parallel_size = config.backend.tensor_parallel
     provider.pipeline_model_parallel_size = 1
@@ -78,6 +90,9 @@ def build_megatron(base_model_path: Path, config: Config) -> tuple[object, list[
     for flag in ("apply_rope_fusion", "gradient_accumulation_fusion", "masked_softmax_fusion", "persist_layer_norm"):
         setattr(provider, flag, False)
     if config.backend.activation_checkpointing:
+        if not torch.cuda.is_available():
+            raise ConfigError("backend.activation_checkpointing=true with Megatron needs CUDA: megatron-core's "
+                              "recompute saves and restores CUDA RNG states. Set it to false on the CPU")
         provider.recompute_granularity, provider.recompute_method, provider.recompute_num_layers = "full", "uniform", 1
     provider.finalize()
     lora = config.lora
