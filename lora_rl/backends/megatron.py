@@ -158,10 +158,11 @@ class MegatronEngine:
                 m.enable_adapter_layers()
 
     def backward(self, loss: torch.Tensor) -> None:
-        # The loss is already this rank's share of a global token mean: gradients are summed over
-        # data-parallel ranks in optimizer_step, never averaged.
+        # The loss is this rank's share of a global token mean, and gradients are summed over data-parallel
+        # ranks in optimizer_step. The global token count is summed over every process, but the
+        # tensor-parallel ranks of one replica hold the same sequences: it counted them tp times.
         with megatron_compat.cpu_device_calls():
-            loss.backward()
+            (loss * self.tp_size).backward()
 
     def optimizer_step(self) -> float:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
