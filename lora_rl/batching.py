@@ -62,9 +62,15 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entr
     vocab = model.get_output_embeddings().weight.shape[0]
     if chunked and batch.input_ids.numel() * vocab > _CHUNK_ELEMENTS:  # one slice would hold it all: no gain
         return _chunked_token_logprobs(model, batch, temperature, with_entropy)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]  # [B, T-1, V]
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # float32: bf16 log-softmax loses ~1e-2
-    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # [B, T, V]
+    return logits_to_logprobs(logits, batch.input_ids, temperature, with_entropy)
+
+
+def logits_to_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
+                       with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, T, V] logits of a whole sequence -> log-probs of each target token [B, T-1] (and entropies)."""
+    logp_all = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # float32: bf16 log-softmax loses ~1e-2
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
     entropy = None
     if with_entropy:
         entropy = -(logp_all.exp() * logp_all).sum(-1).detach()  # [B, T-1]

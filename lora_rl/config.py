@@ -100,10 +100,16 @@ class BackendConfig:
     reshard_after_forward: bool = True  # FSDP2: false keeps each layer gathered until its backward (less traffic)
     bridge: str = "megatron-bridge"  # Megatron: HF <-> Megatron converter; mbridge has no LoRA path
     compile: bool = True  # on GPUs, torch.compile each decoder layer for scoring and training (sampling stays eager); CPU: ignored
+    tensor_parallel: int = 1  # Megatron: tensor-parallel size (processes per model replica)
 
     def __post_init__(self) -> None:
         if self.bridge not in ("megatron-bridge", "mbridge"):
             _fail(self.SECTION, "bridge", self.bridge, "must be megatron-bridge or mbridge")
+        if self.tensor_parallel < 1:
+            _fail(self.SECTION, "tensor_parallel", self.tensor_parallel, "must be at least 1")
+        if self.tensor_parallel > 1 and self.name != "megatron":
+            _fail(self.SECTION, "tensor_parallel", self.tensor_parallel,
+                  f"is for backend.name=megatron; {self.name} shards with FSDP2 instead: leave it at 1")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

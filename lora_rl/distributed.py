@@ -43,6 +43,15 @@ def init() -> Dist:
     return Dist(rank=rank, world=world, device=device)
 
 
+def ensure_group() -> None:
+    """A process group even for a single process: Megatron's parallel state is built on one.
+    A one-process group changes nothing else here (`active()` stays False)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -43,19 +43,49 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+# Megatron's names for the linear layers of a dense decoder and the Hugging Face layers each one holds:
+# Megatron fuses q/k/v into linear_qkv and gate/up into linear_fc1.
+MEGATRON_TO_HF = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+                  "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+HF_TO_MEGATRON = {hf: megatron for megatron, hfs in MEGATRON_TO_HF.items() for hf in hfs}
+
+
+def hf_target_names(targets) -> tuple[str, ...]:
+    """Target names in Hugging Face vocabulary: Megatron names become the layers they fuse, others pass."""
+    out = []
+    for t in targets:
+        out += [n for n in MEGATRON_TO_HF.get(t, (t,)) if n not in out]
+    return tuple(out)
+
+
+def megatron_target_names(targets) -> list[str]:
+    """Target names in Megatron vocabulary. Coarser than peft's: one HF projection of a fused layer
+    (q_proj, gate_proj, ...) selects the whole fused layer, so its siblings are adapted as well."""
+    if "all-linear" in targets:
+        return list(MEGATRON_TO_HF)
+    unknown = [t for t in targets if t not in HF_TO_MEGATRON and t not in MEGATRON_TO_HF]
+    if unknown:
+        raise ConfigError(f"lora.target_modules={list(targets)}: {unknown} have no Megatron layer; the Megatron "
+                          f"backend adapts {list(MEGATRON_TO_HF)} (or their HF names {list(HF_TO_MEGATRON)}) "
+                          "or [all-linear]")
+    return [m for m in MEGATRON_TO_HF if m in targets or any(HF_TO_MEGATRON.get(t) == m for t in targets)]
+
+
 def resolve_targets(model: nn.Module, lora: LoRAConfig) -> str | list[str]:
-    """The peft `target_modules` value: "all-linear", or the explicit names after checking each exists."""
+    """The peft `target_modules` value: "all-linear", or the explicit names (Megatron names translated)
+    after checking each exists."""
     available = linear_module_names(model)
     if "all-linear" in lora.target_modules:
         if len(lora.target_modules) > 1:
             raise ConfigError(f"lora.target_modules={list(lora.target_modules)} mixes all-linear with names: "
                               "use [all-linear] alone, or list names only")
         return "all-linear"
-    missing = [t for t in lora.target_modules if t not in available]
+    targets = hf_target_names(lora.target_modules)
+    missing = [t for t in targets if t not in available]
     if missing:
         raise ConfigError(f"lora.target_modules={list(lora.target_modules)}: {missing} match no linear layer in this "
                           f"model; its linear layers are {available} (or use [all-linear])")
-    return list(lora.target_modules)
+    return list(targets)
 
 
 def check_model(model: nn.Module, lora: LoRAConfig) -> None:

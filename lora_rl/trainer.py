@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora_rl import distributed, grpo
-from lora_rl.backends import make_backend, require_backend
+from lora_rl.backends import adapter_lora, make_backend, require_backend
 from lora_rl.batching import TokenBatch, encode, make_batch
 from lora_rl.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, read_yaml
@@ -279,17 +279,19 @@ def train(config: Config, *, resume: bool = False,
         resolve_model_path(config.model.path, progress=progress)
     distributed.barrier()
     # Several processes start on the meta device: each reads only its own shards (FSDP2 backend).
-    meta = d.world > 1 and config.backend.meta_init
+    # Megatron reads the weights itself; the HF model is then only the adapter's shape (no memory).
+    meta = (d.world > 1 and config.backend.meta_init) or config.backend.name == "megatron"
     model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=progress, empty=meta)
     if not meta and not config.backend.cpu_offload:  # offloaded shards stay in CPU memory
         model.to(d.device)
-    check_model(model, config.lora)
+    lora = adapter_lora(config)  # Megatron adapts fused layers whole (q_proj -> q, k and v)
+    check_model(model, lora)
     total_params = sum(p.numel() for p in model.parameters())
     # Seeded here, after the model is built or loaded: building a built-in model draws random numbers,
     # and the adapter's initialisation must not depend on whether the model was already cached.
     torch.manual_seed(config.run.seed)
     if config.lora.use_lora:
-        model = inject_lora(model, config.lora)
+        model = inject_lora(model, lora)
     backend = make_backend(config.backend.name, model=model, config=config, base_model_path=base_dir)
     engine = make_engine(config.rollout.engine, backend=backend, tokenizer=tokenizer, config=config,
                          base_model_dir=base_dir, run_dir=run_dir)

@@ -45,7 +45,10 @@ def test_areal_shaped_gsm8k_examples_match_areal_settings():
     assert load_config(Path(EXAMPLES[0]).parent / "gsm8k_grpo_megatron_lora.yaml").backend.name == "megatron"
 
 
-def test_unbuilt_backend_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_unbuilt_backend_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import lora_rl.backends
+
+    monkeypatch.setattr(lora_rl.backends, "BUILT", ("fsdp2",))  # as in a version without the Megatron backend
     example = Path(EXAMPLES[0]).parent / "gsm8k_grpo_megatron_lora.yaml"
     out = tmp_path / "run"
     code = main(["train", str(example), f"run.output_dir={out}", "model.path=tiny-arith"])

@@ -368,12 +368,16 @@ def test_a_launched_server_that_dies_is_restarted_with_the_live_versions(peft_mo
 # --- a short GRPO run: FSDP2 backend, SGLang rollouts ------------------------------------------------------------
 
 
-def test_grpo_steps_with_sglang(sglang, sglang_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["fsdp2", "megatron"])
+def test_grpo_steps_with_sglang(sglang, sglang_model_dir, tmp_path, backend):
+    """Both training backends - Megatron + SGLang is the pair AReaL does not support - publish every version
+    to SGLang as a PEFT adapter, and the server then scores tokens as the trainer does."""
     from lora_rl.trainer import train
 
     url, standin = sglang
     out = tmp_path / "run"
-    config = load_config(None, [f"model.path={sglang_model_dir}", f"run.output_dir={out}", "run.progress=false",
+    config = load_config(None, [f"backend.name={backend}", f"model.path={sglang_model_dir}", f"run.output_dir={out}",
+                                "run.progress=false",
                                 "rollout.engine=sglang", f"rollout.server_url={url}", "rollout.prompts_per_step=8",
                                 "rollout.group_size=4", "rollout.max_new_tokens=12", "task.difficulty=1",
                                 "eval.size=20", "lora.lora_rank=8", "run.steps=3", "train.lr=5e-3"])

@@ -41,7 +41,9 @@ def check_vllm_config(config: Config) -> None:
             raise ConfigError(f"lora.lora_rank={lora.lora_rank} is above rollout.max_lora_rank="
                               f"{rollout.max_lora_rank}: the engine could not load the adapter. Raise "
                               "rollout.max_lora_rank or set it to 0 (automatic)")
-    explicit = [t for t in lora.target_modules if t != "all-linear"]
+    from lora_rl.lora import hf_target_names
+
+    explicit = hf_target_names(t for t in lora.target_modules if t != "all-linear")
     check_servable(explicit, field="lora.target_modules")
     if rollout.engine == "vllm" and rollout.server_url:
         raise ConfigError(f"rollout.server_url={rollout.server_url!r} is set but rollout.engine='vllm' runs vLLM "
