@@ -65,19 +65,48 @@ def check_model(model: nn.Module, lora: LoRAConfig) -> None:
         resolve_targets(model, lora)
 
 
-def inject_lora(model: nn.Module, lora: LoRAConfig) -> PeftModel:
-    """Wrap `model` with trainable LoRA adapters; base weights are frozen."""
-    check_dense(model.config)
-    peft_config = LoraConfig(
+def _peft_config(lora: LoRAConfig, targets: str | list[str]) -> LoraConfig:
+    return LoraConfig(
         r=lora.lora_rank,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
-        target_modules=resolve_targets(model, lora),
+        target_modules=targets,
         bias="none",  # vLLM and SGLang refuse adapters with bias
         task_type="CAUSAL_LM",
     )
+
+
+def inject_lora(model: nn.Module, lora: LoRAConfig) -> PeftModel:
+    """Wrap `model` with trainable LoRA adapters; base weights are frozen."""
+    check_dense(model.config)
     # autocast_adapter_dtype=False keeps adapters in the base dtype instead of float32.
-    return get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    return get_peft_model(model, _peft_config(lora, resolve_targets(model, lora)), autocast_adapter_dtype=False)
+
+
+def inject_adapters(model: nn.Module, adapters: list[tuple[str, LoRAConfig, int]]) -> PeftModel:
+    """Several named, trainable adapters (name, settings, seed) over one frozen copy of `model`.
+
+    Each adapter's initialisation is seeded with its own seed just before it is added, so it starts
+    exactly where `inject_lora` after `torch.manual_seed(seed)` starts (the draws come in the same
+    module order). Targets are resolved on the plain model first: `all-linear` becomes the explicit
+    list of the model's linear layers, because once a layer holds an adapter peft no longer sees it
+    as a linear layer."""
+    check_dense(model.config)
+    all_linear = linear_module_names(model)
+    configs = []
+    for name, lora, seed in adapters:
+        targets = resolve_targets(model, lora)
+        configs.append((name, _peft_config(lora, all_linear if targets == "all-linear" else targets), seed))
+    peft_model = None
+    for name, peft_config, seed in configs:
+        torch.manual_seed(seed)
+        if peft_model is None:
+            peft_model = get_peft_model(model, peft_config, adapter_name=name, autocast_adapter_dtype=False)
+        else:
+            peft_model.add_adapter(name, peft_config, autocast_adapter_dtype=False)
+    for param_name, param in peft_model.named_parameters():  # peft leaves only the active adapter trainable
+        param.requires_grad = ".lora_A." in param_name or ".lora_B." in param_name
+    return peft_model
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -90,18 +119,23 @@ def adapter_bytes(model: nn.Module) -> int:
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path, base_model_path: str | Path,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                 state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default") -> Path:
     """Write a standard PEFT folder (adapter_config.json + adapter_model.safetensors) atomically.
 
     `base_model_name_or_path` points at the base model folder, so `PeftModel.from_pretrained` and
     vLLM's `--lora-modules` find the base. The folder is built beside the target and renamed into
-    place, so a crash never leaves a half-written adapter under the final name.
+    place, so a crash never leaves a half-written adapter under the final name. Of a model holding
+    several adapters, `adapter_name` is written alone, as a plain single-adapter folder.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, selected_adapters=[adapter_name])
+        if adapter_name != "default":  # peft writes a named adapter into a subfolder of its own
+            for item in (tmp / adapter_name).iterdir():
+                os.replace(item, tmp / item.name)
+            (tmp / adapter_name).rmdir()
         cfg_path = tmp / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = str(Path(base_model_path).resolve())
