@@ -51,20 +51,17 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 
 def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False,
-                   chunked: bool = True, adapter_names: list[str] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of each target token at `temperature` ([B, T-1], float32), optionally entropies.
 
     chunked (the default): when the logits would exceed one slice, the output head computes them a slice
     of tokens at a time under activation checkpointing, so the [B, T, V] logits never exist in float32
     (with a 150k vocabulary they are the largest tensor of the whole update); False materialises them
-    as a plain forward does. adapter_names: of a model holding several peft adapters, the one each row
-    goes through (peft's mixed-adapter batches; multi-LoRA jobs)."""
-    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    as a plain forward does."""
     vocab = model.get_output_embeddings().weight.shape[0]
     if chunked and batch.input_ids.numel() * vocab > _CHUNK_ELEMENTS:  # one slice would hold it all: no gain
-        return _chunked_token_logprobs(model, batch, temperature, with_entropy, extra)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra).logits[:, :-1]  # [B, T-1, V]
+        return _chunked_token_logprobs(model, batch, temperature, with_entropy)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # [B, T-1, V]
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)  # float32: bf16 log-softmax loses ~1e-2
     logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
     entropy = None
@@ -86,7 +83,7 @@ def _head_slice(hidden, targets, weight, bias, temperature: float):
     return torch.stack([logp, entropy], dim=-1)
 
 
-def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_entropy: bool, extra: dict):
+def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_entropy: bool):
     head = model.get_output_embeddings()
     targets = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, -1:]], dim=1)  # last column: a dummy target
 
@@ -104,7 +101,7 @@ def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_e
     # The head's own forward is swapped for this call only: the model then returns [B, T, 2] "logits".
     head.forward = forward
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra).logits[:, :-1]  # [B, T-1, 2]
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # [B, T-1, 2]
     finally:
         del head.forward
     return out[..., 0], (out[..., 1].detach() if with_entropy else None)

@@ -41,15 +41,16 @@ from lora_rl import distributed, grpo
 from lora_rl.batching import encode, make_batch, token_logprobs
 from lora_rl.checkpoint import atomic_write_text
 from lora_rl.config import Config, ConfigError, config_to_dict
-from lora_rl.lora import check_model, inject_adapters, save_adapter
+from lora_rl.lora import adapter_rows, check_model, inject_adapters, row_segments, save_adapter
 from lora_rl.metrics import MetricsLog, Timer
 from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward
 from lora_rl.rollout import AdapterRequest, SamplingParams, require_engine
 from lora_rl.tasks import format_prompt, load_problems
-from lora_rl.trainer import (UpdateTerms, _micro_batches, _prepare_run_dir, _step_record, eval_params, eval_prompts,
-                             eval_scores, micro_loss, new_totals, prompt_indices, run_summary, step_record, step_seed,
-                             update_stats, wants_reference)
+from lora_rl.rollout.vllm_common import sync_threshold
+from lora_rl.trainer import (TrainingError, UpdateTerms, _micro_batches, _prepare_run_dir, _step_record, eval_params,
+                             eval_prompts, eval_scores, micro_loss, new_totals, prompt_indices, run_summary, step_record,
+                             step_seed, update_stats, verify_delivery, wants_reference)
 
 # The settings adapters of one job may differ in; every other key must be equal across the job.
 PACKABLE = ("run.output_dir", "run.seed", "lora.lora_rank", "lora.lora_alpha", "lora.target_modules", "train.lr",
@@ -116,9 +117,9 @@ class MultiLoRAPolicy:
         # Eval mode even with grad: peft refuses per-row adapters in training mode, and without dropout or
         # activation checkpointing (refused in packed jobs) both modes compute the same.
         self.model.eval()
-        with torch.set_grad_enabled(with_grad):
-            return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy, chunked=self.chunked,
-                                  adapter_names=adapter_names)
+        rows = contextlib.nullcontext() if adapter_names is None else adapter_rows(self.model, row_segments(adapter_names))
+        with torch.set_grad_enabled(with_grad), rows:
+            return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy, chunked=self.chunked)
 
     @contextlib.contextmanager
     def reference(self):
@@ -189,15 +190,31 @@ def multi_update(policy: MultiLoRAPolicy, batch, owners: list[int], behaviour: t
             for k, r in enumerate(rows)]
 
 
-def _make_engine(config: Config, policy: MultiLoRAPolicy, tokenizer, base_dir: Path, run_dir: Path):
-    if config.rollout.engine == "embedded":
+def _make_engine(configs: list[Config], policy: MultiLoRAPolicy, tokenizer, base_dir: Path, run_dir: Path):
+    if configs[0].rollout.engine == "embedded":
         from lora_rl.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine(policy.model, tokenizer)  # no merge context: K adapters cannot be folded into one
     from lora_rl.rollout.vllm_inprocess import VLLMEngine
 
-    return VLLMEngine(base_model_dir=base_dir, model=policy.model, config=config, run_dir=run_dir,
+    # vLLM's LoRA slots are sized for the largest rank of the job.
+    largest = max(configs, key=lambda c: c.lora.lora_rank)
+    return VLLMEngine(base_model_dir=base_dir, model=policy.model, config=largest, run_dir=run_dir,
                       adapters=policy.names)
+
+
+class _OneAdapter:
+    """Adapter `name` of the job seen as the engine and the backend of `trainer.verify_delivery`."""
+
+    def __init__(self, engine, policy: MultiLoRAPolicy, name: str):
+        self.engine, self.policy, self.name = engine, policy, name
+        self.needs_adapter = engine.needs_adapter
+
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[float]]:
+        return self.engine.score(sequences, prompt_lengths, adapter=self.name)
+
+    def logprobs(self, batch, temperature: float, with_grad: bool):
+        return self.policy.logprobs(batch, [self.name] * len(batch), temperature, with_grad)
 
 
 def _publish(engine, policy: MultiLoRAPolicy, version: int, base_dir: Path) -> list[int]:
@@ -248,7 +265,7 @@ def train_multi(configs: list[Config]) -> list[dict]:
     K = len(configs)
     logs = [MetricsLog(run_dir / "metrics.jsonl") for run_dir in run_dirs]
     sizes = [policy.adapter_sizes(k) for k in range(K)]
-    engine = _make_engine(config, policy, tokenizer, base_dir, run_dirs[0])  # adapter versions: in the first run
+    engine = _make_engine(configs, policy, tokenizer, base_dir, run_dirs[0])  # adapter versions: in the first run
     try:
         _publish(engine, policy, 0, base_dir)
         before = _evaluate(engine, policy, tokenizer, eval_sets, reward_fn, config)
@@ -284,7 +301,18 @@ def train_multi(configs: list[Config]) -> list[dict]:
                 stats = multi_update(policy, batch, owners, behaviour, torch.cat(advantages), configs)
             with timer.phase("sync"):
                 synced = _publish(engine, policy, step + 1, base_dir)
-            timer.seconds["verify"] = 0.0
+            with timer.phase("verify"):
+                delivery = []
+                for k, name in enumerate(policy.names):
+                    view = _OneAdapter(engine, policy, name)
+                    delivery.append(verify_delivery(view, view, requests[k].prompts, completions[k], config))
+            for k, diff in enumerate(delivery):
+                if diff is not None and diff > sync_threshold(config):
+                    raise TrainingError(
+                        f"step {step + 1}: after publishing version {step + 1} of {policy.names[k]} "
+                        f"({configs[k].run.output_dir}), {engine.name} log-probs differ from the trainer's by "
+                        f"{diff:.2e} on average (limit {sync_threshold(config):.0e}, rollout.max_sync_logprob_diff): "
+                        "the engine is not serving the adapter just trained")
             start = 0
             totals = []
             for k, comps in enumerate(completions):
@@ -297,7 +325,7 @@ def train_multi(configs: list[Config]) -> list[dict]:
             if config.eval.every and (step + 1) % config.eval.every == 0:
                 scores = _evaluate(engine, policy, tokenizer, eval_sets, reward_fn, config)
             for k in range(K):
-                record = step_record(step, totals[k][0], timer.seconds, generated, tokens, synced[k], None, 0,
+                record = step_record(step, totals[k][0], timer.seconds, generated, tokens, synced[k], delivery[k], 0,
                                      sizes[k][0], sizes[k][1], wall_start)
                 record["packed_adapters"] = K
                 if scores is not None:

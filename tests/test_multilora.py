@@ -54,19 +54,31 @@ def test_each_adapter_starts_as_its_solo_run_starts():
         assert all(torch.equal(p, solo[n]) for n, p in own.items()), name
 
 
-def test_mixed_batch_gradients_equal_each_adapters_own():
+def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own():
+    """Rows of several adapters in one forward/backward (`adapter_rows`) against each adapter alone through
+    peft's own single-adapter forward; a base-model segment gets no adapter."""
+    from lora_rl.lora import adapter_rows, row_segments
+
     model = inject_adapters(_tiny_model(), ADAPTERS)
     _randomise_b(model)
-    model.eval()  # peft's per-row adapters; no dropout in these adapters
-    x = torch.randint(0, 40, (6, 7), generator=torch.Generator().manual_seed(0))
-    names = ["adapter0", "adapter1", "adapter1", "adapter0", "adapter1", "adapter0"]
-    weights = torch.randn(6, 7, 40, generator=torch.Generator().manual_seed(1))
-    (model(input_ids=x, adapter_names=names).logits * weights).sum().backward()
+    x = torch.randint(0, 40, (7, 6), generator=torch.Generator().manual_seed(0))
+    names = ["adapter1", "adapter0", "adapter0", "adapter1", "adapter1", "adapter0", None]
+    weights = torch.randn(7, 6, 40, generator=torch.Generator().manual_seed(1))
+    with adapter_rows(model, row_segments(names)):
+        mixed_logits = model(input_ids=x).logits
+    (mixed_logits * weights).sum().backward()
     mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    for name, _, _ in ADAPTERS:
+    for name in ("adapter0", "adapter1", None):
         rows = [i for i, n in enumerate(names) if n == name]
-        (model(input_ids=x[rows], adapter_names=[name] * len(rows)).logits * weights[rows]).sum().backward()
+        if name is None:
+            with model.disable_adapter():
+                logits = model(input_ids=x[rows]).logits
+        else:
+            model.base_model.set_adapter(name)
+            logits = model(input_ids=x[rows]).logits
+            (logits * weights[rows]).sum().backward()
+        assert torch.allclose(mixed_logits[rows], logits, atol=1e-6), name
     alone = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert mixed.keys() == alone.keys() and len(mixed) == 2 * (14 + 4)  # A and B of 14 + 4 adapted layers
     for n in mixed:
@@ -181,3 +193,28 @@ def test_sweep_pack_gives_the_table_of_separate_runs(tmp_path, random_model_dir)
     assert [len(s.get("pack", [])) for s in packed] == [4, 4, 4, 4, 0]
     again = run_sweep(spec, pack=True, log=lines.append)
     assert len(again) == 5 and sum("skipped" in line for line in lines) == 5
+
+
+def test_packed_job_with_real_vllm(vllm_warm_model_dir, tmp_path):
+    """One in-process vLLM engine serves both adapters at once (max_loras 2), each request with its own adapter's
+    newest version: behaviour log-probs match the trainer's per adapter, and every sync is verified."""
+    from lora_rl.multi import train_multi
+
+    configs = [load_config(None, [f"model.path={vllm_warm_model_dir}", f"run.output_dir={tmp_path / name}",
+                                  "run.progress=false", "rollout.engine=vllm", "rollout.prompts_per_step=8",
+                                  "rollout.group_size=4", "rollout.max_new_tokens=12", "task.difficulty=1",
+                                  "eval.size=8", "run.steps=2", "train.lr=5e-3", *own])
+               for name, own in (("a", ["lora.lora_rank=8", "run.seed=1"]),
+                                 ("b", ["lora.lora_rank=16", "lora.target_modules=[q_proj,v_proj]", "run.seed=2"]))]
+    summaries = train_multi(configs)
+    for config, summary in zip(configs, summaries, strict=True):
+        out = tmp_path / config.run.output_dir
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["version"] for r in records] == [1, 2]
+        for r in records:
+            assert 0 < r["sync_bytes"] < 200_000
+            assert r["sync_logprob_diff"] < 1e-4  # the engine serves this adapter's version just trained
+            assert r["logprob_diff"] < 1e-4  # behaviour (vLLM, this adapter) == the trainer's proximal log-probs
+        assert summary["steps_done"] == 2
+    assert summaries[0]["trainable_params"] != summaries[1]["trainable_params"]
+    assert not (tmp_path / "a" / "rollout_adapters").exists()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_rl import distributed
+from lora_rl.lora import adapter_rows
 from lora_rl.rollout.base import AdapterRequest, Completion, SamplingParams, SyncStats
 
 
@@ -42,18 +43,24 @@ def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id:
 
     Each request draws from a generator seeded with its own `params.seed` over its own rows, so a
     request samples what it would sample alone. With adapter names (a model holding several peft
-    adapters), each row goes through its request's adapter (peft's mixed-adapter batches)."""
+    adapters), each row goes through its request's adapter (`lora.adapter_rows`)."""
     first = requests[0].params
     for r in requests:
         if (r.params.max_new_tokens, r.params.temperature, r.params.top_p) != \
                 (first.max_new_tokens, first.temperature, first.top_p):
             raise ValueError("requests sampled in one batch must share max_new_tokens, temperature and top_p")
-    device = next(model.parameters()).device
     rows = [p for r in requests for p in r.prompts for _ in range(r.params.n)]
     bounds = list(itertools.accumulate((len(r.prompts) * r.params.n for r in requests), initial=0))
     named = any(r.adapter is not None for r in requests)
-    extra = {"adapter_names": [r.adapter or "__base__" for r in requests
-                               for _ in range(len(r.prompts) * r.params.n)]} if named else {}
+    segments = [(r.adapter, len(r.prompts) * r.params.n) for r in requests]
+    with adapter_rows(model, segments) if named else contextlib.nullcontext():
+        return _sample_rows(model, requests, rows, bounds, eos_id=eos_id, pad_id=pad_id, versions=versions)
+
+
+def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], bounds: list[int], *, eos_id: int,
+                 pad_id: int, versions: list[int]) -> list[list[Completion]]:
+    first = requests[0].params
+    device = next(model.parameters()).device
     batch, width = len(rows), max(len(p) for p in rows)
     # Left-pad so every row's next token is at the last column; positions skip the padding.
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
@@ -66,7 +73,7 @@ def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id:
 
     was_training = model.training
     model.eval()
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **extra)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]  # [B, V]
     next_pos = positions[:, -1] + 1  # [B]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -93,7 +100,7 @@ def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id:
             break
         attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True, **extra)
+                    past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
     if was_training:

