@@ -18,8 +18,9 @@ from lora_rl.rollout import AdapterRequest, SamplingParams
 
 # An adapter of a packed job against its solo run (same settings and seed), CPU float32, 3 steps: the same
 # samples and rewards, float statistics within this relative tolerance, adapter weights within this absolute
-# one. Measured: statistics within 2e-6 relative, weights within 1.3e-5 (AdamW's first steps move every
-# weight by about lr, so a rounding-level gradient difference shows there first).
+# one. Measured over 10 steps: the same samples and rewards at every step, statistics within 1e-6, weights
+# within 1.3e-5 of LoRA B values up to 0.044 (AdamW's first steps move every weight by about lr, so a
+# rounding-level gradient difference shows there first).
 STATS_RTOL = 1e-4
 WEIGHTS_ATOL = 1e-4
 EXACT = ("step", "version", "reward_mean", "reward_std", "accuracy", "format_rate", "response_length",
