@@ -146,7 +146,7 @@ class Packed:
 def measure(args, device, dtype: str, sync) -> list[dict]:
     """Both sides built up front, then step by step in turn (the K runs' step i, then the job's step i), so a
     change in the machine's load hits both alike."""
-    packed_micro = args.packed_micro or args.micro * len(args.ranks)
+    packed_micro = args.packed_micro or args.micro
     sides = {"sequential": [Solo(args, device, dtype, c) for c in _configs(args, dtype, args.micro)],
              "packed": [Packed(args, device, dtype, _configs(args, dtype, packed_micro))]}
     seconds = {name: [0.0, 0.0] for name in sides}
@@ -172,7 +172,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--micro", type=int, default=64, help="rows per forward of a single-adapter run")
-    parser.add_argument("--packed-micro", type=int, default=0, help="rows per forward of the packed job (0: K x micro)")
+    parser.add_argument("--packed-micro", type=int, default=0,
+                        help="rows per forward of the packed job (0: --micro, the same memory per forward)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

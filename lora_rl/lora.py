@@ -125,15 +125,39 @@ def _segment_forward(layer, segments: list[tuple[str | None, int]], x: torch.Ten
     """A LoRA linear whose rows go through different adapters: the base output plus, for each segment of
     consecutive rows, that segment's adapter (rows of an adapter this layer does not hold, or None, get none)."""
     result = layer.base_layer(x, *args, **kwargs)  # [B, T, out]
-    parts, start = [], 0
+    deltas, start = [], 0
     for name, rows in segments:
-        part = result[start:start + rows]  # slices are views: no gather
         if name in layer.lora_A:
-            lora_in = layer.lora_dropout[name](x[start:start + rows])
-            part = part + layer.lora_B[name](layer.lora_A[name](lora_in)) * layer.scaling[name]
-        parts.append(part)
+            lora_in = layer.lora_dropout[name](x[start:start + rows])  # a slice is a view: no gather
+            deltas.append(layer.lora_B[name](layer.lora_A[name](lora_in)) * layer.scaling[name])
+        else:
+            deltas.append(result.new_zeros(rows, *result.shape[1:]))
         start += rows
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    # One add of all deltas: backward hands each segment a view of the gradient (no full-size zeros per segment).
+    return result + (deltas[0] if len(deltas) == 1 else torch.cat(deltas))
+
+
+def _stacked_forward(layer, stacked: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, *args, **kwargs):
+    """The same for K equal segments, every row through an adapter, without grad (sampling): two batched
+    matmuls over all K adapters at once, whatever K. stacked: A [K, r, in] and scaled B [K, out, r], each
+    adapter zero-padded to the largest rank r (zeros add exact zeros) and zero where it has no LoRA here."""
+    a, b = stacked
+    result = layer.base_layer(x, *args, **kwargs)  # [K*n, T, out]
+    rows = x.reshape(a.shape[0], -1, x.shape[-1])  # [K, n*T, in]: the segments are consecutive rows
+    return result + torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)).reshape(result.shape)
+
+
+def _stack_adapters(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = layer.get_base_layer().weight  # [out, in]
+    rank = max((layer.lora_A[n].weight.shape[0] for n in names if n in layer.lora_A), default=1)
+    a = weight.new_zeros(len(names), rank, weight.shape[1])
+    b = weight.new_zeros(len(names), weight.shape[0], rank)
+    for k, name in enumerate(names):
+        if name in layer.lora_A:
+            r = layer.lora_A[name].weight.shape[0]
+            a[k, :r] = layer.lora_A[name].weight
+            b[k, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
+    return a, b
 
 
 @contextlib.contextmanager
@@ -142,13 +166,19 @@ def adapter_rows(model: PeftModel, segments: list[tuple[str | None, int]]):
     several (multi-LoRA jobs): `segments` lists (adapter name or None for the base, rows) in row order.
 
     peft's own mixed-adapter batches (`adapter_names=`) are refused in training mode and, in eval mode,
-    gather and scatter every row list through index ops at each layer - 40% of a CPU forward/backward in
+    gather and scatter every row list through index ops at each layer - about 40% of a CPU forward/backward in
     our profile. Rows of one adapter here are consecutive, so each adapter reads and adds to a slice."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    names = [name for name, _ in segments]
+    # Sampling (no grad, K equal segments, every row adapted): each layer's adapters are stacked once for
+    # the whole context, so a decoding step costs two batched matmuls per layer instead of 2K small ones.
+    stack = not torch.is_grad_enabled() and len(set(names)) == len(names) > 1 and None not in names \
+        and len({rows for _, rows in segments}) == 1
     for layer in layers:
-        layer.forward = functools.partial(_segment_forward, layer, segments)
+        layer.forward = functools.partial(_stacked_forward, layer, _stack_adapters(layer, names)) if stack else \
+            functools.partial(_segment_forward, layer, segments)
     try:
         yield
     finally:

@@ -86,6 +86,25 @@ def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own():
         assert torch.allclose(mixed[n], alone[n], atol=1e-6, rtol=1e-5), n
 
 
+def test_stacked_sampling_forward_equals_the_segment_forward():
+    """Without grad and with equal segments, adapters are applied by two batched matmuls (ranks zero-padded)."""
+    from lora_rl.lora import adapter_rows
+
+    model = inject_adapters(_tiny_model(), ADAPTERS)
+    _randomise_b(model)
+    x = torch.randint(0, 40, (6, 5), generator=torch.Generator().manual_seed(0))
+    segments = [("adapter0", 3), ("adapter1", 3)]
+    with torch.no_grad():
+        with adapter_rows(model, segments):
+            stacked = model(input_ids=x).logits
+        with torch.enable_grad(), adapter_rows(model, segments):  # grad on: the segment forward
+            looped = model(input_ids=x).logits.detach()
+    assert torch.allclose(stacked, looped, atol=1e-5)
+    with torch.no_grad():
+        model.base_model.set_adapter("adapter1")
+        assert torch.allclose(stacked[3:], model(input_ids=x[3:]).logits, atol=1e-5)
+
+
 def test_grouped_sampling_draws_what_each_request_draws_alone():
     from lora_rl.rollout.embedded import sample_groups
 
