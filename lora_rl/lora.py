@@ -104,9 +104,12 @@ def inject_adapters(model: nn.Module, adapters: list[tuple[str, LoRAConfig, int]
         if peft_model is None:
             peft_model = get_peft_model(model, peft_config, adapter_name=name, autocast_adapter_dtype=False)
         else:
-            peft_model.add_adapter(name, peft_config, autocast_adapter_dtype=False)
+            peft_model.add_adapter(name, peft_config)  # adapters are cast to the model dtype below
+    dtype = next(p.dtype for n, p in peft_model.named_parameters() if "lora_" not in n)
     for param_name, param in peft_model.named_parameters():  # peft leaves only the active adapter trainable
         param.requires_grad = ".lora_A." in param_name or ".lora_B." in param_name
+        if param.requires_grad and param.dtype != dtype:  # add_adapter may upcast 16-bit adapters to float32
+            param.data = param.data.to(dtype)
     return peft_model
 
 

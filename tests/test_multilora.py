@@ -55,6 +55,11 @@ def test_each_adapter_starts_as_its_solo_run_starts():
         assert all(torch.equal(p, solo[n]) for n, p in own.items()), name
 
 
+def test_adapters_stay_in_the_model_dtype():
+    model = inject_adapters(_tiny_model().to(torch.bfloat16), ADAPTERS)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+
+
 def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own():
     """Rows of several adapters in one forward/backward (`adapter_rows`) against each adapter alone through
     peft's own single-adapter forward; a base-model segment gets no adapter."""
