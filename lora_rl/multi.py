@@ -238,6 +238,50 @@ def _evaluate(engine, policy, tokenizer, eval_sets, reward_fn, config: Config) -
             for completions, problems in zip(engine.generate_adapters(requests), eval_sets, strict=True)]
 
 
+def _requests(configs, policy, train_sets, prompt_cache, tokenizer, step: int):
+    """Each adapter's prompts of the step (its own seeded stream, as in its single run) and problem indices."""
+    rp = configs[0].rollout
+    requests, indices = [], []
+    for k, c in enumerate(configs):
+        ids = prompt_indices(len(train_sets[k]), rp.prompts_per_step, step, c.run.seed)
+        for i in ids:
+            if i not in prompt_cache[k]:
+                prompt_cache[k][i] = encode(tokenizer, format_prompt(train_sets[k][i].question, tokenizer))
+        indices.append(ids)
+        requests.append(AdapterRequest(
+            adapter=policy.names[k], prompts=[prompt_cache[k][i] for i in ids],
+            params=SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
+                                  top_p=rp.top_p, seed=step_seed(c.run.seed, step))))
+    return requests, indices
+
+
+def _update_batch(requests, completions, pad_id: int):
+    """All adapters' sequences, adapter by adapter: the batch, behaviour log-probs [B, T-1], each row's adapter."""
+    flat = [(k, requests[k].prompts[c.prompt_index], c) for k, comps in enumerate(completions) for c in comps]
+    batch = make_batch([p for _, p, _ in flat], [c.token_ids for _, _, c in flat], pad_id)
+    behaviour = torch.zeros_like(batch.completion_mask)
+    for row, (_, prompt, c) in enumerate(flat):
+        behaviour[row, len(prompt) - 1:len(prompt) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
+    return batch, behaviour, [k for k, _, _ in flat]
+
+
+def _verify(engine, policy: MultiLoRAPolicy, requests, completions, configs: list[Config], step: int):
+    """`trainer.verify_delivery` per adapter; stops the job when an adapter's engine scores are off."""
+    config = configs[0]
+    delivery = []
+    for k, name in enumerate(policy.names):
+        view = _OneAdapter(engine, policy, name)
+        diff = verify_delivery(view, view, requests[k].prompts, completions[k], config)
+        if diff is not None and diff > sync_threshold(config):
+            raise TrainingError(
+                f"step {step + 1}: after publishing version {step + 1} of {name} ({configs[k].run.output_dir}), "
+                f"{engine.name} log-probs differ from the trainer's by {diff:.2e} on average (limit "
+                f"{sync_threshold(config):.0e}, rollout.max_sync_logprob_diff): the engine is not serving the "
+                "adapter just trained")
+        delivery.append(diff)
+    return delivery
+
+
 def train_multi(configs: list[Config]) -> list[dict]:
     """Train one adapter per config in one job over one base model; one summary per config (also written
     to each run folder's summary.json, as `trainer.train` writes it)."""
@@ -272,47 +316,22 @@ def train_multi(configs: list[Config]) -> list[dict]:
         prompt_cache: list[dict[int, list[int]]] = [{} for _ in configs]
         for step in range(config.run.steps):
             timer = Timer()
-            requests, indices = [], []
-            for k, c in enumerate(configs):
-                ids = prompt_indices(len(train_sets[k]), rp.prompts_per_step, step, c.run.seed)
-                for i in ids:
-                    if i not in prompt_cache[k]:
-                        prompt_cache[k][i] = encode(tokenizer, format_prompt(train_sets[k][i].question, tokenizer))
-                indices.append(ids)
-                requests.append(AdapterRequest(
-                    adapter=policy.names[k], prompts=[prompt_cache[k][i] for i in ids],
-                    params=SamplingParams(n=rp.group_size, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
-                                          top_p=rp.top_p, seed=step_seed(c.run.seed, step))))
+            requests, indices = _requests(configs, policy, train_sets, prompt_cache, tokenizer, step)
             with timer.phase("rollout"):
                 completions = engine.generate_adapters(requests)
-            texts, rewards, advantages = [], [], []
-            for k, comps in enumerate(completions):
-                texts.append([tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps])
-                rewards.append(torch.tensor([reward_fn(t, train_sets[k][indices[k][c.prompt_index]].reference)
-                                             for t, c in zip(texts[k], comps, strict=True)]))
-                advantages.append(grpo.group_advantages(rewards[k], rp.group_size, scale_std=config.grpo.scale_std))
-            flat = [(k, requests[k].prompts[c.prompt_index], c) for k, comps in enumerate(completions) for c in comps]
-            batch = make_batch([p for _, p, _ in flat], [c.token_ids for _, _, c in flat], tokenizer.pad_token_id)
-            behaviour = torch.zeros_like(batch.completion_mask)
-            for row, (_, prompt, c) in enumerate(flat):
-                behaviour[row, len(prompt) - 1:len(prompt) - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
-            owners = [k for k, _, _ in flat]
+            texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps] for comps in completions]
+            rewards = [torch.tensor([reward_fn(t, train_sets[k][indices[k][c.prompt_index]].reference)
+                                     for t, c in zip(texts[k], comps, strict=True)])
+                       for k, comps in enumerate(completions)]
+            advantages = torch.cat([grpo.group_advantages(r, rp.group_size, scale_std=config.grpo.scale_std)
+                                    for r in rewards])
+            batch, behaviour, owners = _update_batch(requests, completions, tokenizer.pad_token_id)
             with timer.phase("update"):
-                stats = multi_update(policy, batch, owners, behaviour, torch.cat(advantages), configs)
+                stats = multi_update(policy, batch, owners, behaviour, advantages, configs)
             with timer.phase("sync"):
                 synced = _publish(engine, policy, step + 1, base_dir)
             with timer.phase("verify"):
-                delivery = []
-                for k, name in enumerate(policy.names):
-                    view = _OneAdapter(engine, policy, name)
-                    delivery.append(verify_delivery(view, view, requests[k].prompts, completions[k], config))
-            for k, diff in enumerate(delivery):
-                if diff is not None and diff > sync_threshold(config):
-                    raise TrainingError(
-                        f"step {step + 1}: after publishing version {step + 1} of {policy.names[k]} "
-                        f"({configs[k].run.output_dir}), {engine.name} log-probs differ from the trainer's by "
-                        f"{diff:.2e} on average (limit {sync_threshold(config):.0e}, rollout.max_sync_logprob_diff): "
-                        "the engine is not serving the adapter just trained")
+                delivery = _verify(engine, policy, requests, completions, configs, step)
             start = 0
             totals = []
             for k, comps in enumerate(completions):
