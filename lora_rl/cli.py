@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sweep", help="run a grid/list of configs through notebooks/03_run.ipynb (papermill)")
     p.add_argument("spec", help="sweep YAML, e.g. examples/sweep_rank.yaml")
     p.add_argument("--retry-failed", action="store_true", help="re-run points that failed or timed out before")
+    p.add_argument("--pack", action="store_true",
+                   help="train points that differ only in LoRA settings (rank, alpha, target modules, lr, seed) "
+                        "together: one multi-LoRA job over one copy of the base model")
     p = sub.add_parser("plot", help="comparison plots (PNG and SVG) of a sweep's results")
     p.add_argument("results", help="sweep folder, or its results.csv / results.parquet")
     p.add_argument("--out", default=None, help="folder for the plots (default: <sweep folder>/plots)")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from lora_rl.sweep import run_sweep
 
-            table = run_sweep(args.spec, retry_failed=args.retry_failed)
+            table = run_sweep(args.spec, retry_failed=args.retry_failed, pack=args.pack)
             failed = int((table["status"] != "ok").sum()) if len(table) else 0
             print(f"{len(table) - failed} points ok, {failed} failed; results in "
                   f"{Path(load_spec(args.spec).output_dir) / 'results.csv'} (and .parquet)")

@@ -9,6 +9,7 @@ models are refused (lora-rl trains dense models only).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -95,19 +96,127 @@ def check_model(model: nn.Module, lora: LoRAConfig) -> None:
         resolve_targets(model, lora)
 
 
-def inject_lora(model: nn.Module, lora: LoRAConfig) -> PeftModel:
-    """Wrap `model` with trainable LoRA adapters; base weights are frozen."""
-    check_dense(model.config)
-    peft_config = LoraConfig(
+def _peft_config(lora: LoRAConfig, targets: str | list[str]) -> LoraConfig:
+    return LoraConfig(
         r=lora.lora_rank,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
-        target_modules=resolve_targets(model, lora),
+        target_modules=targets,
         bias="none",  # vLLM and SGLang refuse adapters with bias
         task_type="CAUSAL_LM",
     )
+
+
+def inject_lora(model: nn.Module, lora: LoRAConfig) -> PeftModel:
+    """Wrap `model` with trainable LoRA adapters; base weights are frozen."""
+    check_dense(model.config)
     # autocast_adapter_dtype=False keeps adapters in the base dtype instead of float32.
-    return get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    return get_peft_model(model, _peft_config(lora, resolve_targets(model, lora)), autocast_adapter_dtype=False)
+
+
+def inject_adapters(model: nn.Module, adapters: list[tuple[str, LoRAConfig, int]]) -> PeftModel:
+    """Several named, trainable adapters (name, settings, seed) over one frozen copy of `model`.
+
+    Each adapter's initialisation is seeded with its own seed just before it is added, so it starts
+    exactly where `inject_lora` after `torch.manual_seed(seed)` starts (the draws come in the same
+    module order). Targets are resolved on the plain model first: `all-linear` becomes the explicit
+    list of the model's linear layers, because once a layer holds an adapter peft no longer sees it
+    as a linear layer."""
+    check_dense(model.config)
+    all_linear = linear_module_names(model)
+    configs = []
+    for name, lora, seed in adapters:
+        targets = resolve_targets(model, lora)
+        configs.append((name, _peft_config(lora, all_linear if targets == "all-linear" else targets), seed))
+    peft_model = None
+    for name, peft_config, seed in configs:
+        torch.manual_seed(seed)
+        if peft_model is None:
+            peft_model = get_peft_model(model, peft_config, adapter_name=name, autocast_adapter_dtype=False)
+        else:
+            peft_model.add_adapter(name, peft_config)  # adapters are cast to the model dtype below
+    dtype = next(p.dtype for n, p in peft_model.named_parameters() if "lora_" not in n)
+    for param_name, param in peft_model.named_parameters():  # peft leaves only the active adapter trainable
+        param.requires_grad = ".lora_A." in param_name or ".lora_B." in param_name
+        if param.requires_grad and param.dtype != dtype:  # add_adapter may upcast 16-bit adapters to float32
+            param.data = param.data.to(dtype)
+    return peft_model
+
+
+def row_segments(names: list[str | None]) -> list[tuple[str | None, int]]:
+    """Run-length encoding of each row's adapter: [(adapter, consecutive rows), ...] in row order."""
+    segments: list[tuple[str | None, int]] = []
+    for name in names:
+        if segments and segments[-1][0] == name:
+            segments[-1] = (name, segments[-1][1] + 1)
+        else:
+            segments.append((name, 1))
+    return segments
+
+
+def _segment_forward(layer, segments: list[tuple[str | None, int]], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoRA linear whose rows go through different adapters: the base output plus, for each segment of
+    consecutive rows, that segment's adapter (rows of an adapter this layer does not hold, or None, get none)."""
+    result = layer.base_layer(x, *args, **kwargs)  # [B, T, out]
+    deltas, start = [], 0
+    for name, rows in segments:
+        if name in layer.lora_A:
+            lora_in = layer.lora_dropout[name](x[start:start + rows])  # a slice is a view: no gather
+            deltas.append(layer.lora_B[name](layer.lora_A[name](lora_in)) * layer.scaling[name])
+        else:
+            deltas.append(result.new_zeros(rows, *result.shape[1:]))
+        start += rows
+    # One add of all deltas: backward hands each segment a view of the gradient (no full-size zeros per segment).
+    return result + (deltas[0] if len(deltas) == 1 else torch.cat(deltas))
+
+
+def _stacked_forward(layer, stacked: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, *args, **kwargs):
+    """The same for K equal segments, every row through an adapter, without grad (sampling): two batched
+    matmuls over all K adapters at once, whatever K. stacked: A [K, r, in] and scaled B [K, out, r], each
+    adapter zero-padded to the largest rank r (zeros add exact zeros) and zero where it has no LoRA here."""
+    a, b = stacked
+    result = layer.base_layer(x, *args, **kwargs)  # [K*n, T, out]
+    rows = x.reshape(a.shape[0], -1, x.shape[-1])  # [K, n*T, in]: the segments are consecutive rows
+    return result + torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)).reshape(result.shape)
+
+
+def _stack_adapters(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = layer.get_base_layer().weight  # [out, in]
+    rank = max((layer.lora_A[n].weight.shape[0] for n in names if n in layer.lora_A), default=1)
+    a = weight.new_zeros(len(names), rank, weight.shape[1])
+    b = weight.new_zeros(len(names), weight.shape[0], rank)
+    for k, name in enumerate(names):
+        if name in layer.lora_A:
+            r = layer.lora_A[name].weight.shape[0]
+            a[k, :r] = layer.lora_A[name].weight
+            b[k, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
+    return a, b
+
+
+@contextlib.contextmanager
+def adapter_rows(model: PeftModel, segments: list[tuple[str | None, int]]):
+    """Within this context, row segments of every batch go through their own adapters of a model holding
+    several (multi-LoRA jobs): `segments` lists (adapter name or None for the base, rows) in row order.
+
+    peft's own mixed-adapter batches (`adapter_names=`) are refused in training mode and, in eval mode,
+    gather and scatter every row list through index ops at each layer - about 40% of a CPU forward/backward in
+    our profile. Rows of one adapter here are consecutive, so each adapter reads and adds to a slice."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    names = [name for name, _ in segments]
+    # Sampling (no grad, K equal segments, every row adapted): each layer's adapters are stacked once for
+    # the whole context, so a decoding step costs two batched matmuls per layer instead of 2K small ones.
+    stack = not torch.is_grad_enabled() and len(set(names)) == len(names) > 1 and None not in names \
+        and len({rows for _, rows in segments}) == 1
+    for layer in layers:
+        layer.forward = functools.partial(_stacked_forward, layer, _stack_adapters(layer, names)) if stack else \
+            functools.partial(_segment_forward, layer, segments)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -120,18 +229,23 @@ def adapter_bytes(model: nn.Module) -> int:
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path, base_model_path: str | Path,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                 state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default") -> Path:
     """Write a standard PEFT folder (adapter_config.json + adapter_model.safetensors) atomically.
 
     `base_model_name_or_path` points at the base model folder, so `PeftModel.from_pretrained` and
     vLLM's `--lora-modules` find the base. The folder is built beside the target and renamed into
-    place, so a crash never leaves a half-written adapter under the final name.
+    place, so a crash never leaves a half-written adapter under the final name. Of a model holding
+    several adapters, `adapter_name` is written alone, as a plain single-adapter folder.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, selected_adapters=[adapter_name])
+        if adapter_name != "default":  # peft writes a named adapter into a subfolder of its own
+            for item in (tmp / adapter_name).iterdir():
+                os.replace(item, tmp / item.name)
+            (tmp / adapter_name).rmdir()
         cfg_path = tmp / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = str(Path(base_model_path).resolve())

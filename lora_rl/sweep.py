@@ -161,7 +161,12 @@ def run_recipe(recipe: str, overrides: list[str], *, output_dir: str, result_pat
     from lora_rl.trainer import train
 
     config = load_config(recipe or None, [*overrides, f"run.output_dir={output_dir}", f"run.progress={progress}"])
-    summary = train(config)
+    return write_result(config, train(config), result_path)
+
+
+def write_result(config, summary: dict, result_path: str = "") -> dict:
+    """The JSON result of a finished run (summary, full config, metric aggregates): what `collect` reads."""
+    output_dir = config.run.output_dir
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     result = {"config": config_to_dict(config), "summary": summary, "metrics": _aggregate(records)}
     path = Path(result_path) if result_path else Path(output_dir) / "result.json"
@@ -197,37 +202,104 @@ def _point_command(spec: SweepSpec, point: Point, folder: Path) -> list[str]:
             str(folder / "params.yaml"), "-k", "python3", "--cwd", str(REPO_ROOT), "--no-progress-bar"]
 
 
-def run_point(spec: SweepSpec, point: Point) -> dict:
-    """Run one point in processes of its own; returns and writes its status. Never raises for the point's
-    own failure: a crash or a timeout is recorded with its reason."""
+def _fresh_folder(spec: SweepSpec, point: Point) -> Path:
     folder = Path(spec.output_dir) / "points" / point.id
     if folder.exists():
         shutil.rmtree(folder)  # a point re-run starts clean (finished points are never re-run)
     folder.mkdir(parents=True)
-    start = time.perf_counter()
-    log_path = folder / "papermill.log"
+    return folder
+
+
+def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -> tuple[str, int | None]:
+    """Run `command` in a process group of its own, output to `log_path`; ("ok" | "timeout", exit code).
+    Whatever it leaves behind (a kernel orphaned by a killed papermill, a vLLM server, torchrun ranks) is
+    killed with it."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(_point_command(spec, point, folder), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env=_point_environment(spec))
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, env=env)
         try:
-            code = process.wait(timeout=spec.timeout)
-            # Whatever the point left behind (a kernel orphaned by a killed papermill, a server) goes too.
+            code = process.wait(timeout=timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            status, reason = ("ok", "") if code == 0 and (folder / "result.json").exists() else (
-                "failed", _failure_reason(log_path, code))
+            return "ok", code
         except subprocess.TimeoutExpired:
-            # Kill papermill, its kernel and whatever the kernel started (a vLLM server, torchrun ranks).
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            status, reason = "timeout", f"killed after the sweep's timeout of {spec.timeout:g} s"
-    record = {"id": point.id, "status": status, "reason": reason, "seconds": time.perf_counter() - start,
-              "values": point.values, "overrides": list(point.overrides)}
+            return "timeout", None
+
+
+def _outcome(ran: str, code: int | None, folder: Path, log_path: Path, timeout: float) -> tuple[str, str]:
+    if ran == "timeout":
+        return "timeout", f"killed after the sweep's timeout of {timeout:g} s"
+    if code == 0 and (folder / "result.json").exists():
+        return "ok", ""
+    return "failed", _failure_reason(log_path, code)
+
+
+def _write_status(folder: Path, point: Point, status: str, reason: str, seconds: float, **extra) -> dict:
+    record = {"id": point.id, "status": status, "reason": reason, "seconds": seconds,
+              "values": point.values, "overrides": list(point.overrides), **extra}
     from lora_rl.checkpoint import atomic_write_text
 
     atomic_write_text(folder / "status.json", json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def run_point(spec: SweepSpec, point: Point) -> dict:
+    """Run one point in processes of its own; returns and writes its status. Never raises for the point's
+    own failure: a crash or a timeout is recorded with its reason."""
+    folder = _fresh_folder(spec, point)
+    start = time.perf_counter()
+    log_path = folder / "papermill.log"
+    ran, code = _run_logged(_point_command(spec, point, folder), log_path, spec.timeout, _point_environment(spec))
+    status, reason = _outcome(ran, code, folder, log_path, spec.timeout)
+    return _write_status(folder, point, status, reason, time.perf_counter() - start)
+
+
+def run_pack(spec: SweepSpec, pack: tuple[Point, ...]) -> list[dict]:
+    """Run points that differ only in LoRA settings as one multi-LoRA job (`python -m lora_rl.multi`) over one
+    base model; each point still gets its own run folder, result.json and status.json. The job may take the
+    sweep's per-point timeout once per point."""
+    folders = [_fresh_folder(spec, point) for point in pack]
+    job = Path(spec.output_dir) / "packs" / f"pack-{hashlib.sha1(' '.join(p.id for p in pack).encode()).hexdigest()[:8]}"
+    job.mkdir(parents=True, exist_ok=True)
+    members = [{"overrides": list(point.overrides), "output_dir": str(folder / "run"),
+                "result_path": str(folder / "result.json")} for point, folder in zip(pack, folders, strict=True)]
+    (job / "pack.json").write_text(json.dumps({"recipe": spec.recipe, "members": members}, indent=2))
+    start = time.perf_counter()
+    timeout = spec.timeout * len(pack)
+    ran, code = _run_logged([sys.executable, "-m", "lora_rl.multi", str(job / "pack.json")], job / "job.log",
+                            timeout, _point_environment(spec))
+    seconds = time.perf_counter() - start
+    return [_write_status(folder, point, *_outcome(ran, code, folder, job / "job.log", timeout), seconds,
+                          pack=[p.id for p in pack])
+            for point, folder in zip(pack, folders, strict=True)]
+
+
+def plan_packs(spec: SweepSpec, points: list[Point]) -> tuple[list[tuple[Point, ...]], list[Point], list[str]]:
+    """Group points whose configs differ only in `lora_rl.multi.PACKABLE` keys (LoRA rank, alpha, target
+    modules, lr, weight decay, seed) into multi-LoRA jobs. Returns (packs, points to run alone, why each
+    point runs alone)."""
+    from lora_rl.multi import check_packable, shared_settings
+
+    groups: dict[str, list[tuple[Point, object]]] = {}
+    for point in points:
+        config = load_config(spec.recipe, [*point.overrides, f"run.output_dir=points/{point.id}"])
+        groups.setdefault(json.dumps(shared_settings(config), sort_keys=True, default=str), []).append((point, config))
+    packs, alone, notes = [], [], []
+    for members in groups.values():
+        if len(members) == 1:
+            alone.append(members[0][0])
+            notes.append(f"{members[0][0].id}: differs from every other point outside the LoRA settings")
+            continue
+        try:
+            check_packable([config for _, config in members])
+        except ConfigError as err:
+            alone.extend(point for point, _ in members)
+            notes.extend(f"{point.id}: not packable ({err})" for point, _ in members)
+            continue
+        packs.append(tuple(point for point, _ in members))
+    return packs, alone, notes
 
 
 def _point_environment(spec: SweepSpec) -> dict[str, str]:
@@ -256,8 +328,9 @@ def _status(spec: SweepSpec, point: Point) -> dict | None:
 # --- the whole sweep --------------------------------------------------------------------------------------
 
 
-def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, log=print):
-    """Run every point not yet finished; returns the results table (a pandas DataFrame)."""
+def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, pack: bool = False, log=print):
+    """Run every point not yet finished; returns the results table (a pandas DataFrame). With `pack`, points
+    that differ only in LoRA settings train together as one multi-LoRA job (`run_pack`)."""
     if not isinstance(spec, SweepSpec):
         spec = load_spec(spec)
     points = validate(spec)
@@ -270,14 +343,28 @@ def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, log=p
             log(f"sweep: {point.id}: {status['status']} earlier, skipped")
             continue
         todo.append(point)
-    log(f"sweep: {len(points)} points, {len(todo)} to run, {min(spec.parallel, max(len(todo), 1))} at a time "
-        f"({spec.executor})")
-    if todo:
+    jobs: list = list(todo)
+    if pack and todo:
+        packs, alone, notes = plan_packs(spec, todo)
+        jobs = [*packs, *alone]
+        for p in packs:
+            log(f"sweep: packing {len(p)} points into one multi-LoRA job: {', '.join(q.id for q in p)}")
+        for note in notes:
+            log(f"sweep: runs separately: {note}")
+    log(f"sweep: {len(points)} points, {len(todo)} to run as {len(jobs)} jobs, {min(spec.parallel, max(len(jobs), 1))} "
+        f"at a time ({spec.executor})")
+    if jobs:
         runner = _run_with_ray if spec.executor == "ray" else _run_with_processes
-        for record in runner(spec, todo):
-            log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
-                + (f" - {record['reason']}" if record["reason"] else ""))
+        for records in runner(spec, jobs):
+            for record in records:
+                log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
+                    + (f" - {record['reason']}" if record["reason"] else ""))
     return collect(spec)
+
+
+def run_job(spec: SweepSpec, job: Point | tuple[Point, ...]) -> list[dict]:
+    """One point, or a pack of points (a tuple), run in processes of their own; their status records."""
+    return run_pack(spec, job) if isinstance(job, tuple) else [run_point(spec, job)]
 
 
 def _spec_dict(spec: SweepSpec) -> dict:
@@ -285,13 +372,13 @@ def _spec_dict(spec: SweepSpec) -> dict:
             for name in SweepSpec.__dataclass_fields__}
 
 
-def _run_with_processes(spec: SweepSpec, todo: list[Point]):
+def _run_with_processes(spec: SweepSpec, jobs: list):
     # Threads only wait here: every point runs in processes of its own (papermill and its kernel).
     with ThreadPoolExecutor(spec.parallel) as pool:
-        yield from pool.map(lambda p: run_point(spec, p), todo)
+        yield from pool.map(lambda job: run_job(spec, job), jobs)
 
 
-def _run_with_ray(spec: SweepSpec, todo: list[Point]):
+def _run_with_ray(spec: SweepSpec, jobs: list):
     try:
         import ray
     except ImportError:
@@ -301,8 +388,8 @@ def _run_with_ray(spec: SweepSpec, todo: list[Point]):
         ray.init(address=spec.ray_address or None, include_dashboard=False, log_to_driver=False,
                  **({} if spec.ray_address else {"num_cpus": spec.parallel}))
     try:
-        remote = ray.remote(num_cpus=1)(run_point)
-        pending = [remote.remote(spec, p) for p in todo]
+        remote = ray.remote(num_cpus=1)(run_job)
+        pending = [remote.remote(spec, job) for job in jobs]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,15 +97,15 @@ def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages:
     # Proximal log-probs: the policy at the start of this update, recomputed by the trainer.
     proximal = torch.cat([backend.logprobs(batch.select(s), temp, with_grad=False)[0]
                           for s in _micro_batches(batch, micro)])
-    want_ref = config.lora.use_lora and (config.grpo.kl_coef > 0 or config.grpo.log_kl)
     reference = None
-    if want_ref:
+    if wants_reference(config):
         with backend.reference():
             reference = torch.cat([backend.logprobs(batch.select(s), temp, with_grad=False)[0]
                                    for s in _micro_batches(batch, micro)])
 
-    totals = {"loss": 0.0, "clip_fraction": 0.0, "importance_masked_fraction": 0.0, "entropy": 0.0}
-    grad_norms, skipped = [], 0
+    terms = UpdateTerms(proximal, reference, behaviour, advantages, mask)
+    totals = new_totals()
+    grad_norms = []
     mb_size = len(batch) // config.grpo.minibatches
     for mb_start in range(0, len(batch), mb_size):
         # Valid tokens of this minibatch on every rank: each rank's loss is its share of one global mean.
@@ -112,30 +113,61 @@ def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages:
         for s in _micro_batches(batch.select(slice(mb_start, mb_start + mb_size)), micro):
             rows = slice(mb_start + s.start, min(mb_start + s.stop, mb_start + mb_size))
             logp, entropy = backend.logprobs(batch.select(rows), temp, with_grad=True, with_entropy=True)
-            loss, _, stats = grpo.policy_loss(
-                logp, proximal[rows], advantages[rows], mask[rows],
-                clip_low=config.grpo.clip_low, clip_high=config.grpo.clip_high, global_tokens=global_tokens,
-                behaviour_logp=behaviour[rows], importance_cap=config.grpo.importance_cap)
-            if config.grpo.kl_coef > 0:
-                kl = grpo.kl_estimate(logp, reference[rows], config.grpo.kl_estimator)
-                loss = loss + config.grpo.kl_coef * grpo.token_mean(kl, mask[rows], global_tokens)
-            backend.backward(loss)
-            share = float(mask[rows].sum() / mask.sum().clamp(min=1))  # this micro-batch's share of all tokens
-            totals["loss"] += float(loss.detach()) / config.grpo.minibatches  # micro losses sum to their minibatch's
-            totals["clip_fraction"] += float(stats.clip_fraction) * share
-            totals["importance_masked_fraction"] += float(stats.importance_masked_fraction) * share
-            totals["entropy"] += float(grpo.masked_sum(entropy, mask[rows])) / float(mask.sum().clamp(min=1))
-        norm = backend.optimizer_step()
-        grad_norms.append(norm)
-        skipped += not math.isfinite(norm)
+            backend.backward(micro_loss(logp, entropy, rows, terms, global_tokens, mask.sum(), config, totals))
+        grad_norms.append(backend.optimizer_step())
+    return update_stats(totals, grad_norms, terms, config)
 
+
+def wants_reference(config: Config) -> bool:
+    """Whether an update scores the reference policy (the base model, adapter switched off)."""
+    return config.lora.use_lora and (config.grpo.kl_coef > 0 or config.grpo.log_kl)
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateTerms:
+    """What the loss of every micro-batch reads, over the whole update batch ([B, T-1]; advantages [B])."""
+    proximal: torch.Tensor
+    reference: torch.Tensor | None
+    behaviour: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+
+
+def new_totals() -> dict[str, float]:
+    return {"loss": 0.0, "clip_fraction": 0.0, "importance_masked_fraction": 0.0, "entropy": 0.0}
+
+
+def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, rows, terms: UpdateTerms, global_tokens,
+               total_tokens: torch.Tensor, config: Config, totals: dict[str, float]) -> torch.Tensor:
+    """The loss of one micro-batch (`rows` of the update batch; logp/entropy [rows, T-1]) and its share
+    of the update's statistics, added to `totals`. total_tokens: valid tokens of the whole update."""
+    mask = terms.mask[rows]
+    loss, _, stats = grpo.policy_loss(
+        logp, terms.proximal[rows], terms.advantages[rows], mask,
+        clip_low=config.grpo.clip_low, clip_high=config.grpo.clip_high, global_tokens=global_tokens,
+        behaviour_logp=terms.behaviour[rows], importance_cap=config.grpo.importance_cap)
+    if config.grpo.kl_coef > 0:
+        kl = grpo.kl_estimate(logp, terms.reference[rows], config.grpo.kl_estimator)
+        loss = loss + config.grpo.kl_coef * grpo.token_mean(kl, mask, global_tokens)
+    share = float(mask.sum() / total_tokens.clamp(min=1))  # this micro-batch's share of all tokens
+    totals["loss"] += float(loss.detach()) / config.grpo.minibatches  # micro losses sum to their minibatch's
+    totals["clip_fraction"] += float(stats.clip_fraction) * share
+    totals["importance_masked_fraction"] += float(stats.importance_masked_fraction) * share
+    totals["entropy"] += float(grpo.masked_sum(entropy, mask)) / float(total_tokens.clamp(min=1))
+    return loss
+
+
+def update_stats(totals: dict[str, float], grad_norms: list[float], terms: UpdateTerms,
+                 config: Config) -> dict[str, float]:
     out = dict(totals)
     out["grad_norm"] = max(grad_norms)
-    out["skipped_updates"] = skipped
+    out["skipped_updates"] = sum(not math.isfinite(n) for n in grad_norms)
+    mask = terms.mask
     tokens = mask.sum().clamp(min=1)
-    out["logprob_diff"] = float(grpo.masked_sum((proximal - behaviour).abs(), mask) / tokens)
-    if reference is not None:
-        out["kl"] = float(grpo.masked_sum(grpo.kl_estimate(proximal, reference, config.grpo.kl_estimator), mask) / tokens)
+    out["logprob_diff"] = float(grpo.masked_sum((terms.proximal - terms.behaviour).abs(), mask) / tokens)
+    if terms.reference is not None:
+        out["kl"] = float(grpo.masked_sum(grpo.kl_estimate(terms.proximal, terms.reference, config.grpo.kl_estimator),
+                                          mask) / tokens)
     return out
 
 
@@ -179,10 +211,23 @@ def evaluate(engine, tokenizer, problems, reward_fn, config: Config) -> dict[str
     can be split into "learned the format" and "learned the sums"."""
     if config.eval.size == 0:
         return {"accuracy": float("nan"), "format_rate": float("nan"), "lenient_accuracy": float("nan")}
-    prompts = [encode(tokenizer, format_prompt(p.question, tokenizer)) for p in problems]
-    params = SamplingParams(n=1, max_new_tokens=config.rollout.max_new_tokens, temperature=0.0)
+    # One call: under FSDP2 every rank must generate in step.
+    return eval_scores(engine.generate(eval_prompts(tokenizer, problems), eval_params(config)), problems, tokenizer,
+                       reward_fn)
+
+
+def eval_prompts(tokenizer, problems) -> list[list[int]]:
+    return [encode(tokenizer, format_prompt(p.question, tokenizer)) for p in problems]
+
+
+def eval_params(config: Config) -> SamplingParams:
+    return SamplingParams(n=1, max_new_tokens=config.rollout.max_new_tokens, temperature=0.0)
+
+
+def eval_scores(completions, problems, tokenizer, reward_fn) -> dict[str, float]:
+    """evaluate()'s three fractions from greedy completions of `problems` (counts added over ranks)."""
     correct = formatted = lenient = 0
-    for c in engine.generate(prompts, params):  # one call: under FSDP2 every rank must generate in step
+    for c in completions:
         text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
         reference = problems[c.prompt_index].reference
         correct += reward_fn(text, reference) >= 1.0
@@ -218,6 +263,46 @@ def _step_record(rewards, texts, completions, batch, stats) -> dict:
         else:
             record[key] = float(distributed.all_sum(torch.tensor(value, dtype=torch.float64))) / world
     return record, generated, tokens
+
+
+def step_record(step: int, totals: dict, seconds: dict[str, float], generated: float, tokens: float,
+                sync_bytes: int, delivery: float | None, restarts: int, n_trainable: int, n_adapter_bytes: int,
+                wall_start: float) -> dict:
+    """One metrics.jsonl line: the step's statistics, timings per phase, memory and sizes."""
+    memory, memory_kind = peak_memory()
+    return {
+        "step": step + 1, "version": step + 1, **totals,
+        "rollout_seconds": seconds["rollout"],
+        "rollout_tokens_per_s": generated / max(seconds["rollout"], 1e-9),
+        "update_seconds": seconds["update"],
+        "update_tokens_per_s": tokens / max(seconds["update"], 1e-9),
+        "sync_seconds": seconds["sync"], "sync_bytes": sync_bytes,
+        "sync_logprob_diff": delivery, "verify_seconds": seconds["verify"],
+        "engine_restarts": restarts,
+        "peak_memory_gib": memory, "memory_kind": memory_kind,
+        "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
+        "elapsed_seconds": time.perf_counter() - wall_start,
+    }
+
+
+def run_summary(config: Config, *, steps_done: int, eval_problems: int, before: dict, after: dict, wall_start: float,
+                total_params: int, n_trainable: int, n_adapter_bytes: int, adapter_dir: Path | None) -> dict:
+    """summary.json: held-out accuracy before/after, wall time, memory and sizes."""
+    memory, memory_kind = peak_memory()
+    task = config.task
+    return json_safe({
+        "run_dir": str(Path(config.run.output_dir)), "model": config.model.path, "task": task.name,
+        "difficulty": task.difficulty, "steps_done": steps_done, "stopped_early": steps_done < config.run.steps,
+        "eval_decoding": "greedy", "eval_problems": eval_problems,
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
+        "format_rate_before": before["format_rate"], "format_rate_after": after["format_rate"],
+        "lenient_accuracy_before": before["lenient_accuracy"], "lenient_accuracy_after": after["lenient_accuracy"],
+        "wall_seconds": time.perf_counter() - wall_start,
+        "peak_memory_gib": memory, "memory_kind": memory_kind,
+        "total_params": total_params, "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+    })
 
 
 def _prepare_run_dir(config: Config, resume: bool) -> Path:
@@ -372,20 +457,8 @@ def train(config: Config, *, resume: bool = False,
                         "the last checkpoint is intact for --resume")
 
                 totals, generated, tokens = _step_record(rewards, texts, completions, batch, stats)
-                memory, memory_kind = peak_memory()
-                record = {
-                    "step": step + 1, "version": step + 1, **totals,
-                    "rollout_seconds": timer.seconds["rollout"],
-                    "rollout_tokens_per_s": generated / max(timer.seconds["rollout"], 1e-9),
-                    "update_seconds": timer.seconds["update"],
-                    "update_tokens_per_s": tokens / max(timer.seconds["update"], 1e-9),
-                    "sync_seconds": timer.seconds["sync"], "sync_bytes": sync.bytes,
-                    "sync_logprob_diff": delivery, "verify_seconds": timer.seconds["verify"],
-                    "engine_restarts": getattr(engine, "restarts", 0),
-                    "peak_memory_gib": memory, "memory_kind": memory_kind,
-                    "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
-                    "elapsed_seconds": time.perf_counter() - wall_start,
-                }
+                record = step_record(step, totals, timer.seconds, generated, tokens, sync.bytes, delivery,
+                                     getattr(engine, "restarts", 0), n_trainable, n_adapter_bytes, wall_start)
                 if config.eval.every and (step + 1) % config.eval.every == 0:
                     scores = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
                     record.update({f"eval_{k}": v for k, v in scores.items()})
@@ -415,21 +488,9 @@ def train(config: Config, *, resume: bool = False,
         adapter_dir = None
         if config.lora.use_lora:
             adapter_dir = backend.save_adapter(run_dir / "adapter")
-        memory, memory_kind = peak_memory()
-        summary = {
-            "run_dir": str(run_dir), "model": config.model.path, "task": task.name, "difficulty": task.difficulty,
-            "steps_done": step, "stopped_early": step < config.run.steps, "eval_decoding": "greedy",
-            "eval_problems": min(config.eval.size, len(eval_problems) * d.world),
-            "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-            "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
-            "format_rate_before": before["format_rate"], "format_rate_after": after["format_rate"],
-            "lenient_accuracy_before": before["lenient_accuracy"], "lenient_accuracy_after": after["lenient_accuracy"],
-            "wall_seconds": time.perf_counter() - wall_start,
-            "peak_memory_gib": memory, "memory_kind": memory_kind,
-            "total_params": total_params, "trainable_params": n_trainable, "adapter_bytes": n_adapter_bytes,
-            "adapter_dir": str(adapter_dir) if adapter_dir else None,
-        }
-        summary = json_safe(summary)
+        summary = run_summary(config, steps_done=step, eval_problems=min(config.eval.size, len(eval_problems) * d.world),
+                              before=before, after=after, wall_start=wall_start, total_params=total_params,
+                              n_trainable=n_trainable, n_adapter_bytes=n_adapter_bytes, adapter_dir=adapter_dir)
         if d.main:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         distributed.barrier()

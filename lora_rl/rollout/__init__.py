@@ -7,9 +7,9 @@ there. Whether a backend may pair with an engine is decided in `lora_rl.support`
 from __future__ import annotations
 
 from lora_rl.config import ConfigError
-from lora_rl.rollout.base import Completion, RolloutEngine, RolloutError, SamplingParams, SyncStats
+from lora_rl.rollout.base import AdapterRequest, Completion, RolloutEngine, RolloutError, SamplingParams, SyncStats
 
-__all__ = ["Completion", "RolloutEngine", "RolloutError", "SamplingParams", "SyncStats", "make_engine",
+__all__ = ["AdapterRequest", "Completion", "RolloutEngine", "RolloutError", "SamplingParams", "SyncStats", "make_engine",
            "require_engine"]
 
 BUILT = ("embedded", "vllm", "vllm-server", "sglang")  # engines whose code is in this version (the support matrix lists the design)

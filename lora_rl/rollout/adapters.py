@@ -23,13 +23,16 @@ class AdapterVersions:
     """Names and folders of published versions, and the window the engine keeps loaded.
 
     The prefix carries a per-engine token, so two runs (or a resumed run) attached to the same server
-    never reuse a name that the server may still associate with an older folder.
+    never reuse a name that the server may still associate with an older folder. An engine serving
+    several adapters (multi-LoRA jobs) keeps one of these per adapter, each with its own `slot` of the
+    `slots` ids, so no two adapters' versions ever share an id.
     """
 
-    def __init__(self, root: Path, window: int, prefix: str | None = None):
+    def __init__(self, root: Path, window: int, prefix: str | None = None, slot: int = 0, slots: int = 1):
         self.root = Path(root)
         self.window = window
         self.prefix = prefix or f"policy-{os.getpid():x}{int(time.time() * 1000) % 0xFFFFFF:06x}"
+        self.slot, self.slots = slot, slots
         self.live: list[int] = []  # versions loaded in the engine, oldest first
 
     def name(self, version: int) -> str:
@@ -39,7 +42,7 @@ class AdapterVersions:
         return self.root / self.name(version)
 
     def lora_id(self, version: int) -> int:
-        return version + 1  # vLLM ids start at 1; versions are never reused within one engine
+        return version * self.slots + self.slot + 1  # vLLM ids start at 1; never reused within one engine
 
     def loaded(self, version: int) -> list[int]:
         """Record `version` as loaded; returns the versions that fell out of the window (to unload, then delete)."""

@@ -23,6 +23,14 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AdapterRequest:
+    """Prompts for one adapter of a multi-LoRA job; an engine samples several such requests at once."""
+    adapter: str | None  # the adapter's name (None: the single adapter, or the base model)
+    prompts: list[list[int]]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Completion:
     prompt_index: int  # which prompt of the request this completes
     token_ids: list[int]  # generated tokens, EOS included when the model stopped
@@ -52,8 +60,12 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Completions ordered prompt by prompt: params.n consecutive entries per prompt."""
 
-    def publish(self, version: int, adapter_dir: Path | None) -> SyncStats:
-        """Make `version` the policy that later `generate` calls sample from."""
+    def publish(self, version: int, adapter_dir: Path | None, adapter: str | None = None) -> SyncStats:
+        """Make `version` the policy that later `generate` calls sample from (of `adapter`, when the
+        engine serves several: multi-LoRA jobs)."""
+
+    def generate_adapters(self, requests: list[AdapterRequest]) -> list[list[Completion]]:
+        """Several adapters' requests in one batch (multi-LoRA jobs); the completions of each request."""
 
     def close(self) -> None:
         """Release the engine's resources (servers, caches)."""

