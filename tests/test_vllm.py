@@ -47,7 +47,7 @@ def test_engine_slot_rank_and_delivery_threshold():
     assert slot_rank(_vllm_config("lora.lora_rank=12")) == 16
     assert slot_rank(_vllm_config("lora.lora_rank=12", "rollout.max_lora_rank=64")) == 64
     assert sync_threshold(_vllm_config()) == 1e-3
-    assert sync_threshold(_vllm_config("model.dtype=bfloat16")) == 5e-2
+    assert sync_threshold(_vllm_config("model.dtype=bfloat16")) == 0.1
     assert sync_threshold(_vllm_config("rollout.max_sync_logprob_diff=0.2")) == 0.2
     with pytest.raises(ConfigError, match="rollout.server_url='localhost:8000' must start with http"):
         load_config(None, ["rollout.engine=vllm-server", "rollout.server_url=localhost:8000"])
