@@ -83,6 +83,9 @@ def run_variant(name: str, args, device) -> dict:
         if i >= args.warmup:
             rollout_s.append(middle - start)
             update_s.append(time.perf_counter() - middle)
+    if args.profile_rollout:
+        _profile_rollout(lambda: engine.generate(prompts, params), sync,
+                         args.out.with_suffix(f".{''.join(c if c.isalnum() else '_' for c in name)}.rollout.txt"))
     generated = args.prompts * args.samples * args.new_tokens
     row = {"variant": name, **v, "rollout_s": statistics.median(rollout_s), "update_s": statistics.median(update_s)}
     row["step_s"] = row["rollout_s"] + row["update_s"]
@@ -96,6 +99,52 @@ def run_variant(name: str, args, device) -> dict:
     return row
 
 
+def _in_own_process(name: str, args) -> dict:
+    """One variant in a fresh process: sampling is bound by the host, and in one long process later
+    variants ran slower than earlier ones whatever they were (measured: LoRA merged sampling 4.90 s
+    first, full 8.06 s second, LoRA merged again 8.43 s third)."""
+    import subprocess
+    import sys
+
+    part = args.out.with_suffix(f".{''.join(c if c.isalnum() else '_' for c in name)}.part.json")
+    command = [sys.executable, __file__, "--variants", name, "--no-isolate", "--out", str(part)]
+    for key in ("shape", "prompts", "samples", "prompt_tokens", "new_tokens", "micro", "steps", "warmup"):
+        command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.profile_rollout:
+        command.append("--profile-rollout")
+    subprocess.run(command, check=True)
+    row = json.loads(part.read_text())["rows"][0]
+    part.unlink()
+    return row
+
+
+def _profile_rollout(fn, sync, path: Path) -> None:
+    """One more rollout under cProfile (host time by function) and torch.profiler (GPU busy time):
+    sampling a small model is bound by the host, so the Python profile says where its time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    busy = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
+    launches = sum(e.count for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    host = cProfile.Profile()
+    start = time.perf_counter()
+    host.runcall(fn)
+    sync()
+    wall = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"rollout {wall:.2f} s under cProfile; GPU busy {busy:.0f} ms, {launches} kernels\n{text.getvalue()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES))
@@ -107,6 +156,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--profile-rollout", action="store_true", help="also profile one rollout of each variant")
+    parser.add_argument("--isolate", default=True, action=argparse.BooleanOptionalAction,
+                        help="run each variant in its own process (default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/grpo_step.json"))
     args = parser.parse_args()
 
@@ -117,7 +169,10 @@ def main() -> None:
     distributed.init()
     device = distributed.device()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    rows = [run_variant(name, args, device) for name in args.variants]
+    if args.isolate and len(args.variants) > 1:
+        rows = [_in_own_process(name, args) for name in args.variants]
+    else:
+        rows = [run_variant(name, args, device) for name in args.variants]
     full = next((r for r in rows if not r["use_lora"]), None)
     for r in rows:
         r["step_vs_full"] = r["step_s"] / full["step_s"] if full else None

@@ -46,13 +46,21 @@ def check_parallel(tensor_parallel: int, world: int, bridge_version: str) -> Non
                           "section 5). Use backend.tensor_parallel=1 on the CPU, or GPUs")
 
 
+_BUILT_ON: list = [None]  # the default process group Megatron's parallel state was last built on
+
+
 def _init_parallel(mc: megatron_compat.Megatron, tensor_parallel: int, seed: int) -> None:
+    import torch.distributed as dist
+
     ps = mc.parallel_state
     if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() == tensor_parallel:
+        # A run that ended destroyed its process group (distributed.shutdown); Megatron's groups were built
+        # on it and are stale for the next run in the same process (notebooks, sweeps, the tests).
+        if ps.get_tensor_model_parallel_world_size() == tensor_parallel and _BUILT_ON[0] is dist.group.WORLD:
             return
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1)
+    _BUILT_ON[0] = dist.group.WORLD
     # Megatron keeps named RNG states for tensor-parallel regions; the inference tracker is the one that
     # works without CUDA graphs and on the CPU.
     mc.tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
