@@ -1,8 +1,8 @@
 """SGLang rollout engine: pool rules as config errors, the launch command, versions that drain before they are
-unloaded, server errors, and a short GRPO run with the FSDP2 backend.
+unloaded, server errors, and short GRPO runs with the FSDP2 and Megatron backends.
 
 SGLang cannot run on these machines (FIELD_NOTES §3), so the integration tests attach to a stand-in server
-(tests/sglang_standin.py) that implements SGLang's LoRA endpoints over the tiny model and the real PEFT
+(standins/sglang_standin.py) that implements SGLang's LoRA endpoints over the tiny model and the real PEFT
 folders the engine writes. With LORA_RL_SGLANG_URL (and LORA_RL_SGLANG_MODEL_DIR, the model that server
 serves) the same tests attach to a real SGLang server instead; the few that need the stand-in's insides skip.
 """
@@ -162,9 +162,9 @@ def test_stand_in_unload_waits_for_in_flight_requests(sglang, peft_model, sglang
     finished = []
     standin.step_delay = 0.05
     try:
-        request = threading.Thread(target=lambda: finished.append((_post(url, "/generate", {
+        request = threading.Thread(target=lambda: finished.append(_post(url, "/generate", {
             "input_ids": [5, 6, 7], "lora_path": "probe", "return_logprob": True,
-            "sampling_params": {"max_new_tokens": 8, "temperature": 1.0}}), time.monotonic())))
+            "sampling_params": {"max_new_tokens": 8, "temperature": 1.0}})))
         request.start()
         while not standin.in_flight["probe"]:
             time.sleep(0.01)
@@ -172,9 +172,12 @@ def test_stand_in_unload_waits_for_in_flight_requests(sglang, peft_model, sglang
         request.join()
     finally:
         standin.step_delay = 0.0
-    (((status, answer), done),) = finished
+    ((status, answer),) = finished
     assert status == 200 and len(answer["meta_info"]["output_token_logprobs"]) == answer["meta_info"]["completion_tokens"]
-    assert standin.unloads[-1][0] == "probe" and standin.unloads[-1][1] >= done  # the unload waited for the request
+    # The unload waited for the request: both times are the stand-in's own, taken under its lock (the
+    # client's receipt time may come after the unload and proves nothing).
+    request_done = max(t for name, t in standin.finished if name == "probe")
+    assert standin.unloads[-1][0] == "probe" and standin.unloads[-1][1] >= request_done
     status, answer = _post(url, "/generate", {"input_ids": [5], "lora_path": "probe"})
     assert status == 400 and "not loaded" in answer["error"]["message"]
 
@@ -346,7 +349,7 @@ def test_a_launched_server_that_dies_is_restarted_with_the_live_versions(peft_mo
     import signal
 
     monkeypatch.setattr(sglang_server, "LAUNCHER", "sglang_standin")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parents[1] / "standins"),
                                                       os.environ.get("PYTHONPATH", "")]))
     config = _config("rollout.startup_timeout=120", "rollout.request_timeout=30")
     engine = SGLangEngine(base_model_dir=sglang_model_dir, model=peft_model, config=config, run_dir=tmp_path)

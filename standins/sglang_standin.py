@@ -1,4 +1,5 @@
-"""A stand-in for SGLang's HTTP server, written for the tests: SGLang itself cannot run here (FIELD_NOTES §3).
+"""A stand-in for SGLang's HTTP server, written for tests/test_sglang.py: SGLang itself cannot run here
+(FIELD_NOTES §3). It is a server the tests drive, not a test, so it lives outside tests/.
 
 It implements only what lora-rl's SGLang engine uses, with SGLang 0.5.23's documented semantics, over a real
 Hugging Face model and real PEFT adapters read from the folders the engine writes:
@@ -16,9 +17,9 @@ Hugging Face model and real PEFT adapters read from the folders the engine write
   `meta_info.output_token_logprobs` / `input_token_logprobs` as `[logprob, token_id, text]` triples (text
   None; the first prompt token's logprob None). Logprobs are after temperature, before top-k/top-p.
 
-Run it like SGLang: `python -m tests.sglang_standin --model-path DIR --enable-lora ...`. `python -m
-tests.sglang_standin --write-test-model DIR` writes the tiny model the SGLang tests use, to launch real
-SGLang on.
+Run it like SGLang: `PYTHONPATH=standins python -m sglang_standin --model-path DIR --enable-lora ...`.
+`PYTHONPATH=standins python -m sglang_standin --write-test-model DIR` writes the tiny model the SGLang
+tests use, to launch real SGLang on.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class StandIn:
         self.in_flight: Counter[str] = Counter()
         self.max_loaded = 0  # most adapters ever loaded at once (tests check the engine's bound)
         self.unloads: list[tuple[str, float]] = []  # (name, time the unload finished)
+        self.finished: list[tuple[str, float]] = []  # (adapter, time a request on it finished), server-side
         self.step_delay = 0.0  # seconds added per generated token (tests keep requests in flight with it)
         for name, path in initial.items():
             self.load(name, path)
@@ -214,6 +216,7 @@ class StandIn:
         finally:
             with self.state:
                 self.in_flight.subtract(a for a in adapters if a is not None)
+                self.finished.extend((a, time.monotonic()) for a in adapters if a is not None)
                 self.state.notify_all()
         return results if batch else results[0]
 
@@ -273,7 +276,10 @@ def serve(argv: list[str]):
 
 def write_test_model(folder: Path) -> Path:
     """The tiny warm-started model the SGLang tests train (tests/conftest.py's VLLM_RECIPE, warm)."""
-    from conftest import VLLM_RECIPE, warm  # tests/ is on sys.path (pytest, or PYTHONPATH=tests)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the recipe lives with the tests
+    from conftest import VLLM_RECIPE, warm
 
     from lora_rl.models import build_tiny
 
