@@ -119,7 +119,7 @@ class Packed:
         model, shape = _model(args, device, dtype)
         self.policy = MultiLoRAPolicy(model, configs, device)
         tokenizer = type("Tok", (), {"eos_token_id": shape.vocab_size + 1, "pad_token_id": 0})()
-        self.engine = EmbeddedEngine(self.policy.model, tokenizer)
+        self.engine = EmbeddedEngine(self.policy.model, tokenizer, generation_context=self.policy.generation)
         self.workloads = [_workload(args, shape.vocab_size, c.run.seed) for c in configs]
 
     def step(self, i: int, sync) -> tuple[float, float]:

@@ -9,18 +9,20 @@ models are refused (lora-rl trains dense models only).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
 import tempfile
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from lora_rl.config import ConfigError, LoRAConfig
+from lora_rl.fused_lora import LoRALinearFunction, SegmentLoRAFunction, plain_adapter, plain_base
 
 # Config attributes that mark a mixture-of-experts model across the common HF families.
 _MOE_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
@@ -156,7 +158,8 @@ def row_segments(names: list[str | None]) -> list[tuple[str | None, int]]:
 
 def _segment_forward(layer, segments: list[tuple[str | None, int]], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A LoRA linear whose rows go through different adapters: the base output plus, for each segment of
-    consecutive rows, that segment's adapter (rows of an adapter this layer does not hold, or None, get none)."""
+    consecutive rows, that segment's adapter (rows of an adapter this layer does not hold, or None, get none).
+    peft's modules, one small op at a time: the reference `_fused_segment_forward` is checked against."""
     result = layer.base_layer(x, *args, **kwargs)  # [B, T, out]
     deltas, start = [], 0
     for name, rows in segments:
@@ -170,53 +173,151 @@ def _segment_forward(layer, segments: list[tuple[str | None, int]], x: torch.Ten
     return result + (deltas[0] if len(deltas) == 1 else torch.cat(deltas))
 
 
+def _fused_segment_forward(layer, segments: list[tuple[str | None, int]], x: torch.Tensor, *args, **kwargs):
+    """The same through `fused_lora.SegmentLoRAFunction` (train.fused_lora): one base GEMM, each segment's
+    low-rank product accumulated into its rows. Layers it cannot stand in for take `_segment_forward`."""
+    held = [name for name, _ in segments if name in layer.lora_A]
+    if args or kwargs or x.dim() != 3 or not plain_base(layer) or x.dtype != layer.base_layer.weight.dtype \
+            or not all(plain_adapter(layer, name, x.dtype) for name in held):
+        return _segment_forward(layer, segments, x, *args, **kwargs)
+    base = layer.base_layer
+    if len(segments) == 1:  # one adapter's rows (most micro-batches): the single-adapter function
+        if not held:
+            return F.linear(x, base.weight, base.bias)
+        name = held[0]
+        return LoRALinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
+                                        layer.lora_B[name].weight, layer.scaling[name])
+    lora = [w for name in held for w in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+    spans = tuple((rows, layer.scaling[name] if name in layer.lora_A else None) for name, rows in segments)
+    return SegmentLoRAFunction.apply(x, base.weight, base.bias, spans, *lora)
+
+
 def _stacked_forward(layer, stacked: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, *args, **kwargs):
     """The same for K equal segments, every row through an adapter, without grad (sampling): two batched
-    matmuls over all K adapters at once, whatever K. stacked: A [K, r, in] and scaled B [K, out, r], each
-    adapter zero-padded to the largest rank r (zeros add exact zeros) and zero where it has no LoRA here."""
-    a, b = stacked
-    result = layer.base_layer(x, *args, **kwargs)  # [K*n, T, out]
-    rows = x.reshape(a.shape[0], -1, x.shape[-1])  # [K, n*T, in]: the segments are consecutive rows
-    return result + torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2)).reshape(result.shape)
+    matmuls over all K adapters at once, whatever K. stacked: A^T [K, in, r] and scaled B^T [K, r, out], each
+    adapter zero-padded to the largest rank r (zeros add exact zeros) and zero where it has no LoRA here.
+    Decoding one token is launch-bound, so each op counts: the second product is added in place."""
+    a_t, b_t = stacked
+    base = layer.base_layer
+    result = F.linear(x, base.weight, base.bias) if not args and not kwargs and type(base) is nn.Linear \
+        else base(x, *args, **kwargs)  # [K*n, T, out]
+    rows = x.reshape(a_t.shape[0], -1, x.shape[-1])  # [K, n*T, in]: the segments are consecutive rows
+    result.view(a_t.shape[0], -1, result.shape[-1]).baddbmm_(torch.bmm(rows, a_t), b_t)
+    return result
+
+
+def _merged_stacked_forward(layer, stacked: tuple[torch.Tensor, torch.Tensor | None], x: torch.Tensor):
+    """The same with each adapter folded into its own copy of the weight: one batched GEMM per layer, as
+    cheap in launches as the merged single-adapter sampler. stacked: (W + s B A)^T [K, in, out], bias."""
+    w_t, bias = stacked
+    rows = x.reshape(w_t.shape[0], -1, x.shape[-1])  # [K, n*T, in]
+    out = torch.bmm(rows, w_t) if bias is None else torch.baddbmm(bias, rows, w_t)
+    return out.view(*x.shape[:-1], w_t.shape[-1])
+
+
+def _stack_merged(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    base = layer.get_base_layer()
+    w_t = base.weight.t().unsqueeze(0).repeat(len(names), 1, 1)  # [K, in, out]
+    for k, name in enumerate(names):
+        if name in layer.lora_A:  # (B A)^T = A^T B^T, computed in float32 and rounded once
+            delta = layer.lora_A[name].weight.float().t() @ layer.lora_B[name].weight.float().t()
+            w_t[k] = (w_t[k].float() + layer.scaling[name] * delta).to(w_t.dtype)
+    return w_t, None if base.bias is None else base.bias.view(1, 1, -1)
 
 
 def _stack_adapters(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     weight = layer.get_base_layer().weight  # [out, in]
     rank = max((layer.lora_A[n].weight.shape[0] for n in names if n in layer.lora_A), default=1)
-    a = weight.new_zeros(len(names), rank, weight.shape[1])
-    b = weight.new_zeros(len(names), weight.shape[0], rank)
+    a_t = weight.new_zeros(len(names), weight.shape[1], rank)
+    b_t = weight.new_zeros(len(names), rank, weight.shape[0])
     for k, name in enumerate(names):
         if name in layer.lora_A:
             r = layer.lora_A[name].weight.shape[0]
-            a[k, :r] = layer.lora_A[name].weight
-            b[k, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
-    return a, b
+            a_t[k, :, :r] = layer.lora_A[name].weight.t()
+            b_t[k, :r] = layer.lora_B[name].weight.t() * layer.scaling[name]
+    return a_t, b_t
+
+
+# The row segments of the batch in flight while `adapter_rows` is active: (segments, fused), or None.
+# A module global rather than a per-call closure, so that compiled decoder layers see one forward
+# function for the whole job and guard only on this value (one graph per distinct segments).
+_ROWS: tuple | None = None
+
+
+def _rows_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward `adapter_rows` installs on every LoRA layer of a multi-adapter model, once."""
+    rows = _ROWS
+    if rows is None or self.disable_adapters:
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own: no rows in flight, or adapters off
+    segments, fused = rows
+    stacked = vars(self).get("_lora_rl_stacked")
+    if stacked is not None:
+        return _stacked_forward(self, stacked, x, *args, **kwargs)
+    merged = vars(self).get("_lora_rl_merged")
+    if merged is not None and not args and not kwargs:
+        return _merged_stacked_forward(self, merged, x)
+    return (_fused_segment_forward if fused else _segment_forward)(self, segments, x, *args, **kwargs)
+
+
+def install_rows_forward(model: PeftModel) -> list[nn.Module]:
+    """Give every LoRA layer the forward `adapter_rows` drives (once; it stays, and outside a context it is
+    peft's own). Compiled models get it before compiling, so their graphs trace it. Returns the layers."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        forward = vars(layer).get("forward")
+        if forward is None:
+            layer.forward = types.MethodType(_rows_forward, layer)
+        elif getattr(forward, "__func__", None) is not _rows_forward:
+            raise RuntimeError(f"{type(layer).__name__} already has an instance forward ({forward}); adapter_rows "
+                               "needs peft's own (a multi-adapter model is not passed through fuse_lora)")
+    return layers
 
 
 @contextlib.contextmanager
-def adapter_rows(model: PeftModel, segments: list[tuple[str | None, int]]):
+def adapter_rows(model: PeftModel, segments: list[tuple[str | None, int]], fused: bool = True,
+                 merge: bool | None = None):
     """Within this context, row segments of every batch go through their own adapters of a model holding
     several (multi-LoRA jobs): `segments` lists (adapter name or None for the base, rows) in row order.
+    fused: through `fused_lora.SegmentLoRAFunction` (train.fused_lora) rather than peft's modules.
+    merge: while sampling, fold each adapter into its own copy of the adapted weights (None: on GPUs, when
+    the K copies take under half the free memory), as a single run samples with its adapter merged.
 
     peft's own mixed-adapter batches (`adapter_names=`) are refused in training mode and, in eval mode,
     gather and scatter every row list through index ops at each layer - about 40% of a CPU forward/backward in
     our profile. Rows of one adapter here are consecutive, so each adapter reads and adds to a slice."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    global _ROWS
+    if _ROWS is not None:
+        raise RuntimeError("adapter_rows contexts do not nest")
+    layers = install_rows_forward(model)
     names = [name for name, _ in segments]
     # Sampling (no grad, K equal segments, every row adapted): each layer's adapters are stacked once for
     # the whole context, so a decoding step costs two batched matmuls per layer instead of 2K small ones.
     stack = not torch.is_grad_enabled() and len(set(names)) == len(names) > 1 and None not in names \
         and len({rows for _, rows in segments}) == 1
-    for layer in layers:
-        layer.forward = functools.partial(_stacked_forward, layer, _stack_adapters(layer, names)) if stack else \
-            functools.partial(_segment_forward, layer, segments)
+    if stack:
+        # Decoding one token at a time is bound by kernel launches on GPUs, where K merged copies make every
+        # adapted linear one batched GEMM (the copies live only while sampling, like merged_for_generation's).
+        # On CPUs decoding is bound by reading weights, which K copies would multiply: low-rank products there.
+        plain = all(type(layer.get_base_layer()) is nn.Linear for layer in layers)
+        if merge is None:
+            weight = layers[0].get_base_layer().weight if layers else None
+            extra = len(names) * sum(layer.get_base_layer().weight.nbytes for layer in layers)
+            merge = weight is not None and weight.is_cuda and extra < torch.cuda.mem_get_info(weight.device)[0] / 2
+        for layer in layers:
+            if merge and plain:
+                layer._lora_rl_merged = _stack_merged(layer, names)
+            else:
+                layer._lora_rl_stacked = _stack_adapters(layer, names)
+    _ROWS = (tuple(segments), fused)
     try:
         yield
     finally:
+        _ROWS = None
         for layer in layers:
-            del layer.forward
+            vars(layer).pop("_lora_rl_stacked", None)
+            vars(layer).pop("_lora_rl_merged", None)
 
 
 def trainable_parameters(model: nn.Module) -> int:

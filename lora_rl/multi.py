@@ -9,22 +9,23 @@ clip over its own parameters only, and its run folder (`config.yaml`, `metrics.j
 
 What the K adapters share, per step:
 - one rollout batch: the engine samples every adapter's prompts at once, each request naming its
-  adapter (the embedded engine: peft's mixed-adapter batches; vLLM: one LoRARequest per adapter
-  version, `max_loras` = K), each with its own sampling seed;
+  adapter (the embedded engine: on GPUs each adapter merged into its own copy of the adapted weights,
+  one batched GEMM per layer; on CPUs the adapters stacked into two batched low-rank matmuls; vLLM:
+  one LoRARequest per adapter version, `max_loras` = K), each with its own sampling seed;
 - one forward/backward per micro-batch: micro-batches mix rows of different adapters and each row
-  goes through its own adapter (peft's `adapter_names=`); the loss is the sum of the adapters' own
+  goes through its own adapter (`lora.adapter_rows`: with train.fused_lora one base GEMM per layer and
+  each adapter's low-rank product added to its own rows); the loss is the sum of the adapters' own
   token-mean losses, so each adapter's gradient is exactly its own loss's;
 - one reference pass (the base model, adapters off) serves all K.
 
 How it departs from a single run: the update runs the model in eval mode, because peft refuses
 per-row adapters in training mode; training mode only switches on LoRA dropout and activation
-checkpointing, so packed jobs refuse both. Adapters sample unmerged (K adapters cannot be folded
-into one weight), and a packed job writes no checkpoints (no `--resume`): its adapters are saved at
-the end. Timings and tokens/s in each adapter's metrics are the whole job's.
+checkpointing, so packed jobs refuse both. A packed job writes no checkpoints (no `--resume`): its
+adapters are saved at the end. Timings and tokens/s in each adapter's metrics are the whole job's.
 
 An adapter of a packed job follows the trajectory of its single run with the same settings and seed
-up to float rounding (different batch padding and unmerged sampling); `tests/test_multilora.py`
-states the tolerance.
+up to float rounding (different batch padding, and the sampler's merged or low-rank weights);
+`tests/test_multilora.py` states the tolerance.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ from pathlib import Path
 import torch
 
 from lora_rl import distributed, grpo
+from lora_rl.backends.fsdp2 import compile_layers
 from lora_rl.batching import encode, make_batch, token_logprobs
 from lora_rl.checkpoint import atomic_write_text
 from lora_rl.config import Config, ConfigError, config_to_dict
-from lora_rl.lora import adapter_rows, check_model, inject_adapters, row_segments, save_adapter
+from lora_rl.lora import (adapter_rows, check_model, inject_adapters, install_rows_forward, row_segments,
+                          save_adapter)
 from lora_rl.metrics import MetricsLog, Timer
 from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward
@@ -104,12 +107,28 @@ class MultiLoRAPolicy:
                                              for name, c in zip(self.names, configs, strict=True)])
         self.device = device
         self.chunked = configs[0].train.chunked_logprobs
+        self.fused = configs[0].train.fused_lora
         self.max_grad_norms = [c.train.max_grad_norm for c in configs]
         named = dict(self.model.named_parameters())
         self.params = [[p for n, p in named.items() if f".lora_A.{name}." in n or f".lora_B.{name}." in n]
                        for name in self.names]
-        self.optimizers = [torch.optim.AdamW(params, lr=c.train.lr, weight_decay=c.train.weight_decay)
+        # Fused AdamW on GPUs, as the single-adapter backend: one kernel for all of an adapter's tensors.
+        self.optimizers = [torch.optim.AdamW(params, lr=c.train.lr, weight_decay=c.train.weight_decay,
+                                             fused=device.type == "cuda")
                            for params, c in zip(self.params, configs, strict=True)]
+        install_rows_forward(self.model)  # before compiling: the graphs trace the per-row forward
+        self.compiled = configs[0].backend.compile and device.type == "cuda"
+        if self.compiled:
+            # As the single-adapter backend compiles: each distinct set of row segments (in practice one
+            # adapter's rows per micro-batch) is a graph of its own, with and without grad, plus the first
+            # layer's and the reference pass's.
+            compile_layers(self.model, graphs=4 * (len(configs) + 1))
+
+    @contextlib.contextmanager
+    def generation(self):
+        """Sampling runs the layers eagerly, as in the single-adapter backend (`FSDP2Engine.generation`)."""
+        with torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext():
+            yield
 
     def logprobs(self, batch, adapter_names: list[str] | None, temperature: float, with_grad: bool,
                  with_entropy: bool = False):
@@ -117,7 +136,8 @@ class MultiLoRAPolicy:
         # Eval mode even with grad: peft refuses per-row adapters in training mode, and without dropout or
         # activation checkpointing (refused in packed jobs) both modes compute the same.
         self.model.eval()
-        rows = contextlib.nullcontext() if adapter_names is None else adapter_rows(self.model, row_segments(adapter_names))
+        rows = contextlib.nullcontext() if adapter_names is None else \
+            adapter_rows(self.model, row_segments(adapter_names), fused=self.fused)
         with torch.set_grad_enabled(with_grad), rows:
             return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy, chunked=self.chunked)
 
@@ -194,7 +214,8 @@ def _make_engine(configs: list[Config], policy: MultiLoRAPolicy, tokenizer, base
     if configs[0].rollout.engine == "embedded":
         from lora_rl.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(policy.model, tokenizer)  # no merge context: K adapters cannot be folded into one
+        # No merge context: K adapters cannot be folded into one weight.
+        return EmbeddedEngine(policy.model, tokenizer, generation_context=policy.generation)
     from lora_rl.rollout.vllm_inprocess import VLLMEngine
 
     # vLLM's LoRA slots are sized for the largest rank of the job.

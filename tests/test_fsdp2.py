@@ -256,6 +256,20 @@ def test_random_meta_init_is_the_same_model_for_any_process_count(random_model_d
     assert all(float(t.abs().sum()) == 0 for n, t in state.items() if "lora_B" in n)
 
 
+def _torchrun(root: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Two gloo processes under torchrun. Run again once, and only once, when a rank died of "terminate
+    called without an active exception": a C++ abort with no Python traceback that hit this benchmark
+    once in about 60 runs (cause not found; no rerun of ours reproduced it). Any other failure, or the
+    same one twice, fails the test."""
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
+    return done
+
+
 def test_sharded_update_benchmark_runs_a_recipe_on_two_processes(tmp_path):
     """benchmarks/sharded_update.py (the 72B-on-4-GPUs measurement) end to end, on a tiny shape and gloo."""
     shape = tmp_path / "shape"
@@ -265,11 +279,9 @@ def test_sharded_update_benchmark_runs_a_recipe_on_two_processes(tmp_path):
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}))
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "result.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(root / "benchmarks" / "sharded_update.py"), str(root / "examples" / "qwen2.5_72b_lora_4gpu.yaml"),
-         f"model.path={shape}", "model.dtype=float32", "lora.lora_rank=4", "--seq", "32", "--steps", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    bench = str(root / "benchmarks" / "sharded_update.py")
+    done = _torchrun(root, [bench, str(root / "examples" / "qwen2.5_72b_lora_4gpu.yaml"), f"model.path={shape}",
+                            "model.dtype=float32", "lora.lora_rank=4", "--seq", "32", "--steps", "2", "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())
     assert row["devices"] == 2 and row["sequences_per_device"] == 8 and row["activation_checkpointing"]
@@ -277,12 +289,9 @@ def test_sharded_update_benchmark_runs_a_recipe_on_two_processes(tmp_path):
     assert len(row["update_times_s"]) == 3 and all(t > 0 for t in row["update_times_s"])
     assert row["full_finetune_predicted_gib"] > row["predicted_gib"]
     # The 4 -> 8 GPU comparison of the 8-GPU recipe: scaling efficiency against an earlier result.
-    again = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(root / "benchmarks" / "sharded_update.py"), str(root / "examples" / "qwen2.5_72b_lora_8gpu.yaml"),
-         f"model.path={shape}", "model.dtype=float32", "lora.lora_rank=4", "--seq", "32", "--steps", "1",
-         "--batch", "8", "--baseline", str(out), "--out", str(tmp_path / "scaled.json")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    again = _torchrun(root, [bench, str(root / "examples" / "qwen2.5_72b_lora_8gpu.yaml"), f"model.path={shape}",
+                             "model.dtype=float32", "lora.lora_rank=4", "--seq", "32", "--steps", "1", "--batch", "8",
+                             "--baseline", str(out), "--out", str(tmp_path / "scaled.json")])
     assert again.returncode == 0, again.stderr[-3000:]
     scaled = json.loads((tmp_path / "scaled.json").read_text())
     assert scaled["baseline"]["tokens_per_s"] == row["tokens_per_s"]

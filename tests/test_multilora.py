@@ -60,9 +60,11 @@ def test_adapters_stay_in_the_model_dtype():
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
 
 
-def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own():
-    """Rows of several adapters in one forward/backward (`adapter_rows`) against each adapter alone through
-    peft's own single-adapter forward; a base-model segment gets no adapter."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "peft-modules"])
+def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own(fused, monkeypatch):
+    """Rows of several adapters in one forward/backward (`adapter_rows`, through the fused segment function
+    or peft's modules) against each adapter alone through peft's own single-adapter forward; a base-model
+    segment gets no adapter, and an adapter in two segments gets the sum of both segments' gradients."""
     from lora_rl.lora import adapter_rows, row_segments
 
     model = inject_adapters(_tiny_model(), ADAPTERS)
@@ -70,8 +72,13 @@ def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own():
     x = torch.randint(0, 40, (7, 6), generator=torch.Generator().manual_seed(0))
     names = ["adapter1", "adapter0", "adapter0", "adapter1", "adapter1", "adapter0", None]
     weights = torch.randn(7, 6, 40, generator=torch.Generator().manual_seed(1))
-    with adapter_rows(model, row_segments(names)):
+    from lora_rl.fused_lora import SegmentLoRAFunction
+
+    calls, apply = [], SegmentLoRAFunction.apply
+    monkeypatch.setattr(SegmentLoRAFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    with adapter_rows(model, row_segments(names), fused=fused):
         mixed_logits = model(input_ids=x).logits
+    assert len(calls) == (14 if fused else 0)  # every adapted layer (2 layers x 7 linears) took the fused path
     (mixed_logits * weights).sum().backward()
     mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -91,17 +98,21 @@ def test_mixed_batch_outputs_and_gradients_equal_each_adapters_own():
         assert torch.allclose(mixed[n], alone[n], atol=1e-6, rtol=1e-5), n
 
 
-def test_stacked_sampling_forward_equals_the_segment_forward():
-    """Without grad and with equal segments, adapters are applied by two batched matmuls (ranks zero-padded)."""
+@pytest.mark.parametrize("merge", [False, True], ids=["low-rank", "merged-copies"])
+def test_stacked_sampling_forward_equals_the_segment_forward(merge):
+    """Without grad and with equal segments, adapters are applied by two batched matmuls (ranks zero-padded),
+    or, merged, by one batched matmul over each adapter's own copy of the weights."""
     from lora_rl.lora import adapter_rows
 
     model = inject_adapters(_tiny_model(), ADAPTERS)
     _randomise_b(model)
     x = torch.randint(0, 40, (6, 5), generator=torch.Generator().manual_seed(0))
     segments = [("adapter0", 3), ("adapter1", 3)]
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
-        with adapter_rows(model, segments):
+        with adapter_rows(model, segments, merge=merge):
             stacked = model(input_ids=x).logits
+            assert ("_lora_rl_merged" in vars(layer), "_lora_rl_stacked" in vars(layer)) == (merge, not merge)
         with torch.enable_grad(), adapter_rows(model, segments):  # grad on: the segment forward
             looped = model(input_ids=x).logits.detach()
     assert torch.allclose(stacked, looped, atol=1e-5)
@@ -243,3 +254,39 @@ def test_packed_job_with_real_vllm(vllm_warm_model_dir, tmp_path):
         assert summary["steps_done"] == 2
     assert summaries[0]["trainable_params"] != summaries[1]["trainable_params"]
     assert not (tmp_path / "a" / "rollout_adapters").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="backend.compile compiles on GPUs only")
+def test_compiled_packed_update_equals_the_eager_one():
+    """backend.compile on a multi-LoRA job: log-probs and each adapter's gradients through the compiled
+    decoder layers, micro-batch by micro-batch (one adapter's rows, then mixed rows), as eager."""
+    from lora_rl.batching import make_batch
+    from lora_rl.multi import MultiLoRAPolicy
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch([torch.randint(1, 40, (5,), generator=g).tolist() for _ in range(6)],
+                       [torch.randint(1, 40, (7,), generator=g).tolist() for _ in range(6)], 0)
+    results = []
+    for compile_ in (False, True):
+        configs = [load_config(None, [f"lora.lora_rank={4 * (k + 1)}", f"run.seed={k}", f"backend.compile={compile_}",
+                                      f"run.output_dir=unused-{k}"]) for k in range(2)]
+        policy = MultiLoRAPolicy(_tiny_model().to(device), configs, device)
+        _randomise_b(policy.model)
+        assert policy.compiled == compile_
+        grads, outs = [], []
+        for names in (["adapter0"] * 6, ["adapter1"] * 6, ["adapter0"] * 3 + ["adapter1"] * 3):
+            logp, _ = policy.logprobs(batch, names, 1.0, with_grad=True)
+            (logp * batch.completion_mask.to(device)).sum().backward()
+            outs.append(logp.detach())
+            grads.append({n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None})
+            policy.model.zero_grad()
+        results.append((outs, grads))
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = results
+    for a, b in zip(eager_out, compiled_out, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for a, b in zip(eager_grads, compiled_grads, strict=True):
+        assert a.keys() == b.keys() and a
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-3, msg=name)

@@ -55,6 +55,20 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
+def compile_layers(model: torch.nn.Module, graphs: int) -> None:
+    """torch.compile each decoder layer (`backend.compile`). Per layer, not the whole model: one compiled
+    graph serves every layer (scoring runs without a KV cache, whose per-layer state would force a graph
+    per layer), and the output head stays eager for the sliced log-prob head that is swapped in per call.
+    graphs: how many graphs a layer may need; the limits are raised so that no layer ever falls back to
+    eager silently."""
+    layers = decoder_layers(model)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs * len(layers))
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, graphs * len(layers))
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 class FSDP2Engine:
     name = "fsdp2"
 
@@ -90,17 +104,10 @@ class FSDP2Engine:
                 self._materialize(model, buffers, config.run.seed)
         if self.use_lora and config.train.fused_lora:
             fuse_lora(model)
-        if config.backend.compile and distributed.device().type == "cuda":
-            # Per layer, not the whole model: one compiled graph serves every layer (scoring runs without
-            # a KV cache, whose per-layer state would force a graph per layer), and the output head stays
-            # eager for the sliced log-prob head that is swapped in per call. The first layer gets a second
-            # graph (its input needs no gradient under LoRA); the limit is raised so that no layer ever
-            # falls back to eager silently.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       2 * len(decoder_layers(model)))
-            for layer in decoder_layers(model):
-                layer.compile(dynamic=True)
         self.compiled = config.backend.compile and distributed.device().type == "cuda"
+        if self.compiled:
+            # The first layer gets a second graph: its input needs no gradient under LoRA.
+            compile_layers(model, graphs=2)
         self.model = model
         self.chunked_logprobs = config.train.chunked_logprobs
         self.merge_for_generation = config.rollout.merge_for_generation
