@@ -9,7 +9,7 @@ real FSDP2 engine (`lora_rl.backends.fsdp2.FSDP2Engine`, one process) with the G
 
 Variants: full fine-tuning with plain log-probs, chunked log-probs, and chunked + compiled layers; LoRA
 as plain PEFT gives it (float32 adapters, plain log-probs, peft's forward), with adapters in the model
-dtype and chunked log-probs, with each LoRA linear as one autograd function (`train.fused_lora`) and
+dtype and chunked log-probs, with each LoRA linear as one fused op (`train.fused_lora`) and
 plain or chunked log-probs, and as lora-rl trains it by default: fused, chunked, each decoder layer
 under torch.compile (`backend.compile`). `--profile` adds each variant's top CUDA kernels.
 Model-FLOPs utilisation counts 6N per token for full fine-tuning and 4N for LoRA (no weight gradients
@@ -159,8 +159,10 @@ def _profile(fn, path: Path) -> dict:
     busy = sum(e.self_device_time_total for e in kernels) / 1e3
     gemm = sum(e.self_device_time_total for e in kernels if any(w in e.key.lower() for w in gemm_words)) / 1e3
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]
+    cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
     path.write_text("\n".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}" for e in top)
-                    + "\n")
+                    + "\n\nhost (self CPU time)\n"
+                    + "\n".join(f"{e.self_cpu_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}" for e in cpu) + "\n")
     return {"gpu_busy_ms": busy, "gemm_ms": gemm, "kernel_launches": sum(e.count for e in kernels)}
 
 

@@ -50,18 +50,19 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 
 def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False,
-                   chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chunked: bool = True, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of each target token at `temperature` ([B, T-1], float32), optionally entropies.
 
     chunked (the default): when the logits would exceed one slice, the output head computes them a slice
     of tokens at a time and recomputes them in the backward (`_SlicedHead`), so the [B, T, V] logits
     never exist in float32 (with a 150k vocabulary they are the largest tensor of the whole update);
-    False materialises them as a plain forward does."""
+    False materialises them as a plain forward does. compiled: the slices' arithmetic under torch.compile
+    (GPUs with `backend.compile`)."""
     # use_cache=False throughout: scoring needs no KV cache, and building one costs copies and memory
     # and makes torch.compile recompile each decoder layer (the cache's per-layer state is guarded).
     vocab = model.get_output_embeddings().weight.shape[0]
     if chunked and batch.input_ids.numel() * vocab > _CHUNK_ELEMENTS:  # one slice would hold it all: no gain
-        return _chunked_token_logprobs(model, batch, temperature, with_entropy)
+        return _chunked_token_logprobs(model, batch, temperature, with_entropy, compiled)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # [B, T, V]
     return logits_to_logprobs(logits, batch.input_ids, temperature, with_entropy)
 
@@ -85,24 +86,27 @@ class _SlicedHead(torch.autograd.Function):
     hand-written backward: the forward keeps only each row's log-sum-exp, the backward recomputes a
     slice's logits and turns them straight into the gradient (softmax minus one-hot), so no float32
     [rows, vocab] tensor outlives its slice and no log-softmax is stored. A frozen head (LoRA) gets no
-    weight gradient. Entropies, when asked for, are a metric without gradient."""
+    weight gradient. Entropies, when asked for, are a metric without gradient.
+
+    compiled (GPUs, `backend.compile`): the per-slice arithmetic after the head's GEMM runs as
+    torch.compile'd kernels that read the slice's logits once in the model dtype, instead of a dozen
+    eager passes over them in float32 (~30 ms of a 1.5B-model training step on an H100)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool, compiled: bool):
         rows = hidden.shape[0]
         step = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+        stats = _compiled(_slice_stats) if compiled else _slice_stats
         logp = torch.empty(rows, dtype=_accumulate(hidden), device=hidden.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if with_entropy else None
         for i in range(0, rows, step):
-            z = _slice_logits(hidden[i:i + step], weight, bias, temperature)
-            lse[i:i + step] = torch.logsumexp(z, dim=-1)
-            logp[i:i + step] = z.gather(-1, targets[i:i + step, None]).squeeze(-1) - lse[i:i + step]
-            if with_entropy:  # H = lse - sum(p * z)
-                p = (z - lse[i:i + step, None]).exp_()
-                entropy[i:i + step] = lse[i:i + step] - (p * z).sum(-1)
+            z = F.linear(hidden[i:i + step], weight, bias)
+            logp[i:i + step], lse[i:i + step], h = stats(z, targets[i:i + step], temperature, with_entropy)
+            if with_entropy:
+                entropy[i:i + step] = h
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.step = temperature, step
+        ctx.temperature, ctx.step, ctx.compiled = temperature, step, compiled
         if entropy is None:
             return logp, torch.zeros_like(logp)
         ctx.mark_non_differentiable(entropy)
@@ -112,26 +116,22 @@ class _SlicedHead(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        logit_grad = _compiled(_slice_logit_grad) if ctx.compiled else _slice_logit_grad
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=_accumulate(hidden), device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=_accumulate(hidden), device=bias.device) if need_bias else None
         for i in range(0, hidden.shape[0], ctx.step):
-            g = grad_logp[i:i + ctx.step, None].to(_accumulate(hidden))
-            z = _slice_logits(hidden[i:i + ctx.step], weight, bias, ctx.temperature)
-            # d logp / d z = one_hot(target) - softmax(z), times the incoming gradient, over the temperature
-            grad_z = (z - lse[i:i + ctx.step, None]).exp_().mul_(-g)
-            grad_z.scatter_add_(-1, targets[i:i + ctx.step, None], g)
-            if ctx.temperature != 1.0:
-                grad_z.div_(ctx.temperature)
-            grad_z = grad_z.to(hidden.dtype)
+            rows = slice(i, i + ctx.step)
+            z = F.linear(hidden[rows], weight, bias)
+            grad_z = logit_grad(z, lse[rows], targets[rows], grad_logp[rows], ctx.temperature)
             if need_hidden:
-                grad_hidden[i:i + ctx.step] = grad_z @ weight
+                torch.mm(grad_z, weight, out=grad_hidden[rows])
             if need_weight:
-                grad_weight += grad_z.t() @ hidden[i:i + ctx.step]
+                grad_weight += grad_z.t() @ hidden[rows]
             if need_bias:
                 grad_bias += grad_z.to(grad_bias.dtype).sum(0)
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None, None)
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
 
 
 def _accumulate(hidden: torch.Tensor) -> torch.dtype:
@@ -139,19 +139,52 @@ def _accumulate(hidden: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _slice_logits(hidden, weight, bias, temperature: float) -> torch.Tensor:
-    z = F.linear(hidden, weight, bias).to(_accumulate(hidden))
-    return z.div_(temperature) if temperature != 1.0 else z
+def _slice_stats(z: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """One slice's [rows, vocab] logits (model dtype) -> target log-prob, log-sum-exp and (or None)
+    entropy per row, in float32 or wider. In place where it can: eager runs make one float32 copy."""
+    z = z.to(_accumulate(z))
+    if temperature != 1.0:
+        z.div_(temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:  # H = lse - sum(p * z)
+        entropy = lse - ((z - lse[:, None]).exp_() * z).sum(-1)
+    return logp, lse, entropy
 
 
-def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_entropy: bool):
+def _slice_logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """d logp / d logits for one slice, in the logits' dtype: (one_hot(target) - softmax(z / T)) * g / T."""
+    g = grad_logp.to(lse.dtype)[:, None]
+    grad = z.to(lse.dtype)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    grad.sub_(lse[:, None]).exp_().mul_(-g)
+    grad.scatter_add_(-1, targets[:, None], g)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return grad.to(z.dtype)
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    """fn under torch.compile, built once per process (slices have one shape but the last)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_entropy: bool, compiled: bool):
     head = model.get_output_embeddings()
     targets = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, -1:]], dim=1)  # last column: a dummy target
 
     def forward(hidden):  # runs inside the model's forward, so FSDP2 has the head's weight gathered
         b, t, h = hidden.shape
         logp, entropy = _SlicedHead.apply(hidden.reshape(b * t, h), head.weight, head.bias, targets.reshape(b * t),
-                                          temperature, with_entropy)
+                                          temperature, with_entropy, compiled)
         return torch.stack([logp, entropy], dim=-1).reshape(b, t, 2)
 
     # The head's own forward is swapped for this call only: the model then returns [B, T, 2] "logits".

@@ -1,13 +1,15 @@
-"""Each LoRA linear layer as one autograd function with a hand-written backward (`train.fused_lora`).
+"""Each LoRA linear layer as one fused op with a hand-written backward (`train.fused_lora`).
 
 peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`. Besides the two small GEMMs that is a
 full-size multiply and a full-size add in the forward, and their mirrors in the backward (the output
 gradient times the scaling, the sum of two input gradients): four memory-bound passes over
 [tokens, features] tensors per linear layer, as costly as the low-rank GEMMs themselves, and several
-Python-level module calls. Here the scaling rides on the GEMMs' alpha and the low-rank product is
-accumulated into the base output (forward) and the base input gradient (backward) by `addmm_`, so
-each layer is three GEMM launches forward and five backward. The frozen base weight gets no gradient,
-as in peft. The function saves the same tensors peft's path does (the input and the rank-r product).
+Python-level module calls. Here the scaling rides on the rank-r product and the GEMMs accumulate: the
+low-rank term is computed first and the frozen base GEMM adds onto it (beta=1, read in its epilogue),
+forward for the output and backward for the input gradient, so each layer is three GEMM launches
+forward and five backward and no separate pass touches a full-size tensor. The two halves are custom
+ops, opaque to torch.compile (`lora_linear`). The frozen base weight gets no gradient, as in peft,
+and the saved tensors are the ones peft's path saves (the input and the rank-r product).
 
 Only the plain case is routed here - one active adapter, no dropout, not merged, a frozen nn.Linear
 base, same dtypes, no extra arguments; anything else (disabled adapters for the reference policy,
@@ -26,36 +28,107 @@ import torch
 from torch import nn
 
 
-class LoRALinearFunction(torch.autograd.Function):
+# One LoRA linear as a pair of operators (forward, backward) rather than an autograd.Function, so that
+# torch.compile treats each as one opaque call: traced, the in-place accumulations below became an
+# out-of-place addmm plus a device-to-device copy of the full-size output (14 copies per decoder layer).
+# Defined with torch.library directly rather than `custom_op`: its per-call Python wrapping (about as
+# long as the GEMMs of a small layer) made the compiled step wait on the host.
+_LIB = torch.library.Library("lora_rl", "DEF")
+_LIB.define("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling)"
+            " -> (Tensor, Tensor)")
+_LIB.define("lora_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor xa,"
+            " float scaling, bool need_input) -> (Tensor, Tensor, Tensor)")
+
+
+def _forward_impl(x, weight, bias, lora_a, lora_b, scaling):
+    xa = x @ lora_a.t()  # [N, r]
+    # The scaling rides on the GEMMs' alpha; beta=0 ignores the (uninitialised) first argument.
+    out = torch.addmm(bias if bias is not None else x.new_empty(()), xa, lora_b.t(), beta=1 if bias is not None else 0,
+                      alpha=scaling)
+    # The big GEMM last, accumulating onto the low-rank term (beta=1): its epilogue reads that term while
+    # it is compute-bound, instead of a separate memory-bound pass over the full-size output.
+    out.addmm_(x, weight.t())
+    return out, xa
+
+
+def _backward_impl(grad, x, weight, lora_a, lora_b, xa, scaling, need_input):
+    none = x.new_empty(())
+    gb = grad @ lora_b  # [N, r]
+    grad_a = torch.addmm(none, gb.t(), x, beta=0, alpha=scaling)  # [r, in]
+    grad_b = torch.addmm(none, grad.t(), xa, beta=0, alpha=scaling)  # [out, r]
+    if not need_input:
+        return x.new_empty(0), grad_a, grad_b
+    grad_x = torch.addmm(none, gb, lora_a, beta=0, alpha=scaling)  # the low-rank term first, then the frozen
+    grad_x.addmm_(grad, weight)  # base's input gradient accumulated onto it
+    return grad_x, grad_a, grad_b
+
+
+_LIB.impl("lora_linear", _forward_impl, "CompositeExplicitAutograd")
+_LIB.impl("lora_linear_backward", _backward_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lora_rl::lora_linear", lib=_LIB)
+def _(x, weight, bias, lora_a, lora_b, scaling):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.register_fake("lora_rl::lora_linear_backward", lib=_LIB)
+def _(grad, x, weight, lora_a, lora_b, xa, scaling, need_input):
+    return (x.new_empty(x.shape if need_input else (0,)), lora_a.new_empty(lora_a.shape),
+            lora_b.new_empty(lora_b.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_a, lora_b, scaling = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.scaling = scaling
+
+
+def _backward(ctx, grad, _grad_xa):
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    need_input = ctx.needs_input_grad[0]
+    grad_x, grad_a, grad_b = torch.ops.lora_rl.lora_linear_backward(grad, x, weight, lora_a, lora_b, xa, ctx.scaling,
+                                                                    need_input)
+    # The frozen base weight and bias get no gradient, as in peft.
+    return (grad_x if need_input else None), None, None, grad_a, grad_b, None
+
+
+torch.library.register_autograd("lora_rl::lora_linear", _backward, setup_context=_setup_context, lib=_LIB)
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """The same two halves for eager runs, where an autograd.Function costs less per call than an
+    operator's Python autograd wrapper; torch.compile sees the operators instead."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xa = x2 @ lora_a.t()  # [N, r]
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        out.addmm_(xa, lora_b.t(), alpha=scaling)  # + scaling * (x A^T) B^T, accumulated in the GEMM
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
-        ctx.scaling, ctx.shape = scaling, shape
-        return out.view(*shape[:-1], out.shape[-1])
+        out, xa = _forward_impl(x, weight, bias, lora_a, lora_b, scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scaling = scaling
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad.reshape(-1, grad.shape[-1])
-        gb = g @ lora_b  # [N, r]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight  # the frozen base contributes an input gradient only
-            grad_x.addmm_(gb, lora_a, alpha=s)
-            grad_x = grad_x.view(ctx.shape)
-        grad_a = (gb.t() @ x2).mul_(s)  # [r, in]
-        grad_b = (g.t() @ xa).mul_(s)  # [out, r]
-        return grad_x, None, None, grad_a, grad_b, None
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        need_input = ctx.needs_input_grad[0]
+        grad_x, grad_a, grad_b = _backward_impl(grad, x, weight, lora_a, lora_b, xa, ctx.scaling, need_input)
+        return (grad_x if need_input else None), None, None, grad_a, grad_b, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """base(x) + scaling * (x A^T) B^T for a frozen base: three GEMMs forward, five backward, no
+    separate scale or add pass over a full-size tensor. Saves the input and the rank-r product, as peft."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.lora_rl.lora_linear(x2, weight, bias, lora_a, lora_b, float(scaling))
+    else:
+        out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scaling))
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class SegmentLoRAFunction(torch.autograd.Function):
-    """LoRALinearFunction over consecutive row segments of x [B, T, in], each with its own adapter.
+    """`lora_linear` over consecutive row segments of x [B, T, in], each with its own adapter.
 
     segments: ((rows, scaling), ...) in row order for the segments that have an adapter here, and
     (rows, None) for those that have none; lora: A, B of each segment with a scaling, in order. An
@@ -120,12 +193,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
-    return LoRALinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                    self.scaling[name])
+    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name])
 
 
 def fuse_lora(model: nn.Module) -> int:
-    """Route `model`'s peft LoRA linear layers through LoRALinearFunction; returns how many."""
+    """Route `model`'s peft LoRA linear layers through `lora_linear`; returns how many."""
     from peft.tuners.lora.layer import Linear
 
     layers = [m for m in model.modules() if isinstance(m, Linear)]

@@ -139,7 +139,8 @@ class MultiLoRAPolicy:
         rows = contextlib.nullcontext() if adapter_names is None else \
             adapter_rows(self.model, row_segments(adapter_names), fused=self.fused)
         with torch.set_grad_enabled(with_grad), rows:
-            return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy, chunked=self.chunked)
+            return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy, chunked=self.chunked,
+                                  compiled=self.compiled)
 
     @contextlib.contextmanager
     def reference(self):

@@ -84,10 +84,11 @@ def test_generation_with_the_adapter_merged_leaves_the_base_exact(random_model_d
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_fused_lora_matches_peft_forward_and_gradients(random_model_dir, dtype, tolerance):
-    """train.fused_lora (one autograd function per LoRA linear) against peft's own forward: log-probs,
-    input and adapter gradients. Stated tolerance: 1e-6 in float32 on the CPU (only the order of the
-    additions changes); 2e-2 relative in bf16, where peft rounds the low-rank product to bf16 before
-    adding it and the fused path accumulates it inside the GEMM."""
+    """train.fused_lora (one fused op per LoRA linear) against peft's own forward: log-probs, input and
+    adapter gradients. Stated tolerance: 1e-6 in float32 on the CPU (only the order of the additions
+    changes); 2e-2 relative in bf16, where the two paths round to bf16 at different points (peft the
+    scaled low-rank product and the sum, the fused path the low-rank term before the base GEMM
+    accumulates onto it)."""
     from lora_rl.fused_lora import fuse_lora
 
     _, peft_model = _models(random_model_dir)
@@ -111,7 +112,7 @@ def test_fused_lora_matches_peft_forward_and_gradients(random_model_dir, dtype, 
 def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_dir):
     """Disabled adapters (the reference policy) and merged weights (sampling) take peft's forward, so
     they give the base model's and the merged model's outputs exactly as before."""
-    from lora_rl.fused_lora import LoRALinearFunction, fuse_lora
+    from lora_rl import fused_lora
     from lora_rl.lora import merged_for_generation
 
     _, model = _models(random_model_dir)
@@ -120,10 +121,10 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
         with model.disable_adapter():
             reference = model(input_ids=ids).logits
         adapted = model(input_ids=ids).logits
-        fuse_lora(model)
+        fused_lora.fuse_lora(model)
         calls = []
-        original = LoRALinearFunction.apply
-        LoRALinearFunction.apply = lambda *a: calls.append(1) or original(*a)
+        original = fused_lora.lora_linear
+        fused_lora.lora_linear = lambda *a: calls.append(1) or original(*a)
         try:
             with model.disable_adapter():
                 assert torch.equal(model(input_ids=ids).logits, reference) and not calls
@@ -133,7 +134,7 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
             torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-6, rtol=0)
             assert len(calls) == 7 * model.config.num_hidden_layers
         finally:
-            LoRALinearFunction.apply = original
+            fused_lora.lora_linear = original
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -148,9 +149,61 @@ def test_sliced_head_backward_is_the_exact_gradient(temperature, monkeypatch):
     weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
     bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.randint(0, 11, (7,), generator=g)
-    assert torch.autograd.gradcheck(lambda h, w, b: _SlicedHead.apply(h, w, b, targets, temperature, False)[0],
+    assert torch.autograd.gradcheck(lambda h, w, b: _SlicedHead.apply(h, w, b, targets, temperature, False, False)[0],
                                     (hidden, weight, bias))
-    logp, entropy = _SlicedHead.apply(hidden, weight, bias, targets, temperature, True)
+    logp, entropy = _SlicedHead.apply(hidden, weight, bias, targets, temperature, True, False)
     reference = torch.log_softmax((hidden @ weight.t() + bias) / temperature, -1)
     torch.testing.assert_close(logp, reference.gather(-1, targets[:, None]).squeeze(-1))
     torch.testing.assert_close(entropy, -(reference.exp() * reference).sum(-1))
+
+
+@pytest.mark.parametrize("bias, input_grad", [(True, True), (False, True), (True, False)])
+def test_lora_linear_backward_is_the_exact_gradient(bias, input_grad):
+    """The fused LoRA linear's hand-written backward against numerical derivatives (float64), with and
+    without a bias and an input gradient (the first layer's input needs none under LoRA), and its
+    output against the plain formula: the eager autograd.Function and the operator compiled code calls."""
+    from lora_rl.fused_lora import lora_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=input_grad)
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g) if bias else None
+    lora_a = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    lora_b = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(t[0] if input_grad else x, weight, b, *t[-2:], 1.5),
+                                    (x, lora_a, lora_b) if input_grad else (lora_a, lora_b))
+    plain = x @ weight.t() + (b if bias else 0) + 1.5 * (x @ lora_a.t()) @ lora_b.t()
+    torch.testing.assert_close(lora_linear(x, weight, b, lora_a, lora_b, 1.5), plain)
+    # The operator torch.compile sees: schema, fake (shape) functions and autograd registration, and
+    # its gradients against numerical derivatives.
+    x2 = x.detach().reshape(6, 5).requires_grad_(input_grad)
+    torch.library.opcheck(torch.ops.lora_rl.lora_linear, (x2, weight, b, lora_a, lora_b, 1.5))
+    assert torch.autograd.gradcheck(
+        lambda *t: torch.ops.lora_rl.lora_linear(t[0] if input_grad else x2, weight, b, *t[-2:], 1.5)[0],
+        (x2, lora_a, lora_b) if input_grad else (lora_a, lora_b))
+
+
+def test_compiled_paths_equal_the_eager_ones(random_model_dir, monkeypatch):
+    """What backend.compile runs on GPUs, compiled here on the CPU: the fused LoRA op inside a compiled
+    decoder layer (its fake shapes, its autograd under AOT) and the sliced head's compiled slice kernels
+    give the eager log-probs, entropies and adapter gradients (float32; only rounding may differ)."""
+    from lora_rl.backends.fsdp2 import compile_layers
+    from lora_rl.fused_lora import fuse_lora
+
+    monkeypatch.setattr(lora_rl.batching, "_CHUNK_ELEMENTS", 7 * 320)  # 7-row slices of the 320-word vocabulary
+    batch = make_batch([[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15, 16, 17, 18]], 0)
+    out = []
+    for compiled in (False, True):
+        _, model = _models(random_model_dir)
+        fuse_lora(model)
+        if compiled:
+            compile_layers(model, graphs=2)
+        logp, entropy = token_logprobs(model, batch, 0.7, with_entropy=True, compiled=compiled)
+        (logp * batch.completion_mask).sum().backward()
+        out.append((logp.detach(), entropy, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_logp, eager_entropy, eager_grads), (logp, entropy, grads) = out
+    torch.testing.assert_close(logp, eager_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, eager_entropy, atol=1e-5, rtol=1e-5)
+    assert sorted(grads) == sorted(eager_grads) and len(grads) == 14 * model.config.num_hidden_layers
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

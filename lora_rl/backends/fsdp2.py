@@ -168,7 +168,7 @@ class FSDP2Engine:
         self.model.train(with_grad)
         with torch.set_grad_enabled(with_grad):
             return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy,
-                                  chunked=self.chunked_logprobs)
+                                  chunked=self.chunked_logprobs, compiled=self.compiled)
 
     def reference(self) -> contextlib.AbstractContextManager:
         if not self.use_lora:
