@@ -87,9 +87,8 @@ def run_variant(name: str, args, device) -> dict:
         _profile_rollout(lambda: engine.generate(prompts, params), sync,
                          args.out.with_suffix(f".{''.join(c if c.isalnum() else '_' for c in name)}.rollout.txt"))
     generated = args.prompts * args.samples * args.new_tokens
-    row = {"variant": name, **v, "rollout_s": statistics.median(rollout_s), "update_s": statistics.median(update_s)}
-    row["step_s"] = row["rollout_s"] + row["update_s"]
-    row["rollout_tokens_per_s"] = generated / row["rollout_s"]
+    row = {"variant": name, **v, "rollouts_s": rollout_s, "updates_s": update_s}
+    _summarise(row, generated)
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     del engine, backend, model
     gc.collect()
@@ -97,6 +96,33 @@ def run_variant(name: str, args, device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return row
+
+
+def _summarise(row: dict, generated: int) -> None:
+    """Medians over every timed step of the variant (of all its rounds)."""
+    row["rollout_s"], row["update_s"] = statistics.median(row["rollouts_s"]), statistics.median(row["updates_s"])
+    row["step_s"] = row["rollout_s"] + row["update_s"]
+    row["rollout_tokens_per_s"] = generated / row["rollout_s"]
+
+
+def _rounds(args) -> list[dict]:
+    """Each variant in a fresh process, --rounds times, the order reversed every other round (A B C C B A
+    ...): the host sets the pace of sampling a small model, and its speed drifts over minutes (the same
+    rollout measured 4.9 s and 6.0 s in successive processes), so a fixed order would favour one side."""
+    rows = {}
+    for i in range(args.rounds):
+        for name in (args.variants if i % 2 == 0 else args.variants[::-1]):
+            row = _in_own_process(name, args)
+            if name in rows:
+                rows[name]["rollouts_s"] += row["rollouts_s"]
+                rows[name]["updates_s"] += row["updates_s"]
+                rows[name]["peak_gib"] = max(rows[name]["peak_gib"], row["peak_gib"])
+            else:
+                rows[name] = row
+    generated = args.prompts * args.samples * args.new_tokens
+    for row in rows.values():
+        _summarise(row, generated)
+    return [rows[name] for name in args.variants]
 
 
 def _in_own_process(name: str, args) -> dict:
@@ -159,6 +185,7 @@ def main() -> None:
     parser.add_argument("--profile-rollout", action="store_true", help="also profile one rollout of each variant")
     parser.add_argument("--isolate", default=True, action=argparse.BooleanOptionalAction,
                         help="run each variant in its own process (default)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per variant, in alternating order")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/grpo_step.json"))
     args = parser.parse_args()
 
@@ -170,7 +197,7 @@ def main() -> None:
     device = distributed.device()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if args.isolate and len(args.variants) > 1:
-        rows = [_in_own_process(name, args) for name in args.variants]
+        rows = _rounds(args)
     else:
         rows = [run_variant(name, args, device) for name in args.variants]
     full = next((r for r in rows if not r["use_lora"]), None)

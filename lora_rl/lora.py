@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from lora_rl.config import ConfigError, LoRAConfig
-from lora_rl.fused_lora import LoRALinearFunction, SegmentLoRAFunction, plain_adapter, plain_base
+from lora_rl.fused_lora import SegmentLoRAFunction, lora_linear, plain_adapter, plain_base
 
 # Config attributes that mark a mixture-of-experts model across the common HF families.
 _MOE_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
@@ -185,8 +185,8 @@ def _fused_segment_forward(layer, segments: list[tuple[str | None, int]], x: tor
         if not held:
             return F.linear(x, base.weight, base.bias)
         name = held[0]
-        return LoRALinearFunction.apply(x, base.weight, base.bias, layer.lora_A[name].weight,
-                                        layer.lora_B[name].weight, layer.scaling[name])
+        return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                           layer.scaling[name])
     lora = [w for name in held for w in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
     spans = tuple((rows, layer.scaling[name] if name in layer.lora_A else None) for name, rows in segments)
     return SegmentLoRAFunction.apply(x, base.weight, base.bias, spans, *lora)
@@ -444,22 +444,20 @@ def merged_for_generation(model: PeftModel):
     lives only while generating, when no activations or gradients are held)."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    places = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if isinstance(child, LoraLayer)]
+    layers = [layer for _, _, layer in places]
     saved = [m.get_base_layer().weight.detach().clone() for m in layers]
-    forwards = [vars(m).get("forward") for m in layers]  # an instance forward, e.g. train.fused_lora's
     model.merge_adapter()
-    for layer in layers:
-        # Merged, peft's wrapper would only add Python work to every call of every generated token
-        # (sampling is bound by kernel launches): call the base layer directly.
-        layer.forward = layer.get_base_layer().forward
+    # Merged, peft's wrappers would only add Python work to every call of every generated token
+    # (sampling is bound by the host): the base layers stand in their places while sampling.
+    for parent, name, layer in places:
+        setattr(parent, name, layer.get_base_layer())
     try:
         yield
     finally:
-        for layer, forward in zip(layers, forwards, strict=True):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
+        for parent, name, layer in places:
+            setattr(parent, name, layer)
         model.unmerge_adapter()
         with torch.no_grad():
             for layer, weight in zip(layers, saved, strict=True):

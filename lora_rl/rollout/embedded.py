@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
+from torch.distributed.fsdp import FSDPModule
 
 from lora_rl import distributed
 from lora_rl.lora import adapter_rows
@@ -54,7 +56,12 @@ def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id:
     named = any(r.adapter is not None for r in requests)
     segments = [(r.adapter, len(r.prompts) * r.params.n) for r in requests]
     with adapter_rows(model, segments) if named else contextlib.nullcontext():
-        return _sample_rows(model, requests, rows, bounds, eos_id=eos_id, pad_id=pad_id, versions=versions)
+        # The transformers model inside a peft wrapper: its LoRA layers are in place either way, and the
+        # wrapper's forward adds only Python work to every generated token (sampling is host-bound).
+        # Not under FSDP2, whose root module must run its own forward (its hooks manage the shards).
+        inner = model.get_base_model() if isinstance(model, PeftModel) and not isinstance(model, FSDPModule) \
+            else model
+        return _sample_rows(inner, requests, rows, bounds, eos_id=eos_id, pad_id=pad_id, versions=versions)
 
 
 def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], bounds: list[int], *, eos_id: int,
