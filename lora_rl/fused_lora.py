@@ -8,7 +8,8 @@ Python-level module calls. Here the scaling rides on the rank-r product and the 
 low-rank term is computed first and the frozen base GEMM adds onto it (beta=1, read in its epilogue),
 forward for the output and backward for the input gradient, so each layer is three GEMM launches
 forward and five backward and no separate pass touches a full-size tensor. The two halves are custom
-ops, opaque to torch.compile (`lora_linear`). The frozen base weight gets no gradient, as in peft,
+ops, opaque to torch.compile (`lora_linear`), with C++ bodies on GPUs (`load_native`) so that compiled layers
+call them without entering Python. The frozen base weight gets no gradient, as in peft,
 and the saved tensors are the ones peft's path saves (the input and the rank-r product).
 
 Only the plain case is routed here - one active adapter, no dropout, not merged, a frozen nn.Linear
@@ -22,17 +23,20 @@ low-rank product accumulated into its own rows of the output and of the input gr
 
 from __future__ import annotations
 
+import functools
 import types
+import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 
-# One LoRA linear as a pair of operators (forward, backward) rather than an autograd.Function, so that
-# torch.compile treats each as one opaque call: traced, the in-place accumulations below became an
-# out-of-place addmm plus a device-to-device copy of the full-size output (14 copies per decoder layer).
-# Defined with torch.library directly rather than `custom_op`: its per-call Python wrapping (about as
-# long as the GEMMs of a small layer) made the compiled step wait on the host.
+# One LoRA linear as a pair of operators (forward, backward) that torch.compile treats as opaque calls:
+# traced, the in-place accumulations below became an out-of-place addmm plus a device-to-device copy of
+# the full-size output (14 copies per decoder layer). Their autograd is `_LoRALinearFunction`, which
+# compile traces into the graph around them, rather than a registration on the operator: that ran a
+# Python autograd wrapper on every call of the compiled forward, even with C++ bodies below it.
 _LIB = torch.library.Library("lora_rl", "DEF")
 _LIB.define("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling)"
             " -> (Tensor, Tensor)")
@@ -63,6 +67,7 @@ def _backward_impl(grad, x, weight, lora_a, lora_b, xa, scaling, need_input):
     return grad_x, grad_a, grad_b
 
 
+# The Python bodies serve every device; on GPUs `load_native` registers C++ ones that take precedence.
 _LIB.impl("lora_linear", _forward_impl, "CompositeExplicitAutograd")
 _LIB.impl("lora_linear_backward", _backward_impl, "CompositeExplicitAutograd")
 
@@ -78,31 +83,32 @@ def _(grad, x, weight, lora_a, lora_b, xa, scaling, need_input):
             lora_b.new_empty(lora_b.shape))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _, lora_a, lora_b, scaling = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
-    ctx.scaling = scaling
+@functools.cache
+def load_native(dispatch_key: str = "CUDA") -> bool:
+    """Build (once; torch caches the build in the user's cache folder) and load the C++ bodies of the
+    two operators for `dispatch_key` (csrc/lora_linear.cpp), so that neither a compiled layer nor an
+    eager one enters Python for them. False, with a warning, if the build fails: the Python bodies then
+    serve, with the same results, only slower on the host."""
+    from torch.utils import cpp_extension
 
-
-def _backward(ctx, grad, _grad_xa):
-    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-    need_input = ctx.needs_input_grad[0]
-    grad_x, grad_a, grad_b = torch.ops.lora_rl.lora_linear_backward(grad, x, weight, lora_a, lora_b, xa, ctx.scaling,
-                                                                    need_input)
-    # The frozen base weight and bias get no gradient, as in peft.
-    return (grad_x if need_input else None), None, None, grad_a, grad_b, None
-
-
-torch.library.register_autograd("lora_rl::lora_linear", _backward, setup_context=_setup_context, lib=_LIB)
+    source = Path(__file__).parent / "csrc" / "lora_linear.cpp"
+    try:
+        cpp_extension.load(name=f"lora_rl_native_{dispatch_key.lower()}", sources=[str(source)],
+                           extra_cflags=["-O2", f"-DLORA_RL_DISPATCH_KEY={dispatch_key}"], is_python_module=False)
+    except Exception as error:  # a missing compiler or headers must not stop training
+        warnings.warn(f"lora-rl: the C++ LoRA operators did not build, so the Python ones run (same results, "
+                      f"more host time per step): {error}", stacklevel=2)
+        return False
+    return True
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """The same two halves for eager runs, where an autograd.Function costs less per call than an
-    operator's Python autograd wrapper; torch.compile sees the operators instead."""
+    """The autograd of the two operators, eager and compiled alike. The frozen base weight and bias get
+    no gradient, as in peft; the saved tensors are the ones peft's path saves (input, rank-r product)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        out, xa = _forward_impl(x, weight, bias, lora_a, lora_b, scaling)
+        out, xa = torch.ops.lora_rl.lora_linear.default(x, weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.scaling = scaling
         return out
@@ -111,7 +117,8 @@ class _LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         need_input = ctx.needs_input_grad[0]
-        grad_x, grad_a, grad_b = _backward_impl(grad, x, weight, lora_a, lora_b, xa, ctx.scaling, need_input)
+        grad_x, grad_a, grad_b = torch.ops.lora_rl.lora_linear_backward.default(
+            grad, x, weight, lora_a, lora_b, xa, ctx.scaling, need_input)
         return (grad_x if need_input else None), None, None, grad_a, grad_b, None
 
 
@@ -120,10 +127,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """base(x) + scaling * (x A^T) B^T for a frozen base: three GEMMs forward, five backward, no
     separate scale or add pass over a full-size tensor. Saves the input and the rank-r product, as peft."""
     x2 = x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling():
-        out, _ = torch.ops.lora_rl.lora_linear(x2, weight, bias, lora_a, lora_b, float(scaling))
-    else:
-        out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scaling))
+    out = _LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scaling))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

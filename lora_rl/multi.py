@@ -43,6 +43,7 @@ from lora_rl.backends.fsdp2 import compile_layers
 from lora_rl.batching import encode, make_batch, token_logprobs
 from lora_rl.checkpoint import atomic_write_text
 from lora_rl.config import Config, ConfigError, config_to_dict
+from lora_rl.fused_lora import load_native
 from lora_rl.lora import (adapter_rows, check_model, inject_adapters, install_rows_forward, row_segments,
                           save_adapter)
 from lora_rl.metrics import MetricsLog, Timer
@@ -117,6 +118,8 @@ class MultiLoRAPolicy:
                                              fused=device.type == "cuda")
                            for params, c in zip(self.params, configs, strict=True)]
         install_rows_forward(self.model)  # before compiling: the graphs trace the per-row forward
+        if self.fused and device.type == "cuda":
+            load_native("CUDA")
         self.compiled = configs[0].backend.compile and device.type == "cuda"
         if self.compiled:
             # As the single-adapter backend compiles: each distinct set of row segments (in practice one

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from lora_rl import distributed
 from lora_rl.batching import TokenBatch, token_logprobs
 from lora_rl.config import Config, ConfigError
-from lora_rl.fused_lora import fuse_lora
+from lora_rl.fused_lora import fuse_lora, load_native
 from lora_rl.lora import merged_for_generation, save_adapter
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
@@ -60,13 +60,17 @@ def compile_layers(model: torch.nn.Module, graphs: int) -> None:
     graph serves every layer (scoring runs without a KV cache, whose per-layer state would force a graph
     per layer), and the output head stays eager for the sliced log-prob head that is swapped in per call.
     graphs: how many graphs a layer may need; the limits are raised so that no layer ever falls back to
-    eager silently."""
+    eager silently.
+
+    Inductor writes each graph's wrapper in C++ (`cpp_wrapper`), and with the fused LoRA operators'
+    C++ bodies (`load_native`) a compiled layer runs without entering Python: where a LoRA step waits on
+    the host (a 0.5B model on an H100), the two together made it about 17% faster (README)."""
     layers = decoder_layers(model)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, graphs * len(layers))
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, graphs * len(layers))
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, options={"cpp_wrapper": True})
 
 
 class FSDP2Engine:
@@ -104,6 +108,8 @@ class FSDP2Engine:
                 self._materialize(model, buffers, config.run.seed)
         if self.use_lora and config.train.fused_lora:
             fuse_lora(model)
+            if distributed.device().type == "cuda":
+                load_native("CUDA")
         self.compiled = config.backend.compile and distributed.device().type == "cuda"
         if self.compiled:
             # The first layer gets a second graph: its input needs no gradient under LoRA.
