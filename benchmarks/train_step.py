@@ -24,6 +24,7 @@ Prints a table, writes JSON and a PNG bar chart beside it.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import statistics
@@ -160,10 +161,39 @@ def _profile(fn, path: Path) -> dict:
     gemm = sum(e.self_device_time_total for e in kernels if any(w in e.key.lower() for w in gemm_words)) / 1e3
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]
     cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
+    idle_ms, idle_by_op = _gpu_idle(prof.events())
     path.write_text("\n".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}" for e in top)
                     + "\n\nhost (self CPU time)\n"
-                    + "\n".join(f"{e.self_cpu_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}" for e in cpu) + "\n")
-    return {"gpu_busy_ms": busy, "gemm_ms": gemm, "kernel_launches": sum(e.count for e in kernels)}
+                    + "\n".join(f"{e.self_cpu_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:150]}" for e in cpu)
+                    + f"\n\nGPU idle between the step's first and last kernel: {idle_ms:.2f} ms; what the host was "
+                      "running then (an idle gap counts for every host range that spans it)\n"
+                    + "\n".join(f"{ms:9.2f} ms  {name[:150]}" for name, ms in idle_by_op) + "\n")
+    return {"gpu_busy_ms": busy, "gemm_ms": gemm, "kernel_launches": sum(e.count for e in kernels),
+            "gpu_idle_ms": idle_ms}
+
+
+def _gpu_idle(events, min_gap_us: float = 5.0) -> tuple[float, list[tuple[str, float]]]:
+    """GPU idle time inside a profiled step (gaps between kernels), and for each host range (ops,
+    record_function labels) the idle time it spans: where the GPU waited for the host."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    gaps, end = [], spans[0][1] if spans else 0
+    for start, stop in spans[1:]:
+        if start - end > min_gap_us:
+            gaps.append((end, start))
+        end = max(end, stop)
+    gap_ends = [hi for _, hi in gaps]
+    credit: dict[str, float] = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        i = bisect.bisect_right(gap_ends, e.time_range.start)  # the first gap ending after the range starts
+        while i < len(gaps) and gaps[i][0] < e.time_range.end:
+            lo, hi = gaps[i]
+            credit[e.name] = credit.get(e.name, 0.0) + (min(hi, e.time_range.end) - max(lo, e.time_range.start)) / 1e3
+            i += 1
+    return sum(hi - lo for lo, hi in gaps) / 1e3, sorted(credit.items(), key=lambda kv: -kv[1])[:30]
 
 
 def main() -> None:
@@ -203,7 +233,7 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "-"
         print(f"{r['variant']:<28}{r['step_s']:>8.3f}{r['step_tokens_per_s']:>9.0f}{r['step_peak_gib']:>10.1f}"
               f"{r['step_vs_fastest_full']:>8.2f}{r['peak_vs_full']:>7.2f}{mfu:>6}{r['update_s']:>10.3f}"
-              f"{r['update_peak_gib']:>9.1f}" + (f"  GPU busy {r['gpu_busy_ms']:.0f} ms, GEMM {r['gemm_ms']:.0f} ms, "
+              f"{r['update_peak_gib']:>9.1f}" + (f"  GPU busy {r['gpu_busy_ms']:.0f} ms, idle {r['gpu_idle_ms']:.0f} ms, GEMM {r['gemm_ms']:.0f} ms, "
                                                  f"{r['kernel_launches']} kernels" if "gpu_busy_ms" in r else ""))
     result = {"benchmark": "train_step", "device": card, "torch": torch.__version__, "settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
