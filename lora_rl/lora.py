@@ -276,6 +276,26 @@ def install_rows_forward(model: PeftModel) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The base model: every LoRA layer's adapters switched off within this context (the reference
+    policy), as peft's `disable_adapter()` does, without its bookkeeping. peft also checks the status of
+    every adapter layer and toggles requires_grad on each adapter tensor and back (which then leaves
+    only the active adapter of a multi-adapter model trainable): 20 ms of host time per pass of a
+    24-layer model in our CPU measurement, for a pass that runs without gradients anyway."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True  # the flag behind peft's `disable_adapters` property
+        yield
+    finally:
+        for layer, disabled in zip(layers, before, strict=True):
+            layer._disable_adapters = disabled
+
+
+@contextlib.contextmanager
 def adapter_rows(model: PeftModel, segments: list[tuple[str | None, int]], fused: bool = True,
                  merge: bool | None = None):
     """Within this context, row segments of every batch go through their own adapters of a model holding

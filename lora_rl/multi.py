@@ -44,8 +44,8 @@ from lora_rl.batching import encode, make_batch, token_logprobs
 from lora_rl.checkpoint import atomic_write_text
 from lora_rl.config import Config, ConfigError, config_to_dict
 from lora_rl.fused_lora import load_native
-from lora_rl.lora import (adapter_rows, check_model, inject_adapters, install_rows_forward, row_segments,
-                          save_adapter)
+from lora_rl.lora import (adapter_rows, adapters_off, check_model, inject_adapters, install_rows_forward,
+                          row_segments, save_adapter)
 from lora_rl.metrics import MetricsLog, Timer
 from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward
@@ -148,12 +148,8 @@ class MultiLoRAPolicy:
     @contextlib.contextmanager
     def reference(self):
         """The base model, every adapter off."""
-        with self.model.disable_adapter():
+        with adapters_off(self.model):
             yield
-        # Switching adapters back on, peft leaves only its one active adapter trainable.
-        for params in self.params:
-            for p in params:
-                p.requires_grad_(True)
 
     def optimizer_step(self, k: int) -> float:
         """Clip adapter k's gradients, step its optimizer alone, zero its grads; the pre-clip norm."""

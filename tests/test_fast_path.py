@@ -28,6 +28,29 @@ def _models(model_dir):
     return plain, ours
 
 
+def test_adapters_off_is_the_base_model_and_leaves_training_state_alone(random_model_dir):
+    """The reference pass's context: peft's base-model output exactly, every adapter tensor still
+    trainable inside and after it (peft's own context toggles requires_grad), and the layers' switches
+    restored after an error too."""
+    from lora_rl.lora import adapters_off
+
+    _, model = _models(random_model_dir)
+    ids = torch.tensor([[5, 6, 7, 9, 11]])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        with model.disable_adapter():
+            reference = model(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+        with adapters_off(model):
+            assert torch.equal(model(input_ids=ids).logits, reference)
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+        with pytest.raises(RuntimeError), adapters_off(model):
+            raise RuntimeError("a failing reference pass")
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable and len(trainable) > 0
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sliced_head_matches_plain_peft(random_model_dir, temperature, monkeypatch):
     plain, ours = _models(random_model_dir)
@@ -113,7 +136,7 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
     """Disabled adapters (the reference policy) and merged weights (sampling) take peft's forward, so
     they give the base model's and the merged model's outputs exactly as before."""
     from lora_rl import fused_lora
-    from lora_rl.lora import merged_for_generation
+    from lora_rl.lora import adapters_off, merged_for_generation
 
     _, model = _models(random_model_dir)
     ids = torch.tensor([[5, 6, 7, 9, 11]])
@@ -126,7 +149,7 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
         original = fused_lora.lora_linear
         fused_lora.lora_linear = lambda *a: calls.append(1) or original(*a)
         try:
-            with model.disable_adapter():
+            with adapters_off(model):  # what the engines' reference() uses
                 assert torch.equal(model(input_ids=ids).logits, reference) and not calls
             with merged_for_generation(model):
                 torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)

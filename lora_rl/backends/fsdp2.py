@@ -24,7 +24,7 @@ from lora_rl import distributed
 from lora_rl.batching import TokenBatch, token_logprobs
 from lora_rl.config import Config, ConfigError
 from lora_rl.fused_lora import fuse_lora, load_native
-from lora_rl.lora import merged_for_generation, save_adapter
+from lora_rl.lora import adapters_off, merged_for_generation, save_adapter
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
 # never the whole model (that is what AReaL gathers every step).
@@ -179,7 +179,7 @@ class FSDP2Engine:
     def reference(self) -> contextlib.AbstractContextManager:
         if not self.use_lora:
             raise RuntimeError("the reference policy needs LoRA: with full fine-tuning there is no frozen base")
-        return self.model.disable_adapter()
+        return adapters_off(self.model)
 
     @contextlib.contextmanager
     def generation(self):
