@@ -35,14 +35,18 @@ from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a scri
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 
 VARIANTS = {
-    "full, plain logprobs": dict(use_lora=False, chunked=False, plain_peft=False, fused=False, compile=False),
-    "full, chunked logprobs": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=False),
-    "full, chunked+compile": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True),
-    "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, fused=False, compile=False),
-    "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, fused=False, compile=False),
-    "LoRA, fused, plain logprobs": dict(use_lora=True, chunked=False, plain_peft=False, fused=True, compile=False),
-    "LoRA, fused, no compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False),
-    "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True),
+    "full, plain logprobs": dict(use_lora=False, chunked=False, plain_peft=False, fused=False, compile=False, master=True),
+    "full, chunked logprobs": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=False, master=True),
+    "full, chunked+compile": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True, master=True),
+    # Pure 16-bit AdamW (train.master_weights=false): faster and smaller for full fine-tuning, but it
+    # rounds away updates below half a bf16 step of each weight (lora_rl/optim.py).
+    "full, bf16 AdamW": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True, master=False),
+    "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, fused=False, compile=False, master=True),
+    "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, fused=False, compile=False, master=True),
+    "LoRA, fused, plain logprobs": dict(use_lora=True, chunked=False, plain_peft=False, fused=True, compile=False, master=True),
+    "LoRA, fused, no compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False, master=True),
+    "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True),
+    "LoRA, bf16 AdamW": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=False),
 }
 
 
@@ -70,7 +74,7 @@ def run_variant(name: str, args, device) -> dict:
                                 "lora.lora_alpha=32", f"train.micro_batch_size={micro}", "rollout.group_size=2",
                                 f"rollout.prompts_per_step={max(1, args.batch // 2)}", "grpo.log_kl=false",
                                 f"train.chunked_logprobs={v['chunked']}", "train.lr=1e-5",
-                                f"train.fused_lora={v['fused']}",
+                                f"train.fused_lora={v['fused']}", f"train.master_weights={v['master']}",
                                 f"backend.compile={v['compile']}",
                                 f"backend.activation_checkpointing={args.activation_checkpointing}"])
     torch.manual_seed(0)
@@ -219,22 +223,31 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = _peak_tflops(card)
     rows = [run_variant(name, args, device) for name in args.variants]
-    fastest_full = min((r["step_s"] for r in rows if not r["use_lora"]), default=float("nan"))
-    full_peak = min((r["step_peak_gib"] for r in rows if not r["use_lora"]), default=float("nan"))
+    # Ratios against full fine-tuning that keeps float32 masters (the run that trains at RL learning
+    # rates), and, where it ran, against pure bf16 AdamW full fine-tuning.
+    full = [r for r in rows if not r["use_lora"] and r["master"]]
+    bf16_full = [r for r in rows if not r["use_lora"] and not r["master"]]
     for r in rows:
-        r["step_vs_fastest_full"] = r["step_s"] / fastest_full
-        r["peak_vs_full"] = r["step_peak_gib"] / full_peak
+        for suffix, ref in (("", full), ("_bf16_full", bf16_full)):
+            if ref:
+                r[f"step_vs_fastest_full{suffix}"] = r["step_s"] / min(x["step_s"] for x in ref)
+                r[f"peak_vs_full{suffix}"] = r["step_peak_gib"] / min(x["step_peak_gib"] for x in ref)
         r["mfu"] = r["model_tflops_per_s"] / peak if peak else None
     print(f"{args.shape}, batch {args.batch} x {args.seq}, micro {args.micro or args.batch}, "
           f"activation checkpointing {args.activation_checkpointing}, {card}")
-    print(f"{'variant':<28}{'step s':>8}{'tok/s':>9}{'peak GiB':>10}{'x full':>8}{'mem x':>7}{'MFU':>6}"
-          f"{'update s':>10}{'upd GiB':>9}")
+    nan = float("nan")
+    print(f"{'variant':<28}{'step s':>8}{'tok/s':>9}{'peak GiB':>10}{'x full':>8}{'mem x':>7}{'x bf16':>8}{'mem x':>7}"
+          f"{'MFU':>6}{'update s':>10}{'upd GiB':>9}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "-"
         print(f"{r['variant']:<28}{r['step_s']:>8.3f}{r['step_tokens_per_s']:>9.0f}{r['step_peak_gib']:>10.1f}"
-              f"{r['step_vs_fastest_full']:>8.2f}{r['peak_vs_full']:>7.2f}{mfu:>6}{r['update_s']:>10.3f}"
-              f"{r['update_peak_gib']:>9.1f}" + (f"  GPU busy {r['gpu_busy_ms']:.0f} ms, idle {r['gpu_idle_ms']:.0f} ms, GEMM {r['gemm_ms']:.0f} ms, "
-                                                 f"{r['kernel_launches']} kernels" if "gpu_busy_ms" in r else ""))
+              f"{r.get('step_vs_fastest_full', nan):>8.2f}{r.get('peak_vs_full', nan):>7.2f}"
+              f"{r.get('step_vs_fastest_full_bf16_full', nan):>8.2f}{r.get('peak_vs_full_bf16_full', nan):>7.2f}"
+              f"{mfu:>6}{r['update_s']:>10.3f}{r['update_peak_gib']:>9.1f}"
+              + (f"  GPU busy {r['gpu_busy_ms']:.0f} ms, idle {r['gpu_idle_ms']:.0f} ms, GEMM {r['gemm_ms']:.0f} ms, "
+                 f"{r['kernel_launches']} kernels" if "gpu_busy_ms" in r else ""))
+    print("x full / mem x: against the fastest and smallest full fine-tuning with float32 master weights; "
+          "x bf16 / mem x: against full fine-tuning with pure bf16 AdamW (nan: not run)")
     result = {"benchmark": "train_step", "device": card, "torch": torch.__version__, "settings": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

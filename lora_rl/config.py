@@ -235,6 +235,7 @@ class TrainConfig:
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the minibatch
     max_bad_updates: int = 3  # consecutive updates skipped for a NaN/inf loss or gradient before the run stops
     chunked_logprobs: bool = True  # the head computes log-probs slice by slice: no [B, T, V] float32 logits
+    master_weights: bool = True  # 16-bit weights get a float32 copy in AdamW (lora_rl/optim.py); false: pure 16-bit AdamW
     fused_lora: bool = True  # each LoRA linear as one fused op with its own backward (lora_rl/fused_lora.py); false: peft's forward
 
     def __post_init__(self) -> None:

@@ -5,8 +5,10 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
   weights      base weights in the model dtype, sharded over the devices by FSDP2, plus the two
                decoder layers FSDP2 keeps gathered (the one computing and the one prefetched);
                with CPU offload only the gathered layers sit on the device
-  trainable    LoRA (or all) parameters, their gradients and AdamW's two moments, sharded, all in
-               the model dtype (lora-rl keeps adapters in the model dtype)
+  trainable    LoRA (or all) parameters and their gradients in the model dtype (lora-rl keeps adapters
+               in the model dtype), and AdamW's two moments, sharded; with a 16-bit model and
+               train.master_weights (the default) the moments are float32 and a float32 master copy
+               joins them (12 bytes per trained parameter), otherwise the moments are in the model dtype
   activations  what each decoder layer saves for backward, per token: about 10 hidden-size vectors
                (norm inputs/outputs, q/attention output, residuals) plus 4 MLP-size ones (gate, up,
                activation, product) and k/v; with activation checkpointing only each layer's input,
@@ -95,7 +97,7 @@ class MemoryEstimate:
 def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16, target_modules=("all-linear",),
                     dtype: str = "bfloat16", devices: int = 1, micro_batch_size: int = 8, seq_len: int = 1024,
                     activation_checkpointing: bool = False, cpu_offload: bool = False,
-                    chunked_logprobs: bool = True) -> MemoryEstimate:
+                    chunked_logprobs: bool = True, master_weights: bool = True) -> MemoryEstimate:
     """Peak memory per device of one GRPO update (see the module docstring for the terms)."""
     if dtype not in _BYTES:
         raise ConfigError(f"dtype={dtype!r} is not one of {list(_BYTES)}")
@@ -107,8 +109,10 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
     resident = 0 if cpu_offload else total * b / devices
     weights = resident + gathered
     trainable = lora_params(shape, rank, target_modules) if use_lora else total
-    # parameters (base ones already counted for full fine-tuning) + gradients + two AdamW moments
-    trainable_bytes = trainable * b * ((1 if use_lora else 0) + 3) / devices
+    # parameters (base ones already counted for full fine-tuning) + gradients + AdamW's state: two
+    # moments, plus a float32 master copy for 16-bit weights under train.master_weights (lora_rl/optim.py)
+    state = 12 if master_weights and b < 4 else 2 * b
+    trainable_bytes = trainable * (b * ((1 if use_lora else 0) + 1) + state) / devices
     if cpu_offload:
         trainable_bytes = 0.0  # shards, gradients and optimizer state live in CPU memory
     tokens = micro_batch_size * seq_len
@@ -142,4 +146,5 @@ def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1)
                            target_modules=config.lora.target_modules, dtype=config.model.dtype, devices=devices,
                            micro_batch_size=min(config.train.micro_batch_size, max(batch, 1)), seq_len=seq_len,
                            activation_checkpointing=config.backend.activation_checkpointing,
-                           cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs)
+                           cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs,
+                           master_weights=config.train.master_weights)

@@ -48,6 +48,7 @@ from lora_rl.lora import (adapter_rows, adapters_off, check_model, inject_adapte
                           row_segments, save_adapter)
 from lora_rl.metrics import MetricsLog, Timer
 from lora_rl.models import load_model, resolve_model_path
+from lora_rl.optim import make_optimizer
 from lora_rl.rewards import get_reward
 from lora_rl.rollout import AdapterRequest, SamplingParams, require_engine
 from lora_rl.tasks import format_prompt, load_problems
@@ -113,9 +114,7 @@ class MultiLoRAPolicy:
         named = dict(self.model.named_parameters())
         self.params = [[p for n, p in named.items() if f".lora_A.{name}." in n or f".lora_B.{name}." in n]
                        for name in self.names]
-        # Fused AdamW on GPUs, as the single-adapter backend: one kernel for all of an adapter's tensors.
-        self.optimizers = [torch.optim.AdamW(params, lr=c.train.lr, weight_decay=c.train.weight_decay,
-                                             fused=device.type == "cuda")
+        self.optimizers = [make_optimizer(params, c.train, device)
                            for params, c in zip(self.params, configs, strict=True)]
         install_rows_forward(self.model)  # before compiling: the graphs trace the per-row forward
         if self.fused and device.type == "cuda":

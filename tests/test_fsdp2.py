@@ -54,7 +54,8 @@ def _one_step(model_dir, rank: int, world: int, *overrides: str) -> dict:
     config = load_config(None, ["lora.lora_rank=4", "train.micro_batch_size=2", "grpo.minibatches=2",
                                 "rollout.prompts_per_step=4", "rollout.group_size=4", "train.max_grad_norm=0.05",
                                 *overrides])
-    model = inject_lora(AutoModelForCausalLM.from_pretrained(model_dir), config.lora)
+    model = inject_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config.model.dtype)),
+                        config.lora)
     with torch.no_grad():  # non-zero lora_B so every adapter weight gets a gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -296,3 +297,35 @@ def test_sharded_update_benchmark_runs_a_recipe_on_two_processes(tmp_path):
     scaled = json.loads((tmp_path / "scaled.json").read_text())
     assert scaled["baseline"]["tokens_per_s"] == row["tokens_per_s"]
     assert scaled["scaling_efficiency"] == pytest.approx(scaled["tokens_per_s"] / row["tokens_per_s"])
+
+
+def _bf16_resume_worker(rank: int, world: int, port: int, model_dir, folder, out_path) -> None:
+    _join(rank, world, port)
+    try:
+        overrides = ("model.dtype=bfloat16", "train.lr=1e-5")
+        engine = _one_step(model_dir, rank, world, *overrides)["engine"]
+        engine.save_state(folder)  # collective: each rank writes its shards of the adapter and the masters
+        fresh = _one_step(model_dir, rank, world, *overrides, "train.lr=1e-3")["engine"]  # same shapes, other state
+        fresh.load_state(folder)
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+        report = []
+        for p, q in zip(engine.params, fresh.params, strict=True):
+            saved, loaded = engine.optimizer.state[p], fresh.optimizer.state[q]
+            report.append((p.dtype, loaded["master"].dtype,
+                           torch.equal(local(saved["master"]), local(loaded["master"])),
+                           torch.equal(local(saved["exp_avg_sq"]), local(loaded["exp_avg_sq"])),
+                           torch.equal(local(p.detach()), local(q.detach())),
+                           torch.equal(local(p.detach()), local(saved["master"]).to(p.dtype))))
+        if rank == 0:
+            torch.save(report, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_sharded_checkpoint_keeps_float32_masters(random_model_dir, tmp_path):
+    """train.master_weights under FSDP2: bf16 shards, float32 masters and moments in the sharded
+    optimizer state, restored exactly by a resume."""
+    mp.spawn(_bf16_resume_worker, args=(2, _free_port(), random_model_dir, tmp_path / "ckpt", tmp_path / "r.pt"),
+             nprocs=2, join=True)
+    report = torch.load(tmp_path / "r.pt", weights_only=False)
+    assert report and all(row == (torch.bfloat16, torch.float32, True, True, True, True) for row in report), report

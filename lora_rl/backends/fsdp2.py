@@ -25,6 +25,7 @@ from lora_rl.batching import TokenBatch, token_logprobs
 from lora_rl.config import Config, ConfigError
 from lora_rl.fused_lora import fuse_lora, load_native
 from lora_rl.lora import adapters_off, merged_for_generation, save_adapter
+from lora_rl.optim import make_optimizer
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
 # never the whole model (that is what AReaL gathers every step).
@@ -120,10 +121,7 @@ class FSDP2Engine:
         self.device = distributed.device()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-        # On GPUs the fused AdamW is one kernel for all tensors: hundreds of small LoRA tensors otherwise
-        # cost more in launches than in arithmetic.
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                           fused=self.device.type == "cuda")
+        self.optimizer = make_optimizer(self.params, config.train, self.device)
 
     def _materialize(self, model: torch.nn.Module, buffers: dict[str, torch.Tensor], seed: int) -> None:
         """Give a meta-device model its weights one tensor at a time: every rank builds the same full

@@ -32,6 +32,7 @@ from lora_rl.batching import TokenBatch, logits_to_logprobs
 from lora_rl.config import Config, ConfigError
 from lora_rl.lora import megatron_target_names, save_adapter
 from lora_rl.models import DTYPES
+from lora_rl.optim import make_optimizer
 
 
 def check_parallel(tensor_parallel: int, world: int, bridge_version: str) -> None:
@@ -132,7 +133,7 @@ class MegatronEngine:
         (self.megatron,) = self.chunks  # one chunk: no pipeline parallelism
         self.device = distributed.device()
         self.params = [p for p in self.megatron.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        self.optimizer = make_optimizer(self.params, config.train, self.device)
         ps = megatron_compat.load().parallel_state
         self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         self.tp_group, self.dp_group = ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group()
