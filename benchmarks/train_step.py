@@ -41,12 +41,17 @@ VARIANTS = {
     # Pure 16-bit AdamW (train.master_weights=false): faster and smaller for full fine-tuning, but it
     # rounds away updates below half a bf16 step of each weight (lora_rl/optim.py).
     "full, bf16 AdamW": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True, master=False),
+    # Each decoder layer's training pass replayed as CUDA graphs (backend.cuda_graphs), on the compiled layers.
+    "full, CUDA graphs": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True, master=True,
+                              graphs=True),
     "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, fused=False, compile=False, master=True),
     "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, fused=False, compile=False, master=True),
     "LoRA, fused, plain logprobs": dict(use_lora=True, chunked=False, plain_peft=False, fused=True, compile=False, master=True),
     "LoRA, fused, no compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False, master=True),
     "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True),
     "LoRA, bf16 AdamW": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=False),
+    "LoRA, CUDA graphs": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True,
+                              graphs=True),
 }
 
 
@@ -75,6 +80,7 @@ def run_variant(name: str, args, device) -> dict:
                                 f"rollout.prompts_per_step={max(1, args.batch // 2)}", "grpo.log_kl=false",
                                 f"train.chunked_logprobs={v['chunked']}", "train.lr=1e-5",
                                 f"train.fused_lora={v['fused']}", f"train.master_weights={v['master']}",
+                                f"backend.cuda_graphs={v.get('graphs', False)}",
                                 f"backend.compile={v['compile']}",
                                 f"backend.activation_checkpointing={args.activation_checkpointing}"])
     torch.manual_seed(0)
@@ -122,7 +128,13 @@ def run_variant(name: str, args, device) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        peak = float("nan")
+        if device.type == "cuda":
+            # A CUDA graph's replays reuse its private pool without asking the allocator, so allocated
+            # bytes miss the activations of graphed layers: for those, count the reserved bytes (an upper
+            # bound: they also hold cached, unused blocks).
+            graphed = engine.graphed is not None
+            peak = (torch.cuda.max_memory_reserved() if graphed else torch.cuda.max_memory_allocated()) / 2 ** 30
         return statistics.median(times[args.warmup:]), peak
 
     step_s, step_peak = timed(step)

@@ -101,8 +101,13 @@ class BackendConfig:
     bridge: str = "megatron-bridge"  # Megatron: HF <-> Megatron converter; mbridge has no LoRA path
     compile: bool = True  # on GPUs, torch.compile each decoder layer for scoring and training (sampling stays eager); CPU: ignored
     tensor_parallel: int = 1  # Megatron: tensor-parallel size (processes per model replica)
+    cuda_graphs: bool = False  # one GPU, FSDP2: replay each decoder layer's training pass as CUDA graphs; CPU: ignored
 
     def __post_init__(self) -> None:
+        if self.cuda_graphs and self.activation_checkpointing:
+            _fail(self.SECTION, "cuda_graphs", self.cuda_graphs, "replays whole layers, which activation "
+                  "checkpointing re-runs in the backward: set backend.activation_checkpointing=false or "
+                  "backend.cuda_graphs=false")
         if self.bridge not in ("megatron-bridge", "mbridge"):
             _fail(self.SECTION, "bridge", self.bridge, "must be megatron-bridge or mbridge")
         if self.tensor_parallel < 1:

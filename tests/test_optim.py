@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -87,3 +88,49 @@ def test_config_switch_picks_the_optimizer(master_weights, kind):
     config = load_config(None, [f"train.master_weights={master_weights}"])
     assert type(make_optimizer([_weights(torch.bfloat16)], config.train, torch.device("cpu"))) is kind
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused AdamW kernel runs on GPUs")
+def test_engine_skips_a_non_finite_step_on_the_device(random_model_dir):
+    """On a GPU the engine launches the step without waiting for the norm (found_inf): a NaN gradient
+    must still leave weights, masters, moments and step counts as they were, and finite ones step as
+    the CPU's foreach AdamW does."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_rl.backends.fsdp2 import FSDP2Engine
+    from lora_rl.lora import inject_lora
+
+    config = load_config(None, ["lora.lora_rank=4", "model.dtype=bfloat16", "backend.compile=false"])
+    model = inject_lora(AutoModelForCausalLM.from_pretrained(random_model_dir, dtype=torch.bfloat16), config.lora)
+    engine = FSDP2Engine(model.cuda(), config, random_model_dir)
+    reference = [torch.nn.Parameter(p.detach().cpu()) for p in engine.params]
+    reference_opt = MasterAdamW(reference, lr=config.train.lr)
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p.dtype)
+             for i, p in enumerate(reference)]
+
+    def step(params, poison=False):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.to(p.device)
+        if poison:
+            params[0].grad[0, 0] = float("nan")
+
+    step(engine.params)
+    engine.optimizer_step()
+    step(reference)
+    torch.nn.utils.clip_grad_norm_(reference, config.train.max_grad_norm)
+    reference_opt.step()
+    before = [p.detach().clone() for p in engine.params]
+    state = [{k: v.clone() for k, v in engine.optimizer.state[p].items()} for p in engine.params]
+    step(engine.params, poison=True)
+    assert math.isnan(engine.optimizer_step())  # the norm is returned as measured
+    assert all(torch.equal(p.detach(), b) for p, b in zip(engine.params, before, strict=True))
+    for p, saved in zip(engine.params, state, strict=True):
+        assert all(torch.equal(engine.optimizer.state[p][k], v) for k, v in saved.items())
+    step(engine.params)
+    engine.optimizer_step()
+    step(reference)
+    torch.nn.utils.clip_grad_norm_(reference, config.train.max_grad_norm)
+    reference_opt.step()
+    for p, q in zip(engine.params, reference, strict=True):
+        torch.testing.assert_close(engine.optimizer.state[p]["master"].cpu(), reference_opt.state[q]["master"],
+                                   rtol=1e-5, atol=1e-7)

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from lora_rl import distributed
 from lora_rl.batching import TokenBatch, token_logprobs
 from lora_rl.config import Config, ConfigError
+from lora_rl.cuda_graphs import GraphedLayers
 from lora_rl.fused_lora import fuse_lora, load_native
 from lora_rl.lora import adapters_off, merged_for_generation, save_adapter
 from lora_rl.optim import make_optimizer
@@ -115,6 +116,12 @@ class FSDP2Engine:
         if self.compiled:
             # The first layer gets a second graph: its input needs no gradient under LoRA.
             compile_layers(model, graphs=2)
+        self.graphed = None
+        if config.backend.cuda_graphs and distributed.device().type == "cuda":
+            if self.sharded:
+                raise ConfigError("backend.cuda_graphs=true replays unsharded layers, and FSDP2 gathers and frees "
+                                  "shards around each layer: run one process or set backend.cuda_graphs=false")
+            self.graphed = GraphedLayers(model, decoder_layers(model))
         self.model = model
         self.chunked_logprobs = config.train.chunked_logprobs
         self.merge_for_generation = config.rollout.merge_for_generation
@@ -209,10 +216,15 @@ class FSDP2Engine:
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        finite = bool(torch.isfinite(norm))
-        if finite:
+        if self.device.type == "cuda" and not self.sharded:
+            # The fused AdamW skips a non-finite step on the device (found_inf): no host sync between the
+            # backward and the optimizer's launches, which would leave the GPU idle while they are made.
+            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        elif torch.isfinite(norm):
+            self.optimizer.step()
+        # Graphed layers add into gradients that must stay allocated (lora_rl/cuda_graphs.py).
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
         return float(norm)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
