@@ -44,12 +44,18 @@ VARIANTS = {
     # Each decoder layer's training pass replayed as CUDA graphs (backend.cuda_graphs), on the compiled layers.
     "full, CUDA graphs": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True, master=True,
                               graphs=True),
+    # backend.compile_memory_budget=0.9: the compiled layers recompute cheap activations in the backward.
+    # Run these in a process of their own (main() refuses a mix): compiled layers are shared in a process.
+    "full, recompute cheap": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True,
+                                  master=True, budget=0.9),
     "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, fused=False, compile=False, master=True),
     "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, fused=False, compile=False, master=True),
     "LoRA, fused, plain logprobs": dict(use_lora=True, chunked=False, plain_peft=False, fused=True, compile=False, master=True),
     "LoRA, fused, no compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False, master=True),
     "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True),
     "LoRA, bf16 AdamW": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=False),
+    "LoRA, recompute cheap": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True,
+                                  master=True, budget=0.9),
     "LoRA, CUDA graphs": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True,
                               graphs=True),
 }
@@ -81,6 +87,7 @@ def run_variant(name: str, args, device) -> dict:
                                 f"train.chunked_logprobs={v['chunked']}", "train.lr=1e-5",
                                 f"train.fused_lora={v['fused']}", f"train.master_weights={v['master']}",
                                 f"backend.cuda_graphs={v.get('graphs', False)}",
+                                f"backend.compile_memory_budget={v.get('budget', 1.0)}",
                                 f"backend.compile={v['compile']}",
                                 f"backend.activation_checkpointing={args.activation_checkpointing}"])
     torch.manual_seed(0)
@@ -225,6 +232,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
     args = parser.parse_args()
+    if len({VARIANTS[name].get("budget", 1.0) for name in args.variants if VARIANTS[name]["compile"]}) > 1:
+        # In one process, decoder layers of the same structure share one compiled graph: the second
+        # budget would silently run the first one's graph.
+        parser.error("--variants mixes compile memory budgets (the 'recompute cheap' variants with others): "
+                     "run each budget in its own process")
 
     import torch
 

@@ -101,9 +101,13 @@ class BackendConfig:
     bridge: str = "megatron-bridge"  # Megatron: HF <-> Megatron converter; mbridge has no LoRA path
     compile: bool = True  # on GPUs, torch.compile each decoder layer for scoring and training (sampling stays eager); CPU: ignored
     tensor_parallel: int = 1  # Megatron: tensor-parallel size (processes per model replica)
+    compile_memory_budget: float = 1.0  # compiled layers: fraction of saved activations kept, the rest recomputed (cheapest first)
     cuda_graphs: bool = False  # one GPU, FSDP2: replay each decoder layer's training pass as CUDA graphs; CPU: ignored
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.compile_memory_budget <= 1.0:
+            _fail(self.SECTION, "compile_memory_budget", self.compile_memory_budget,
+                  "must be in (0, 1]: 1 keeps every activation the compiled layers save, 0.9 recomputes cheap ones")
         if self.cuda_graphs and self.activation_checkpointing:
             _fail(self.SECTION, "cuda_graphs", self.cuda_graphs, "replays whole layers, which activation "
                   "checkpointing re-runs in the backward: set backend.activation_checkpointing=false or "

@@ -124,7 +124,8 @@ class MultiLoRAPolicy:
             # As the single-adapter backend compiles: each distinct set of row segments (in practice one
             # adapter's rows per micro-batch) is a graph of its own, with and without grad, plus the first
             # layer's and the reference pass's.
-            compile_layers(self.model, graphs=4 * (len(configs) + 1))
+            compile_layers(self.model, graphs=4 * (len(configs) + 1),
+                           memory_budget=configs[0].backend.compile_memory_budget)
 
     @contextlib.contextmanager
     def generation(self):

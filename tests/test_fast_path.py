@@ -3,6 +3,9 @@ log-prob head must give the same log-probs and gradients as peft's defaults with
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -272,3 +275,56 @@ def test_compiled_paths_equal_the_eager_ones(random_model_dir, monkeypatch):
     assert sorted(grads) == sorted(eager_grads) and len(grads) == 14 * model.config.num_hidden_layers
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+_BUDGET_RUN = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from lora_rl.backends.fsdp2 import compile_layers
+from lora_rl.batching import make_batch, token_logprobs
+from lora_rl.config import LoRAConfig
+from lora_rl.fused_lora import fuse_lora
+from lora_rl.lora import inject_lora
+
+model_dir, budget, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+model = inject_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoRAConfig(lora_rank=4))
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0.0, 0.05)
+fuse_lora(model)
+compile_layers(model, graphs=2, memory_budget=budget)
+model.train()
+params = {q.data_ptr() for q in model.parameters()}
+saved = {}
+def pack(t):
+    if t.data_ptr() not in params:
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+    return t
+batch = make_batch([[5, 6, 7, 8, 9, 10, 11, 12]] * 4, [[13, 14, 15, 16, 17, 18, 19, 20]] * 4, 0)
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    logp, _ = token_logprobs(model, batch, 1.0, chunked=False, compiled=True)
+(logp * batch.completion_mask).sum().backward()
+torch.save({"saved_bytes": sum(saved.values()), "logp": logp.detach(),
+            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None}}, out)
+"""
+
+
+def test_compile_memory_budget_saves_less_and_computes_the_same(random_model_dir, tmp_path):
+    """backend.compile_memory_budget below 1: the compiled layers keep fewer activations for the
+    backward (recomputing cheap ones) and give the same log-probs and gradients. Each budget compiles in
+    its own process: in one process, layers of the same structure share one compiled graph."""
+    results = {}
+    for budget in ("1.0", "0.9"):
+        out = tmp_path / f"{budget}.pt"
+        run = subprocess.run([sys.executable, "-c", _BUDGET_RUN, str(random_model_dir), budget, str(out)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[budget] = torch.load(out, weights_only=True)
+    keep, recompute = results["1.0"], results["0.9"]
+    assert recompute["saved_bytes"] < 0.9 * keep["saved_bytes"], (recompute["saved_bytes"], keep["saved_bytes"])
+    torch.testing.assert_close(recompute["logp"], keep["logp"], atol=1e-5, rtol=1e-5)
+    assert sorted(recompute["grads"]) == sorted(keep["grads"]) and keep["grads"]
+    for name, grad in keep["grads"].items():
+        torch.testing.assert_close(recompute["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -57,7 +57,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def compile_layers(model: torch.nn.Module, graphs: int) -> None:
+def compile_layers(model: torch.nn.Module, graphs: int, memory_budget: float = 1.0) -> None:
     """torch.compile each decoder layer (`backend.compile`). Per layer, not the whole model: one compiled
     graph serves every layer (scoring runs without a KV cache, whose per-layer state would force a graph
     per layer), and the output head stays eager for the sliced log-prob head that is swapped in per call.
@@ -66,7 +66,13 @@ def compile_layers(model: torch.nn.Module, graphs: int) -> None:
 
     Inductor writes each graph's wrapper in C++ (`cpp_wrapper`), and with the fused LoRA operators'
     C++ bodies (`load_native`) a compiled layer runs without entering Python: where a LoRA step waits on
-    the host (a 0.5B model on an H100), the two together made it about 17% faster (README)."""
+    the host (a 0.5B model on an H100), the two together made it about 17% faster (README).
+
+    memory_budget (`backend.compile_memory_budget`): below 1, the partitioner of the compiled forward
+    and backward saves fewer activations and recomputes the cheapest ones in the backward (pointwise
+    ops first: the MLP's silu(gate) * up and the norms' outputs). It is torch's process-wide setting,
+    read when a graph is compiled."""
+    torch._functorch.config.activation_memory_budget = memory_budget
     layers = decoder_layers(model)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, graphs * len(layers))
@@ -115,7 +121,7 @@ class FSDP2Engine:
         self.compiled = config.backend.compile and distributed.device().type == "cuda"
         if self.compiled:
             # The first layer gets a second graph: its input needs no gradient under LoRA.
-            compile_layers(model, graphs=2)
+            compile_layers(model, graphs=2, memory_budget=config.backend.compile_memory_budget)
         self.graphed = None
         if config.backend.cuda_graphs and distributed.device().type == "cuda":
             if self.sharded:
