@@ -27,6 +27,13 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("LORA_RL_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _worker_stacks_on_abort():
+    # Processes the tests start (mp.spawn, torchrun, vLLM) inherit this: one that dies of SIGABRT or
+    # SIGSEGV prints every thread's Python stack, so a rare C++ abort in CI says where it happened.
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+
 def warm(recipe: TinyRecipe) -> TinyRecipe:
     """`recipe` with a short supervised warm-start on 1-digit sums: RL has signal to work with."""
     return dataclasses.replace(recipe, warmstart_steps=150, warmstart_lr=5e-3)

@@ -195,8 +195,6 @@ def _one_update(model_dir, rank: int, world: int, *overrides) -> dict:
 def _data_parallel_worker(rank: int, world: int, port: int, model_dir, out_path) -> None:
     import os
 
-    import torch.distributed as dist
-
     from lora_rl import distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -208,7 +206,7 @@ def _data_parallel_worker(rank: int, world: int, port: int, model_dir, out_path)
         if rank == 0:
             torch.save(result, out_path)
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
 
 
 def test_data_parallel_update_matches_one_process(family_dir, tmp_path):
