@@ -105,7 +105,9 @@ def main() -> None:
     common = dict(rank=config.lora.lora_rank, target_modules=config.lora.target_modules, dtype=config.model.dtype,
                   devices=d.world, micro_batch_size=min(config.train.micro_batch_size, per_device),
                   seq_len=args.seq, activation_checkpointing=config.backend.activation_checkpointing,
-                  cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs)
+                  cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs,
+                  master_weights=config.train.master_weights, compiled=config.backend.compile and cuda,
+                  memory_budget=config.backend.compile_memory_budget)
     predicted = estimate_memory(shape, use_lora=config.lora.use_lora, **common)
     full = estimate_memory(shape, use_lora=False, **common)
     if d.main:

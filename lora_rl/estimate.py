@@ -9,10 +9,14 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
                in the model dtype), and AdamW's two moments, sharded; with a 16-bit model and
                train.master_weights (the default) the moments are float32 and a float32 master copy
                joins them (12 bytes per trained parameter), otherwise the moments are in the model dtype
-  activations  what each decoder layer saves for backward, per token: about 10 hidden-size vectors
-               (norm inputs/outputs, q/attention output, residuals) plus 4 MLP-size ones (gate, up,
-               activation, product) and k/v; with activation checkpointing only each layer's input,
-               plus one layer recomputed
+  activations  what each decoder layer saves for backward, per token. Eager layers: about 10
+               hidden-size vectors (norm inputs/outputs, q/attention output, residuals) plus 4 MLP-size
+               ones (gate, up, activation, product) and k/v. Compiled layers (backend.compile, GPUs),
+               counted from what torch.compile's partitioner saves: the two residual inputs and the two
+               norm outputs, q, k, v and the attention output, gate, up and silu(gate)*up, and each
+               adapter's rank-r intermediate; with backend.compile_memory_budget below 1 it recomputes
+               the norm outputs and silu(gate)*up instead. With activation checkpointing only each
+               layer's input, plus one layer recomputed
   logits       plain: [tokens, vocab] in the model dtype, upcast to float32, log-softmax and its
                gradient, ~14 bytes per element in bf16 - at small scale the largest term; chunked (the
                default, train.chunked_logprobs): one slice of at most 2^26 elements at a time
@@ -29,7 +33,7 @@ from lora_rl.config import ConfigError
 
 GIB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_ACT_HIDDEN, _ACT_MLP = 10, 4  # saved vectors per token per layer (see the module docstring)
+_ACT_HIDDEN, _ACT_MLP = 10, 4  # saved vectors per token per eager layer (see the module docstring)
 _LOGIT_EXTRA_BYTES = 12  # float32 upcast + log-softmax + its gradient, per logit element
 _MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,14 +74,34 @@ class ModelShape:
         return self.layers * self.layer_params() + embeddings + self.hidden_size
 
 
-def lora_params(shape: ModelShape, rank: int, target_modules) -> int:
-    """Parameters of a rank-r adapter on the named modules of every layer (all-linear: all seven)."""
+def _targets(target_modules) -> tuple[str, ...]:
     targets = _MODULES if "all-linear" in target_modules else tuple(target_modules)
     unknown = [t for t in targets if t not in _MODULES]
     if unknown:
         raise ConfigError(f"lora.target_modules: {unknown} are not decoder linear layers the estimator knows "
                           f"({list(_MODULES)})")
+    return targets
+
+
+def lora_params(shape: ModelShape, rank: int, target_modules) -> int:
+    """Parameters of a rank-r adapter on the named modules of every layer (all-linear: all seven)."""
+    targets = _targets(target_modules)
     return shape.layers * sum(rank * (a + b) for name, (a, b) in shape.linear_shapes().items() if name in targets)
+
+
+def saved_per_token(shape: ModelShape, *, compiled: bool, memory_budget: float = 1.0, adapter_rank: int = 0,
+                    target_modules=("all-linear",)) -> int:
+    """Elements one decoder layer saves for its backward, per token (see the module docstring).
+    adapter_rank 0: full fine-tuning. tests/test_estimate.py checks the compiled counts against what
+    a compiled layer saves."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    if not compiled:
+        return _ACT_HIDDEN * h + _ACT_MLP * i + 2 * kv
+    adapters = adapter_rank * len(_targets(target_modules))
+    if memory_budget < 1.0:  # norm outputs and silu(gate)*up recomputed in the backward
+        return 2 * h + 2 * q + 2 * kv + 2 * i + adapters
+    return 4 * h + 2 * q + 2 * kv + 3 * i + adapters
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,12 +121,17 @@ class MemoryEstimate:
 def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16, target_modules=("all-linear",),
                     dtype: str = "bfloat16", devices: int = 1, micro_batch_size: int = 8, seq_len: int = 1024,
                     activation_checkpointing: bool = False, cpu_offload: bool = False,
-                    chunked_logprobs: bool = True, master_weights: bool = True) -> MemoryEstimate:
-    """Peak memory per device of one GRPO update (see the module docstring for the terms)."""
+                    chunked_logprobs: bool = True, master_weights: bool = True, compiled: bool = False,
+                    memory_budget: float = 1.0) -> MemoryEstimate:
+    """Peak memory per device of one GRPO update (see the module docstring for the terms).
+    compiled: the decoder layers run through torch.compile (backend.compile on GPUs), with
+    memory_budget as backend.compile_memory_budget."""
     if dtype not in _BYTES:
         raise ConfigError(f"dtype={dtype!r} is not one of {list(_BYTES)}")
     if devices < 1 or micro_batch_size < 1 or seq_len < 1:
         raise ConfigError("devices, micro_batch_size and seq_len must be at least 1")
+    if not 0.0 < memory_budget <= 1.0:
+        raise ConfigError(f"memory_budget={memory_budget!r} must be in (0, 1], as backend.compile_memory_budget")
     b = _BYTES[dtype]
     total = shape.total_params()
     gathered = (2 * shape.layer_params() if devices > 1 or cpu_offload else 0) * b
@@ -116,10 +145,10 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
     if cpu_offload:
         trainable_bytes = 0.0  # shards, gradients and optimizer state live in CPU memory
     tokens = micro_batch_size * seq_len
-    h, i = shape.hidden_size, shape.intermediate_size
-    per_layer = tokens * (_ACT_HIDDEN * h + _ACT_MLP * i + 2 * shape.kv_heads * shape.head_dim) * b
+    per_layer = tokens * b * saved_per_token(shape, compiled=compiled, memory_budget=memory_budget,
+                                             adapter_rank=rank if use_lora else 0, target_modules=target_modules)
     if activation_checkpointing:
-        activations = shape.layers * tokens * h * b + per_layer
+        activations = shape.layers * tokens * shape.hidden_size * b + per_layer
     else:
         activations = shape.layers * per_layer
     elements = tokens * shape.vocab_size
@@ -147,4 +176,7 @@ def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1)
                            micro_batch_size=min(config.train.micro_batch_size, max(batch, 1)), seq_len=seq_len,
                            activation_checkpointing=config.backend.activation_checkpointing,
                            cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs,
-                           master_weights=config.train.master_weights)
+                           master_weights=config.train.master_weights,
+                           # the FSDP2 backend compiles its layers on GPUs (the estimate is for a GPU run)
+                           compiled=config.backend.compile and config.backend.name == "fsdp2",
+                           memory_budget=config.backend.compile_memory_budget)

@@ -136,7 +136,9 @@ class LoRAPanel:
         batch = base.rollout.prompts_per_step * self.group_size.value // self.devices.value
         common = dict(rank=self.rank.value, target_modules=targets, dtype=base.model.dtype,
                       devices=self.devices.value, micro_batch_size=max(1, min(base.train.micro_batch_size, batch)),
-                      seq_len=seq_len, activation_checkpointing=base.backend.activation_checkpointing)
+                      seq_len=seq_len, activation_checkpointing=base.backend.activation_checkpointing,
+                      compiled=base.backend.compile and self.backend.value == "fsdp2",
+                      memory_budget=base.backend.compile_memory_budget)
         return (estimate_memory(self._shape, use_lora=self.use_lora.value, **common),
                 estimate_memory(self._shape, use_lora=False, **common))
 
