@@ -219,6 +219,10 @@ class GRPOConfig:
     importance_cap: float | None = 5.0  # decoupled PPO: drop tokens whose behaviour weight exceeds this; null: off
     minibatches: int = 1  # optimizer steps per rollout batch; more than 1 makes later minibatches off-policy
     log_kl: bool = True  # record the KL to the base model even when kl_coef is 0 (one extra no-grad forward)
+    # With one minibatch and no LoRA dropout the proximal log-probs are the training pass's own, detached
+    # (nothing changes the policy before the update's one optimizer step); true scores them in a separate
+    # no-grad pass first, as every update with several minibatches does
+    recompute_proximal: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.clip_low < 1.0:

@@ -55,7 +55,8 @@ from lora_rl.tasks import format_prompt, load_problems
 from lora_rl.rollout.vllm_common import sync_threshold
 from lora_rl.trainer import (TrainingError, UpdateTerms, _micro_batches, _prepare_run_dir, _step_record, eval_params,
                              eval_prompts, eval_scores, micro_loss, new_totals, prompt_indices, run_summary, step_record,
-                             step_seed, update_stats, verify_delivery, wants_reference)
+                             reuses_training_logprobs, step_seed, update_stats, verify_delivery,
+                             wants_reference)
 
 # The settings adapters of one job may differ in; every other key must be equal across the job.
 PACKABLE = ("run.output_dir", "run.seed", "lora.lora_rank", "lora.lora_alpha", "lora.target_modules", "train.lr",
@@ -177,8 +178,10 @@ def multi_update(policy: MultiLoRAPolicy, batch, owners: list[int], behaviour: t
     names = [policy.names[k] for k in owners]
     owner = torch.tensor(owners, device=policy.device)
     mask = batch.completion_mask  # [B, T-1]
-    proximal = torch.cat([policy.logprobs(batch.select(s), names[s], temp, with_grad=False)[0]
-                          for s in _micro_batches(batch, micro)])
+    # The training pass's own log-probs, as in grpo_update (LoRA dropout is per adapter: all must have none).
+    reuse = all(reuses_training_logprobs(c) for c in configs)
+    proximal = mask.new_zeros(mask.shape, dtype=torch.float32) if reuse else torch.cat(
+        [policy.logprobs(batch.select(s), names[s], temp, with_grad=False)[0] for s in _micro_batches(batch, micro)])
     reference = None
     if wants_reference(config):
         with policy.reference():
@@ -197,6 +200,8 @@ def multi_update(policy: MultiLoRAPolicy, batch, owners: list[int], behaviour: t
             idx = order[s]
             logp, entropy = policy.logprobs(batch.select(idx), [names[i] for i in idx.tolist()], temp,
                                             with_grad=True, with_entropy=True)
+            if reuse:
+                terms.proximal[idx] = logp.detach()
             loss = 0.0
             for k in owner[idx].unique().tolist():
                 local = (owner[idx] == k).nonzero().squeeze(1)

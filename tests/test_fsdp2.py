@@ -26,7 +26,7 @@ from lora_rl.config import load_config
 from lora_rl.lora import inject_lora
 from lora_rl.metrics import without_timings
 from lora_rl.models import empty_model, load_model
-from lora_rl.trainer import grpo_update
+from lora_rl.trainer import grpo_update, reuses_training_logprobs
 
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
@@ -66,7 +66,8 @@ def _one_step(model_dir, rank: int, world: int, *overrides: str) -> dict:
     stats = grpo_update(engine, batch.select(rows), behaviour[rows], advantages[rows], config)
     with torch.no_grad():
         logits = engine.model(input_ids=batch.input_ids[:2]).logits  # a collective forward under sharding
-    return {"state": engine.trainable_state(), "grad_norm": stats["grad_norm"], "logits": logits, "engine": engine}
+    return {"state": engine.trainable_state(), "grad_norm": stats["grad_norm"], "logits": logits, "engine": engine,
+            "stats": stats}
 
 
 def _join(rank: int, world: int, port: int) -> None:
@@ -121,6 +122,35 @@ def test_sliced_head_under_sharding_matches_plain_logprobs(random_model_dir, tmp
     assert sliced["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     for name, tensor in expected["state"].items():
         torch.testing.assert_close(sliced["state"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_one_minibatch_takes_the_proximal_logprobs_from_the_training_pass(random_model_dir, monkeypatch):
+    """With one minibatch the update scores each micro-batch once (with grad) instead of twice, and ends
+    where the separate no-grad proximal pass (grpo.recompute_proximal) ends."""
+    passes = []
+    scored = FSDP2Engine.logprobs
+
+    def counted(self, batch, temperature, with_grad, with_entropy=False):
+        passes.append(with_grad)
+        return scored(self, batch, temperature, with_grad, with_entropy)
+
+    monkeypatch.setattr(FSDP2Engine, "logprobs", counted)
+    one = ("grpo.minibatches=1", "grpo.log_kl=false")
+    reused = _one_step(random_model_dir, 0, 1, *one)
+    reused_passes, passes[:] = list(passes), []
+    recomputed = _one_step(random_model_dir, 0, 1, *one, "grpo.recompute_proximal=true")
+    assert reused_passes == [True] * 4  # 8 rows in micro-batches of 2
+    assert passes == [False] * 4 + [True] * 4
+    for key in ("loss", "grad_norm", "logprob_diff", "clip_fraction", "importance_masked_fraction"):
+        assert reused["stats"][key] == pytest.approx(recomputed["stats"][key], rel=1e-6, abs=1e-9), key
+    for name, tensor in recomputed["state"].items():
+        torch.testing.assert_close(reused["state"][name], tensor, atol=1e-7, rtol=1e-6, msg=name)
+
+
+def test_proximal_logprobs_are_scored_apart_where_the_policy_moves_or_drops_inputs():
+    assert reuses_training_logprobs(load_config(None, []))
+    for overrides in (["grpo.minibatches=2"], ["lora.lora_dropout=0.1"], ["grpo.recompute_proximal=true"]):
+        assert not reuses_training_logprobs(load_config(None, overrides)), overrides
 
 
 def test_activation_checkpointing_gives_the_same_update(random_model_dir):
