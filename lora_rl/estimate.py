@@ -17,9 +17,10 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
                adapter's rank-r intermediate; with backend.compile_memory_budget below 1 it recomputes
                the norm outputs and silu(gate)*up instead. With activation checkpointing only each
                layer's input, plus one layer recomputed
-  logits       plain: [tokens, vocab] in the model dtype, upcast to float32, log-softmax and its
-               gradient, ~14 bytes per element in bf16 - at small scale the largest term; chunked (the
-               default, train.chunked_logprobs): one slice of at most 2^26 elements at a time
+  logits       plain: [tokens, vocab] in the model dtype, upcast to float32 (16-bit models), log-softmax
+               and its gradient: 14 bytes per element in bf16, 12 in float32 - at small scale the
+               largest term; chunked (the default, train.chunked_logprobs): one slice of at most
+               2^26 elements at a time
 
 The GPU anchors of FIELD_NOTES section 6 and CPU runs in tests/test_estimate.py check it; the README
 states the error. It ignores allocator fragmentation and the CUDA context (~0.5 GiB outside torch).
@@ -34,7 +35,9 @@ from lora_rl.config import ConfigError
 GIB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ACT_HIDDEN, _ACT_MLP = 10, 4  # saved vectors per token per eager layer (see the module docstring)
-_LOGIT_EXTRA_BYTES = 12  # float32 upcast + log-softmax + its gradient, per logit element
+# Per logit element besides the logits themselves: log-softmax and its gradient in float32, plus the
+# float32 upcast of 16-bit logits (a float32 model's logits are used as they are).
+_LOGIT_EXTRA_BYTES, _UPCAST_BYTES = 8, 4
 _MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -156,7 +159,7 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
         from lora_rl.batching import _CHUNK_ELEMENTS
 
         elements = min(elements, _CHUNK_ELEMENTS)
-    logits = elements * (b + _LOGIT_EXTRA_BYTES)
+    logits = elements * (b + _LOGIT_EXTRA_BYTES + (_UPCAST_BYTES if b < 4 else 0))
     peak = weights + trainable_bytes + activations + logits
     return MemoryEstimate(weights_gib=weights / GIB, trainable_gib=trainable_bytes / GIB,
                           activations_gib=activations / GIB, logits_gib=logits / GIB, total_gib=peak / GIB,
