@@ -28,17 +28,16 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, args, device) -> dict:
+def _build(name: str, args, device):
+    """One variant's FSDP2 engine, embedded rollout engine, prompts and sampling parameters."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from lora_rl.backends.fsdp2 import FSDP2Engine
-    from lora_rl.batching import make_batch
     from lora_rl.config import load_config
     from lora_rl.lora import inject_lora
     from lora_rl.rollout import SamplingParams
     from lora_rl.rollout.embedded import EmbeddedEngine
-    from lora_rl.trainer import grpo_update
 
     v = VARIANTS[name]
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -46,7 +45,7 @@ def run_variant(name: str, args, device) -> dict:
                                 "lora.lora_alpha=32", f"rollout.prompts_per_step={args.prompts}",
                                 f"rollout.group_size={args.samples}", f"rollout.max_new_tokens={args.new_tokens}",
                                 f"rollout.merge_for_generation={v['merge']}", f"train.micro_batch_size={args.micro}",
-                                "grpo.log_kl=false", "train.lr=1e-5"])
+                                "grpo.log_kl=false", "train.lr=1e-5", *args.set])
     torch.manual_seed(0)
     shape = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=4096)
     with torch.device(device):
@@ -61,6 +60,18 @@ def run_variant(name: str, args, device) -> dict:
     prompts = [torch.randint(1, shape.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.prompts)]
     params = SamplingParams(n=args.samples, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+    return backend, engine, prompts, params, g, config
+
+
+def run_variant(name: str, args, device) -> dict:
+    import torch
+
+    from lora_rl.batching import make_batch
+    from lora_rl.trainer import grpo_update
+
+    v = VARIANTS[name]
+    backend, engine, prompts, params, g, config = _build(name, args, device)
+    model = backend.model
 
     def sync():
         if device.type == "cuda":
@@ -96,6 +107,38 @@ def run_variant(name: str, args, device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return row
+
+
+def alternate_rollouts(args, device) -> list[dict]:
+    """Rollouts only, every variant's model held in one process and sampled in turn, --alternate rounds in
+    alternating order (the first round is warm-up). Sampling a small model is bound by the host, whose speed
+    differs between processes (the same rollout took 4.6 and 8.3 s in two processes on one host): here the
+    variants share one process, so their generation times compare directly."""
+    import torch
+
+    built = {name: _build(name, args, device) for name in args.variants}
+    times: dict[str, list[float]] = {name: [] for name in args.variants}
+    for i in range(args.alternate + 1):
+        for name in (args.variants if i % 2 == 0 else args.variants[::-1]):
+            _, engine, prompts, params, _, _ = built[name]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.generate(prompts, params)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:
+                times[name].append(time.perf_counter() - start)
+    generated = args.prompts * args.samples * args.new_tokens
+    rows = [{"variant": name, **VARIANTS[name], "rollouts_s": times[name], "rollout_s": statistics.median(times[name]),
+             "rollout_tokens_per_s": generated / statistics.median(times[name])} for name in args.variants]
+    full = next((r for r in rows if not r["use_lora"]), None)
+    print(f"{args.shape}: rollouts alternating in one process, median of {args.alternate}")
+    for r in rows:
+        r["rollout_vs_full"] = r["rollout_s"] / full["rollout_s"] if full else None
+        print(f"{r['variant']:<26}{r['rollout_s']:>8.2f} s{(r['rollout_vs_full'] or 0):>8.2f} x full   "
+              + " ".join(f"{t:.2f}" for t in r["rollouts_s"]))
+    return rows
 
 
 def _summarise(row: dict, generated: int) -> None:
@@ -138,6 +181,8 @@ def _in_own_process(name: str, args) -> dict:
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.profile_rollout:
         command.append("--profile-rollout")
+    if args.set:
+        command += ["--set", *args.set]
     subprocess.run(command, check=True)
     row = json.loads(part.read_text())["rows"][0]
     part.unlink()
@@ -178,14 +223,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--micro", type=int, default=64, help="sequences per micro-batch (64: train.micro_batch_size's "
+                        "default, the whole batch; the README's earlier tables used 16)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--profile-rollout", action="store_true", help="also profile one rollout of each variant")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every variant, e.g. grpo.recompute_proximal=true")
     parser.add_argument("--isolate", default=True, action=argparse.BooleanOptionalAction,
                         help="run each variant in its own process (default)")
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant, in alternating order")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="rollouts only: all variants in one process, N timed rounds in alternating order")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/grpo_step.json"))
     args = parser.parse_args()
 
@@ -196,6 +246,10 @@ def main() -> None:
     distributed.init()
     device = distributed.device()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if args.alternate:
+        _write(args, card, torch.__version__, "grpo_step rollouts", alternate_rollouts(args, device))
+        distributed.shutdown()
+        return
     if args.isolate and len(args.variants) > 1:
         rows = _rounds(args)
     else:
@@ -211,12 +265,16 @@ def main() -> None:
         print(f"{r['variant']:<26}{r['rollout_s']:>10.2f}{r['update_s']:>10.2f}{r['step_s']:>8.2f}"
               f"{r['rollout_tokens_per_s']:>11.0f}{(r['step_vs_full'] or 0):>12.2f}{(r['rollout_vs_full'] or 0):>11.2f}"
               f"{r['peak_gib']:>10.1f}")
-    result = {"benchmark": "grpo_step", "device": card, "torch": torch.__version__,
+    _write(args, card, torch.__version__, "grpo_step", rows)
+    distributed.shutdown()
+
+
+def _write(args, card: str, torch_version: str, benchmark: str, rows: list[dict]) -> None:
+    result = {"benchmark": benchmark, "device": card, "torch": torch_version,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {args.out}")
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

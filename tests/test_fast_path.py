@@ -3,8 +3,11 @@ log-prob head must give the same log-probs and gradients as peft's defaults with
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,3 +331,23 @@ def test_compile_memory_budget_saves_less_and_computes_the_same(random_model_dir
     assert sorted(recompute["grads"]) == sorted(keep["grads"]) and keep["grads"]
     for name, grad in keep["grads"].items():
         torch.testing.assert_close(recompute["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_grpo_step_benchmark_runs_both_modes_on_a_tiny_shape(tmp_path):
+    """benchmarks/grpo_step.py end to end on the CPU: whole steps (one process per variant) and rollouts
+    alternating in one process; every timing is a real positive number and LoRA rows carry their ratio."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
+    common = ["--shape", "tiny", "--prompts", "2", "--samples", "2", "--new-tokens", "3", "--prompt-tokens", "4",
+              "--variants", "full fine-tuning", "LoRA, merged sampling"]
+    for mode in (["--steps", "1", "--warmup", "0", "--micro", "2", "--rounds", "1"], ["--alternate", "2"]):
+        out = tmp_path / f"{len(mode)}.json"
+        run = subprocess.run([sys.executable, str(root / "benchmarks" / "grpo_step.py"), *common, *mode, "--out", str(out)],
+                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["variant"] for r in rows] == ["full fine-tuning", "LoRA, merged sampling"]
+        assert all(r["rollout_s"] > 0 and r["rollout_vs_full"] > 0 for r in rows)
+        assert len(rows[1]["rollouts_s"]) == (2 if "--alternate" in mode else 1)
+        if "--alternate" not in mode:
+            assert all(r["update_s"] > 0 for r in rows)
