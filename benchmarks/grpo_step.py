@@ -13,6 +13,7 @@ A random-init model never samples EOS, so every completion is exactly --new-toke
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -63,37 +64,50 @@ def _build(name: str, args, device):
     return backend, engine, prompts, params, g, config
 
 
-def run_variant(name: str, args, device) -> dict:
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _one_step(built, args, device) -> tuple[float, float]:
+    """One GRPO step of a built variant: (rollout seconds, update seconds)."""
     import torch
 
     from lora_rl.batching import make_batch
     from lora_rl.trainer import grpo_update
 
+    backend, engine, prompts, params, g, config = built
+    _sync(device)
+    start = time.perf_counter()
+    completions = engine.generate(prompts, params)
+    _sync(device)
+    middle = time.perf_counter()
+    batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions], 0)
+    behaviour = torch.zeros_like(batch.completion_mask)
+    for row, c in enumerate(completions):
+        behaviour[row, args.prompt_tokens - 1:args.prompt_tokens - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
+    advantages = torch.randn(len(completions), generator=g)
+    grpo_update(backend, batch, behaviour, advantages, config)
+    _sync(device)
+    return middle - start, time.perf_counter() - middle
+
+
+def run_variant(name: str, args, device) -> dict:
+    import torch
+
     v = VARIANTS[name]
-    backend, engine, prompts, params, g, config = _build(name, args, device)
+    built = _build(name, args, device)
+    backend, engine, prompts, params = built[:4]
     model = backend.model
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
+    sync = functools.partial(_sync, device)
     rollout_s, update_s = [], []
     for i in range(args.warmup + args.steps):
-        sync()
-        start = time.perf_counter()
-        completions = engine.generate(prompts, params)
-        sync()
-        middle = time.perf_counter()
-        batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions], 0)
-        behaviour = torch.zeros_like(batch.completion_mask)
-        for row, c in enumerate(completions):
-            behaviour[row, args.prompt_tokens - 1:args.prompt_tokens - 1 + len(c.logprobs)] = torch.tensor(c.logprobs)
-        advantages = torch.randn(len(completions), generator=g)
-        grpo_update(backend, batch, behaviour, advantages, config)
-        sync()
+        rollout, update = _one_step(built, args, device)
         if i >= args.warmup:
-            rollout_s.append(middle - start)
-            update_s.append(time.perf_counter() - middle)
+            rollout_s.append(rollout)
+            update_s.append(update)
     if args.profile_rollout:
         _profile_rollout(lambda: engine.generate(prompts, params), sync,
                          args.out.with_suffix(f".{''.join(c if c.isalnum() else '_' for c in name)}.rollout.txt"))
@@ -109,36 +123,24 @@ def run_variant(name: str, args, device) -> dict:
     return row
 
 
-def alternate_rollouts(args, device) -> list[dict]:
-    """Rollouts only, every variant's model held in one process and sampled in turn, --alternate rounds in
-    alternating order (the first round is warm-up). Sampling a small model is bound by the host, whose speed
-    differs between processes (the same rollout took 4.6 and 8.3 s in two processes on one host): here the
-    variants share one process, so their generation times compare directly."""
-    import torch
-
+def alternate_steps(args, device) -> list[dict]:
+    """Whole steps with every variant's model held in one process, a step of each in turn, --alternate
+    rounds in alternating order after --warmup rounds. Sampling a small model is bound by the host, whose
+    speed differs between processes (the same rollout took 4.6 and 8.3 s in two processes on one host):
+    here the variants share one process, so their times compare directly."""
     built = {name: _build(name, args, device) for name in args.variants}
-    times: dict[str, list[float]] = {name: [] for name in args.variants}
-    for i in range(args.alternate + 1):
+    rows = {name: {"variant": name, **VARIANTS[name], "rollouts_s": [], "updates_s": []} for name in args.variants}
+    for i in range(args.warmup + args.alternate):
         for name in (args.variants if i % 2 == 0 else args.variants[::-1]):
-            _, engine, prompts, params, _, _ = built[name]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            engine.generate(prompts, params)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i > 0:
-                times[name].append(time.perf_counter() - start)
+            rollout, update = _one_step(built[name], args, device)
+            if i >= args.warmup:
+                rows[name]["rollouts_s"].append(rollout)
+                rows[name]["updates_s"].append(update)
     generated = args.prompts * args.samples * args.new_tokens
-    rows = [{"variant": name, **VARIANTS[name], "rollouts_s": times[name], "rollout_s": statistics.median(times[name]),
-             "rollout_tokens_per_s": generated / statistics.median(times[name])} for name in args.variants]
-    full = next((r for r in rows if not r["use_lora"]), None)
-    print(f"{args.shape}: rollouts alternating in one process, median of {args.alternate}")
-    for r in rows:
-        r["rollout_vs_full"] = r["rollout_s"] / full["rollout_s"] if full else None
-        print(f"{r['variant']:<26}{r['rollout_s']:>8.2f} s{(r['rollout_vs_full'] or 0):>8.2f} x full   "
-              + " ".join(f"{t:.2f}" for t in r["rollouts_s"]))
-    return rows
+    for row in rows.values():
+        _summarise(row, generated)
+        row["peak_gib"] = float("nan")  # every variant's model is held at once: no per-variant peak
+    return list(rows.values())
 
 
 def _summarise(row: dict, generated: int) -> None:
@@ -235,7 +237,7 @@ def main() -> None:
                         help="run each variant in its own process (default)")
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant, in alternating order")
     parser.add_argument("--alternate", type=int, default=0, metavar="N",
-                        help="rollouts only: all variants in one process, N timed rounds in alternating order")
+                        help="all variants in one process, a step of each in turn, N timed rounds in alternating order")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/grpo_step.json"))
     args = parser.parse_args()
 
@@ -247,10 +249,8 @@ def main() -> None:
     device = distributed.device()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if args.alternate:
-        _write(args, card, torch.__version__, "grpo_step rollouts", alternate_rollouts(args, device))
-        distributed.shutdown()
-        return
-    if args.isolate and len(args.variants) > 1:
+        rows = alternate_steps(args, device)
+    elif args.isolate and len(args.variants) > 1:
         rows = _rounds(args)
     else:
         rows = [run_variant(name, args, device) for name in args.variants]
@@ -265,12 +265,12 @@ def main() -> None:
         print(f"{r['variant']:<26}{r['rollout_s']:>10.2f}{r['update_s']:>10.2f}{r['step_s']:>8.2f}"
               f"{r['rollout_tokens_per_s']:>11.0f}{(r['step_vs_full'] or 0):>12.2f}{(r['rollout_vs_full'] or 0):>11.2f}"
               f"{r['peak_gib']:>10.1f}")
-    _write(args, card, torch.__version__, "grpo_step", rows)
+    _write(args, card, torch.__version__, rows)
     distributed.shutdown()
 
 
-def _write(args, card: str, torch_version: str, benchmark: str, rows: list[dict]) -> None:
-    result = {"benchmark": benchmark, "device": card, "torch": torch_version,
+def _write(args, card: str, torch_version: str, rows: list[dict]) -> None:
+    result = {"benchmark": "grpo_step", "device": card, "torch": torch_version,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
