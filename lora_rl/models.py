@@ -202,3 +202,16 @@ def load_model(path: str, dtype: str = "float32", progress: bool = True, empty: 
     else:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
     return model, tokenizer, folder
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training pass of `model` drops anything: an nn.Dropout with p > 0 (peft's LoRA dropout
+    among them), or a model config (HF's, or megatron-core's TransformerConfig on its modules) asking for
+    attention or hidden dropout. Such a pass does not score the policy exactly."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return True
+        config = getattr(module, "config", None)
+        if any((getattr(config, key, 0) or 0) > 0 for key in ("attention_dropout", "hidden_dropout")):
+            return True
+    return False

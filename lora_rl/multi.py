@@ -47,7 +47,7 @@ from lora_rl.fused_lora import load_native
 from lora_rl.lora import (adapter_rows, adapters_off, check_model, inject_adapters, install_rows_forward,
                           row_segments, save_adapter)
 from lora_rl.metrics import MetricsLog, Timer
-from lora_rl.models import load_model, resolve_model_path
+from lora_rl.models import has_dropout, load_model, resolve_model_path
 from lora_rl.optim import make_optimizer
 from lora_rl.rewards import get_reward
 from lora_rl.rollout import AdapterRequest, SamplingParams, require_engine
@@ -179,7 +179,7 @@ def multi_update(policy: MultiLoRAPolicy, batch, owners: list[int], behaviour: t
     owner = torch.tensor(owners, device=policy.device)
     mask = batch.completion_mask  # [B, T-1]
     # The training pass's own log-probs, as in grpo_update (LoRA dropout is per adapter: all must have none).
-    reuse = all(reuses_training_logprobs(c) for c in configs)
+    reuse = all(reuses_training_logprobs(c) for c in configs) and not has_dropout(policy.model)
     proximal = mask.new_zeros(mask.shape, dtype=torch.float32) if reuse else torch.cat(
         [policy.logprobs(batch.select(s), names[s], temp, with_grad=False)[0] for s in _micro_batches(batch, micro)])
     reference = None

@@ -95,7 +95,7 @@ def grpo_update(backend, batch: TokenBatch, behaviour: torch.Tensor, advantages:
     batch, behaviour, advantages = batch.to(backend.device), behaviour.to(backend.device), advantages.to(backend.device)
     mask = batch.completion_mask  # [B, T-1]
     # Proximal log-probs: the policy at the start of this update, scored by the trainer (not the engine).
-    reuse = reuses_training_logprobs(config)
+    reuse = reuses_training_logprobs(config) and not backend.drops_inputs
     proximal = mask.new_zeros(mask.shape, dtype=torch.float32) if reuse else torch.cat(
         [backend.logprobs(batch.select(s), temp, with_grad=False)[0] for s in _micro_batches(batch, micro)])
     reference = None
@@ -128,7 +128,8 @@ def reuses_training_logprobs(config: Config) -> bool:
     policy that the training pass scores is the proximal policy itself: a separate no-grad pass would
     compute the same log-probs again (a quarter of a 0.5B update on an H100). The ratio is then exactly 1
     with gradient d logp, the clipped surrogate's value at the proximal policy. Not with LoRA dropout: the
-    training pass drops inputs, the proximal policy is the exact one."""
+    training pass drops inputs, the proximal policy is the exact one (nor with a model's own dropout, which
+    the callers check on the backend: `drops_inputs`)."""
     return config.grpo.minibatches == 1 and not config.grpo.recompute_proximal and config.lora.lora_dropout == 0
 
 

@@ -25,7 +25,7 @@ from lora_rl.batching import make_batch
 from lora_rl.config import load_config
 from lora_rl.lora import inject_lora
 from lora_rl.metrics import without_timings
-from lora_rl.models import empty_model, load_model
+from lora_rl.models import empty_model, has_dropout, load_model
 from lora_rl.trainer import grpo_update, reuses_training_logprobs
 
 
@@ -147,10 +147,20 @@ def test_one_minibatch_takes_the_proximal_logprobs_from_the_training_pass(random
         torch.testing.assert_close(reused["state"][name], tensor, atol=1e-7, rtol=1e-6, msg=name)
 
 
-def test_proximal_logprobs_are_scored_apart_where_the_policy_moves_or_drops_inputs():
+def test_proximal_logprobs_are_scored_apart_where_the_policy_moves_or_drops_inputs(random_model_dir):
     assert reuses_training_logprobs(load_config(None, []))
     for overrides in (["grpo.minibatches=2"], ["lora.lora_dropout=0.1"], ["grpo.recompute_proximal=true"]):
         assert not reuses_training_logprobs(load_config(None, overrides)), overrides
+    # A model's own dropout makes the training pass inexact too: the engine says so, and grpo_update asks it.
+    model = AutoModelForCausalLM.from_pretrained(random_model_dir)
+    assert not has_dropout(model)
+    model.config.attention_dropout = 0.1
+    assert has_dropout(model)
+    lora = inject_lora(AutoModelForCausalLM.from_pretrained(random_model_dir),
+                       load_config(None, ["lora.lora_dropout=0.1"]).lora)
+    assert has_dropout(lora)
+    assert not FSDP2Engine(AutoModelForCausalLM.from_pretrained(random_model_dir), load_config(None, []),
+                           random_model_dir).drops_inputs
 
 
 def test_activation_checkpointing_gives_the_same_update(random_model_dir):

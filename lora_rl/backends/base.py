@@ -19,6 +19,7 @@ class TrainEngine(Protocol):
     name: str
     model: torch.nn.Module  # the policy (a PeftModel when lora.use_lora)
     device: torch.device  # where batches must live for `logprobs`
+    drops_inputs: bool  # the training pass runs dropout (models.has_dropout): its log-probs are not exact
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,6 +26,7 @@ from lora_rl.config import Config, ConfigError
 from lora_rl.cuda_graphs import GraphedLayers
 from lora_rl.fused_lora import fuse_lora, load_native
 from lora_rl.lora import adapters_off, merged_for_generation, save_adapter
+from lora_rl.models import has_dropout
 from lora_rl.optim import make_optimizer
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
@@ -89,6 +90,7 @@ class FSDP2Engine:
         self.config = config
         self.base_model_path = base_model_path
         self.use_lora = config.lora.use_lora
+        self.drops_inputs = has_dropout(model)
         self.sharded = distributed.active()
         if config.backend.activation_checkpointing:
             # Non-reentrant checkpointing composes with FSDP2 and with frozen inputs to LoRA layers.

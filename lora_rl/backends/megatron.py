@@ -31,7 +31,7 @@ from lora_rl.backends import megatron_compat
 from lora_rl.batching import TokenBatch, logits_to_logprobs
 from lora_rl.config import Config, ConfigError
 from lora_rl.lora import megatron_target_names, save_adapter
-from lora_rl.models import DTYPES
+from lora_rl.models import DTYPES, has_dropout
 from lora_rl.optim import make_optimizer
 
 
@@ -131,6 +131,7 @@ class MegatronEngine:
         self.model = model  # the PEFT adapter's shape on the meta device (see the module docstring)
         self.bridge, self.chunks, self.vocab = build_megatron(base_model_path, config)
         (self.megatron,) = self.chunks  # one chunk: no pipeline parallelism
+        self.drops_inputs = has_dropout(self.megatron)
         self.device = distributed.device()
         self.params = [p for p in self.megatron.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, config.train, self.device)
