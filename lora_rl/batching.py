@@ -79,34 +79,56 @@ def logits_to_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperatur
 
 
 _CHUNK_ELEMENTS = 2 ** 26  # logits elements per slice: 256 MiB in float32 (~440 tokens of a 150k vocabulary)
+# A frozen head's hidden-state gradient is formed in the forward (`_SlicedHead`, in_forward). Always on in
+# training; benchmarks/train_step.py turns it off to measure what it saves.
+FROZEN_HEAD_GRAD_IN_FORWARD = True
 
 
 class _SlicedHead(torch.autograd.Function):
     """Log-prob of each row's target under the output head, a slice of rows at a time, with a
-    hand-written backward: the forward keeps only each row's log-sum-exp, the backward recomputes a
-    slice's logits and turns them straight into the gradient (softmax minus one-hot), so no float32
-    [rows, vocab] tensor outlives its slice and no log-softmax is stored. A frozen head (LoRA) gets no
-    weight gradient. Entropies, when asked for, are a metric without gradient.
+    hand-written backward, so that no float32 [rows, vocab] tensor outlives its slice and no
+    log-softmax is stored. Entropies, when asked for, are a metric without gradient.
+
+    Two ways to the hidden states' gradient, d logp / d hidden = (one_hot(target) - softmax(z / T)) W / T
+    times the incoming per-row gradient g:
+    - a trainable head (full fine-tuning): the forward keeps each row's log-sum-exp; the backward
+      recomputes each slice's logits (one more head GEMM) and forms both gradients from them, since
+      the weight's gradient needs g for every logit;
+    - a frozen head (LoRA; `in_forward`): g is a per-row scalar, so the forward multiplies each slice's
+      (one_hot - softmax) / T by W right away (the GEMM the backward would run) and keeps that
+      [rows, hidden] product; the backward only scales its rows by g. This saves the logits' recompute,
+      a third of the head's GEMM time in a training step.
 
     compiled (GPUs, `backend.compile`): the per-slice arithmetic after the head's GEMM runs as
     torch.compile'd kernels that read the slice's logits once in the model dtype, instead of a dozen
     eager passes over them in float32 (~30 ms of a 1.5B-model training step on an H100)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool, compiled: bool):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool, compiled: bool,
+                in_forward: bool = False):
         rows = hidden.shape[0]
         step = max(1, _CHUNK_ELEMENTS // weight.shape[0])
-        stats = _compiled(_slice_stats) if compiled else _slice_stats
         logp = torch.empty(rows, dtype=_accumulate(hidden), device=hidden.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if with_entropy else None
+        if in_forward:
+            stats = _compiled(_slice_stats_and_grad) if compiled else _slice_stats_and_grad
+            grad_rows = torch.empty_like(hidden)  # d logp / d hidden of each row, for g = 1
+        else:
+            stats = _compiled(_slice_stats) if compiled else _slice_stats
         for i in range(0, rows, step):
             z = F.linear(hidden[i:i + step], weight, bias)
-            logp[i:i + step], lse[i:i + step], h = stats(z, targets[i:i + step], temperature, with_entropy)
+            out = stats(z, targets[i:i + step], temperature, with_entropy)
+            logp[i:i + step], lse[i:i + step] = out[0], out[1]
             if with_entropy:
-                entropy[i:i + step] = h
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.step, ctx.compiled = temperature, step, compiled
+                entropy[i:i + step] = out[2]
+            if in_forward:
+                torch.mm(out[3], weight, out=grad_rows[i:i + step])
+        if in_forward:
+            ctx.save_for_backward(grad_rows)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.step, ctx.compiled, ctx.in_forward = temperature, step, compiled, in_forward
         if entropy is None:
             return logp, torch.zeros_like(logp)
         ctx.mark_non_differentiable(entropy)
@@ -114,6 +136,10 @@ class _SlicedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
+        if ctx.in_forward:
+            (grad_rows,) = ctx.saved_tensors
+            grad_hidden = (grad_rows.to(grad_logp.dtype) * grad_logp[:, None]).to(grad_rows.dtype)
+            return grad_hidden, None, None, None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         logit_grad = _compiled(_slice_logit_grad) if ctx.compiled else _slice_logit_grad
@@ -131,7 +157,7 @@ class _SlicedHead(torch.autograd.Function):
             if need_bias:
                 grad_bias += grad_z.to(grad_bias.dtype).sum(0)
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None, None)
 
 
 def _accumulate(hidden: torch.Tensor) -> torch.dtype:
@@ -151,6 +177,22 @@ def _slice_stats(z: torch.Tensor, targets: torch.Tensor, temperature: float, wit
     if with_entropy:  # H = lse - sum(p * z)
         entropy = lse - ((z - lse[:, None]).exp_() * z).sum(-1)
     return logp, lse, entropy
+
+
+def _slice_stats_and_grad(z: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """`_slice_stats` and, for a frozen head, d logp / d logits at g = 1, (one_hot(target) - softmax(z / T)) / T,
+    in the logits' dtype: one read of the slice's logits for both."""
+    zt = z.to(_accumulate(z))
+    if temperature != 1.0:
+        zt = zt / temperature  # out of place: float32 logits would alias z
+    lse = torch.logsumexp(zt, dim=-1)
+    logp = zt.gather(-1, targets[:, None]).squeeze(-1) - lse
+    p = (zt - lse[:, None]).exp_()
+    entropy = lse - (p * zt).sum(-1) if with_entropy else None  # H = lse - sum(p * z)
+    grad = p.neg_().scatter_add_(-1, targets[:, None], torch.ones_like(lse)[:, None])
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return logp, lse, entropy, grad.to(z.dtype)
 
 
 def _slice_logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor,
@@ -183,8 +225,10 @@ def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_e
 
     def forward(hidden):  # runs inside the model's forward, so FSDP2 has the head's weight gathered
         b, t, h = hidden.shape
+        frozen = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
+        in_forward = FROZEN_HEAD_GRAD_IN_FORWARD and frozen and hidden.requires_grad and torch.is_grad_enabled()
         logp, entropy = _SlicedHead.apply(hidden.reshape(b * t, h), head.weight, head.bias, targets.reshape(b * t),
-                                          temperature, with_entropy, compiled)
+                                          temperature, with_entropy, compiled, in_forward)
         return torch.stack([logp, entropy], dim=-1).reshape(b, t, 2)
 
     # The head's own forward is swapped for this call only: the model then returns [B, T, 2] "logits".

@@ -167,23 +167,57 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sliced_head_backward_is_the_exact_gradient(temperature, monkeypatch):
-    """The sliced head's hand-written backward against numerical derivatives (float64): hidden states,
-    a trainable head weight (full fine-tuning) and a bias, over several slices."""
+@pytest.mark.parametrize("in_forward", [False, True])
+def test_sliced_head_backward_is_the_exact_gradient(temperature, in_forward, monkeypatch):
+    """The sliced head's hand-written backward against numerical derivatives (float64), over several
+    slices: hidden states, a trainable head weight (full fine-tuning) and a bias; and for a frozen head
+    (LoRA), the hidden states' gradient formed in the forward."""
     from lora_rl.batching import _SlicedHead
 
     monkeypatch.setattr(lora_rl.batching, "_CHUNK_ELEMENTS", 3 * 11)  # 3-row slices of an 11-word vocabulary
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=not in_forward)
+    bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=not in_forward)
     targets = torch.randint(0, 11, (7,), generator=g)
-    assert torch.autograd.gradcheck(lambda h, w, b: _SlicedHead.apply(h, w, b, targets, temperature, False, False)[0],
-                                    (hidden, weight, bias))
-    logp, entropy = _SlicedHead.apply(hidden, weight, bias, targets, temperature, True, False)
+    inputs = (hidden,) if in_forward else (hidden, weight, bias)
+
+    def head(h, w=weight, b=bias):
+        return _SlicedHead.apply(h, w, b, targets, temperature, False, False, in_forward)[0]
+
+    assert torch.autograd.gradcheck(head, inputs)
+    logp, entropy = _SlicedHead.apply(hidden, weight, bias, targets, temperature, True, False, in_forward)
     reference = torch.log_softmax((hidden @ weight.t() + bias) / temperature, -1)
     torch.testing.assert_close(logp, reference.gather(-1, targets[:, None]).squeeze(-1))
     torch.testing.assert_close(entropy, -(reference.exp() * reference).sum(-1))
+
+
+def test_frozen_head_skips_the_logits_recompute(random_model_dir, monkeypatch):
+    """A LoRA model's frozen head forms the hidden states' gradient in its forward: the backward runs
+    no head GEMM (counted), and the gradients equal those of the recomputing path."""
+    import torch.nn.functional as F
+
+    _, model = _models(random_model_dir)
+    monkeypatch.setattr(lora_rl.batching, "_CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # 7-token slices
+    batch = make_batch([[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15, 16, 17, 18]], 0)
+    calls, linear, head = [], F.linear, model.get_output_embeddings().weight
+    monkeypatch.setattr(F, "linear", lambda x, w, *a: (w is head and calls.append(1)) or linear(x, w, *a))
+    out = {}
+    for in_forward in (False, True):
+        monkeypatch.setattr(lora_rl.batching, "FROZEN_HEAD_GRAD_IN_FORWARD", in_forward)
+        model.zero_grad()
+        calls.clear()
+        logp, _ = token_logprobs(model, batch, 0.7)
+        forward_calls = len(calls)
+        (logp * batch.completion_mask).sum().backward()
+        out[in_forward] = (logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                           forward_calls, len(calls) - forward_calls)
+    assert out[True][2] == out[False][2] == 2  # 2 x 7 rows in slices of 7
+    assert out[False][3] == 2 and out[True][3] == 0  # head GEMMs in the backward
+    torch.testing.assert_close(out[True][0], out[False][0], atol=0, rtol=0)
+    assert sorted(out[True][1]) == sorted(out[False][1]) and len(out[True][1]) > 0
+    for name, grad in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("bias, input_grad", [(True, True), (False, True), (True, False)])
