@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from lora_rl.config import BackendConfig  # noqa: E402
+
+DEFAULT_BUDGET = BackendConfig().compile_memory_budget  # backend.compile_memory_budget's default
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 
 VARIANTS = {
@@ -44,18 +47,23 @@ VARIANTS = {
     # Each decoder layer's training pass replayed as CUDA graphs (backend.cuda_graphs), on the compiled layers.
     "full, CUDA graphs": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True, master=True,
                               graphs=True),
-    # backend.compile_memory_budget=0.9: the compiled layers recompute cheap activations in the backward.
-    # Run these in a process of their own (main() refuses a mix): compiled layers are shared in a process.
-    "full, recompute cheap": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True,
-                                  master=True, budget=0.9),
+    # backend.compile_memory_budget=1: the compiled layers keep every activation they save, where the default
+    # (0.9) recomputes the cheap ones in the backward. Run these in a process of their own (main() refuses a
+    # mix): compiled layers are shared in a process.
+    "full, keep activations": dict(use_lora=False, chunked=True, plain_peft=False, fused=False, compile=True,
+                                   master=True, budget=1.0),
     "LoRA, plain PEFT": dict(use_lora=True, chunked=False, plain_peft=True, fused=False, compile=False, master=True),
     "LoRA, chunked": dict(use_lora=True, chunked=True, plain_peft=False, fused=False, compile=False, master=True),
     "LoRA, fused, plain logprobs": dict(use_lora=True, chunked=False, plain_peft=False, fused=True, compile=False, master=True),
     "LoRA, fused, no compile": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=False, master=True),
     "LoRA, lora-rl default": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True),
+    # The frozen head recomputes each slice's logits in the backward, as full fine-tuning's must, instead of
+    # forming the hidden states' gradient in the forward (batching.FROZEN_HEAD_GRAD_IN_FORWARD).
+    "LoRA, head recomputes": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True,
+                                  head_in_forward=False),
     "LoRA, bf16 AdamW": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=False),
-    "LoRA, recompute cheap": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True,
-                                  master=True, budget=0.9),
+    "LoRA, keep activations": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True,
+                                   master=True, budget=1.0),
     "LoRA, CUDA graphs": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True,
                               graphs=True),
 }
@@ -71,7 +79,7 @@ def run_variant(name: str, args, device) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from lora_rl import grpo
+    from lora_rl import batching, grpo
     from lora_rl.backends.fsdp2 import FSDP2Engine
     from lora_rl.batching import make_batch
     from lora_rl.config import load_config
@@ -79,6 +87,7 @@ def run_variant(name: str, args, device) -> dict:
     from lora_rl.trainer import grpo_update
 
     v = VARIANTS[name]
+    batching.FROZEN_HEAD_GRAD_IN_FORWARD = v.get("head_in_forward", True)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     micro = args.micro or args.batch
     config = load_config(None, [f"model.dtype={dtype}", f"lora.use_lora={v['use_lora']}", "lora.lora_rank=16",
@@ -87,7 +96,7 @@ def run_variant(name: str, args, device) -> dict:
                                 f"train.chunked_logprobs={v['chunked']}", "train.lr=1e-5",
                                 f"train.fused_lora={v['fused']}", f"train.master_weights={v['master']}",
                                 f"backend.cuda_graphs={v.get('graphs', False)}",
-                                f"backend.compile_memory_budget={v.get('budget', 1.0)}",
+                                f"backend.compile_memory_budget={v.get('budget', DEFAULT_BUDGET)}",
                                 f"backend.compile={v['compile']}",
                                 f"backend.activation_checkpointing={args.activation_checkpointing}"])
     torch.manual_seed(0)
@@ -232,10 +241,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
     args = parser.parse_args()
-    if len({VARIANTS[name].get("budget", 1.0) for name in args.variants if VARIANTS[name]["compile"]}) > 1:
+    if len({VARIANTS[name].get("budget", DEFAULT_BUDGET) for name in args.variants if VARIANTS[name]["compile"]}) > 1:
         # In one process, decoder layers of the same structure share one compiled graph: the second
         # budget would silently run the first one's graph.
-        parser.error("--variants mixes compile memory budgets (the 'recompute cheap' variants with others): "
+        parser.error("--variants mixes compile memory budgets (the 'keep activations' variants with others): "
                      "run each budget in its own process")
 
     import torch

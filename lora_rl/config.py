@@ -101,7 +101,10 @@ class BackendConfig:
     bridge: str = "megatron-bridge"  # Megatron: HF <-> Megatron converter; mbridge has no LoRA path
     compile: bool = True  # on GPUs, torch.compile each decoder layer for scoring and training (sampling stays eager); CPU: ignored
     tensor_parallel: int = 1  # Megatron: tensor-parallel size (processes per model replica)
-    compile_memory_budget: float = 1.0  # compiled layers: fraction of saved activations kept, the rest recomputed (cheapest first)
+    # Compiled layers: the fraction of saved activations kept, the rest recomputed in the backward, cheapest
+    # first. 0.9 recomputes the norms' outputs and silu(gate)*up: at 1.5B on an H100, 26% less memory for
+    # LoRA (14.5 against 19.6 GiB) for a few % of step time, 14% for full fine-tuning (README); 1 keeps all.
+    compile_memory_budget: float = 0.9
     cuda_graphs: bool = False  # one GPU, FSDP2: replay each decoder layer's training pass as CUDA graphs; CPU: ignored
 
     def __post_init__(self) -> None:
