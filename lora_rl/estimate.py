@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lora_rl.config import ConfigError
+from lora_rl.config import BackendConfig, ConfigError
 
 GIB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -125,10 +125,10 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
                     dtype: str = "bfloat16", devices: int = 1, micro_batch_size: int = 8, seq_len: int = 1024,
                     activation_checkpointing: bool = False, cpu_offload: bool = False,
                     chunked_logprobs: bool = True, master_weights: bool = True, compiled: bool = False,
-                    memory_budget: float = 1.0) -> MemoryEstimate:
+                    memory_budget: float = BackendConfig().compile_memory_budget) -> MemoryEstimate:
     """Peak memory per device of one GRPO update (see the module docstring for the terms).
     compiled: the decoder layers run through torch.compile (backend.compile on GPUs), with
-    memory_budget as backend.compile_memory_budget."""
+    memory_budget as backend.compile_memory_budget (the same default)."""
     if dtype not in _BYTES:
         raise ConfigError(f"dtype={dtype!r} is not one of {list(_BYTES)}")
     if devices < 1 or micro_batch_size < 1 or seq_len < 1:
