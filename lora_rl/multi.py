@@ -47,7 +47,7 @@ from lora_rl.fused_lora import load_native
 from lora_rl.lora import (adapter_rows, adapters_off, check_model, inject_adapters, install_rows_forward,
                           row_segments, save_adapter)
 from lora_rl.metrics import MetricsLog, Timer
-from lora_rl.models import has_dropout, load_model, resolve_model_path
+from lora_rl.models import has_dropout, load_model, resolve_model_path, set_training
 from lora_rl.optim import make_optimizer
 from lora_rl.rewards import get_reward
 from lora_rl.rollout import AdapterRequest, SamplingParams, require_engine
@@ -139,7 +139,7 @@ class MultiLoRAPolicy:
         """Target-token log-probs [B, T-1]; row i through adapter_names[i] (None: the model as it is)."""
         # Eval mode even with grad: peft refuses per-row adapters in training mode, and without dropout or
         # activation checkpointing (refused in packed jobs) both modes compute the same.
-        self.model.eval()
+        set_training(self.model, False)
         rows = contextlib.nullcontext() if adapter_names is None else \
             adapter_rows(self.model, row_segments(adapter_names), fused=self.fused)
         with torch.set_grad_enabled(with_grad), rows:

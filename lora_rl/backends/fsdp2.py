@@ -26,7 +26,7 @@ from lora_rl.config import Config, ConfigError
 from lora_rl.cuda_graphs import GraphedLayers
 from lora_rl.fused_lora import fuse_lora, load_native
 from lora_rl.lora import adapters_off, merged_for_generation, save_adapter
-from lora_rl.models import has_dropout
+from lora_rl.models import has_dropout, set_training
 from lora_rl.optim import make_optimizer
 
 # Full (unsharded) tensors on rank 0 only, on the CPU, trainable ones only: the adapter alone,
@@ -184,7 +184,7 @@ class FSDP2Engine:
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Train mode only for the gradient pass: it switches on LoRA dropout and activation
         # checkpointing (HF models checkpoint only while training); scoring passes stay exact.
-        self.model.train(with_grad)
+        set_training(self.model, with_grad)
         with torch.set_grad_enabled(with_grad):
             return token_logprobs(self.model, batch.to(self.device), temperature, with_entropy,
                                   chunked=self.chunked_logprobs, compiled=self.compiled)

@@ -31,7 +31,7 @@ from lora_rl.backends import megatron_compat
 from lora_rl.batching import TokenBatch, logits_to_logprobs
 from lora_rl.config import Config, ConfigError
 from lora_rl.lora import megatron_target_names, save_adapter
-from lora_rl.models import DTYPES, has_dropout
+from lora_rl.models import DTYPES, has_dropout, set_training
 from lora_rl.optim import make_optimizer
 
 
@@ -144,7 +144,7 @@ class MegatronEngine:
     def logprobs(self, batch: TokenBatch, temperature: float, with_grad: bool,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Train mode only for the gradient pass (LoRA dropout, recompute); scoring passes stay exact.
-        self.megatron.train(with_grad)
+        set_training(self.megatron, with_grad)
         batch = batch.to(self.device)
         rows, width = batch.input_ids.shape
         positions = torch.arange(width, device=self.device).expand(rows, width)

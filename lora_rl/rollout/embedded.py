@@ -20,6 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from lora_rl import distributed
 from lora_rl.lora import adapter_rows
+from lora_rl.models import set_training
 from lora_rl.rollout.base import AdapterRequest, Completion, SamplingParams, SyncStats
 
 
@@ -79,7 +80,7 @@ def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], b
     generators = [torch.Generator(device=device).manual_seed(r.params.seed) for r in requests]
 
     was_training = model.training
-    model.eval()
+    set_training(model, False)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]  # [B, V]
     next_pos = positions[:, -1] + 1  # [B]
@@ -110,8 +111,7 @@ def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], b
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
-    if was_training:
-        model.train()
+    set_training(model, was_training)
 
     token_rows = torch.stack(tokens, dim=1).tolist()  # [B, steps]
     logp_rows = torch.stack(logps, dim=1).tolist()
