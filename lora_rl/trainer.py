@@ -148,14 +148,17 @@ class UpdateTerms:
     mask: torch.Tensor
 
 
-def new_totals() -> dict[str, float]:
+def new_totals() -> dict[str, float | torch.Tensor]:
     return {"loss": 0.0, "clip_fraction": 0.0, "importance_masked_fraction": 0.0, "entropy": 0.0}
 
 
 def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, rows, terms: UpdateTerms, global_tokens,
-               total_tokens: torch.Tensor, config: Config, totals: dict[str, float]) -> torch.Tensor:
+               total_tokens: torch.Tensor, config: Config, totals: dict[str, float | torch.Tensor]) -> torch.Tensor:
     """The loss of one micro-batch (`rows` of the update batch; logp/entropy [rows, T-1]) and its share
-    of the update's statistics, added to `totals`. total_tokens: valid tokens of the whole update."""
+    of the update's statistics, added to `totals`. total_tokens: valid tokens of the whole update.
+
+    The statistics stay on the device until `update_stats`: reading one here would make the host wait
+    for the forward before launching the backward, and the GPU would idle while it launches."""
     mask = terms.mask[rows]
     loss, _, stats = grpo.policy_loss(
         logp, terms.proximal[rows], terms.advantages[rows], mask,
@@ -164,17 +167,18 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, rows, terms: UpdateTer
     if config.grpo.kl_coef > 0:
         kl = grpo.kl_estimate(logp, terms.reference[rows], config.grpo.kl_estimator)
         loss = loss + config.grpo.kl_coef * grpo.token_mean(kl, mask, global_tokens)
-    share = float(mask.sum() / total_tokens.clamp(min=1))  # this micro-batch's share of all tokens
-    totals["loss"] += float(loss.detach()) / config.grpo.minibatches  # micro losses sum to their minibatch's
-    totals["clip_fraction"] += float(stats.clip_fraction) * share
-    totals["importance_masked_fraction"] += float(stats.importance_masked_fraction) * share
-    totals["entropy"] += float(grpo.masked_sum(entropy, mask)) / float(total_tokens.clamp(min=1))
+    tokens = total_tokens.clamp(min=1)
+    share = mask.sum() / tokens  # this micro-batch's share of all tokens
+    totals["loss"] += loss.detach() / config.grpo.minibatches  # micro losses sum to their minibatch's
+    totals["clip_fraction"] += stats.clip_fraction.detach() * share
+    totals["importance_masked_fraction"] += stats.importance_masked_fraction.detach() * share
+    totals["entropy"] += grpo.masked_sum(entropy.detach(), mask) / tokens
     return loss
 
 
-def update_stats(totals: dict[str, float], grad_norms: list[float], terms: UpdateTerms,
+def update_stats(totals: dict[str, float | torch.Tensor], grad_norms: list[float], terms: UpdateTerms,
                  config: Config) -> dict[str, float]:
-    out = dict(totals)
+    out = {name: float(value) for name, value in totals.items()}
     out["grad_norm"] = max(grad_norms)
     out["skipped_updates"] = sum(not math.isfinite(n) for n in grad_norms)
     mask = terms.mask
