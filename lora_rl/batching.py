@@ -189,21 +189,29 @@ def _slice_stats_and_grad(z: torch.Tensor, targets: torch.Tensor, temperature: f
     logp = zt.gather(-1, targets[:, None]).squeeze(-1) - lse
     p = (zt - lse[:, None]).exp_()
     entropy = lse - (p * zt).sum(-1) if with_entropy else None  # H = lse - sum(p * z)
-    grad = p.neg_().scatter_add_(-1, targets[:, None], torch.ones_like(lse)[:, None])
+    grad = torch.where(_is_target(p, targets), 1.0 - p, -p)
     if temperature != 1.0:
         grad.div_(temperature)
     return logp, lse, entropy, grad.to(z.dtype)
+
+
+def _is_target(p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] mask of each row's target column. The one-hot term of a logit gradient goes in as an
+    elementwise select rather than a scatter_add_: compiled, the select fuses with the softmax and the
+    cast to the model dtype, where the scatter made the float32 [rows, vocab] tensor go through memory
+    once more (eager runs pay one more pass instead; the values are the same to the bit)."""
+    return torch.arange(p.shape[-1], device=p.device) == targets[:, None]
 
 
 def _slice_logit_grad(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """d logp / d logits for one slice, in the logits' dtype: (one_hot(target) - softmax(z / T)) * g / T."""
     g = grad_logp.to(lse.dtype)[:, None]
-    grad = z.to(lse.dtype)
+    p = z.to(lse.dtype)
     if temperature != 1.0:
-        grad.div_(temperature)
-    grad.sub_(lse[:, None]).exp_().mul_(-g)
-    grad.scatter_add_(-1, targets[:, None], g)
+        p.div_(temperature)
+    p.sub_(lse[:, None]).exp_()
+    grad = torch.where(_is_target(p, targets), g - p * g, -(p * g))
     if temperature != 1.0:
         grad.div_(temperature)
     return grad.to(z.dtype)
