@@ -153,11 +153,25 @@ class _SlicedHead(torch.autograd.Function):
             if need_hidden:
                 torch.mm(grad_z, weight, out=grad_hidden[rows])
             if need_weight:
-                grad_weight += grad_z.t() @ hidden[rows]
+                _add_product(grad_weight, grad_z.t(), hidden[rows])
             if need_bias:
                 grad_bias += grad_z.to(grad_bias.dtype).sum(0)
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
                 grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None, None)
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for a float32 (or float64) accumulator and factors in the model dtype, without rounding
+    each slice's product to the model dtype. On CUDA one GEMM takes the 16-bit factors and reads and
+    writes the float32 accumulator itself (beta=1): a 16-bit product followed by a separate float32 add
+    cost 19 passes over the [vocab, hidden] head per step, 18.5 ms of a 1.5B full fine-tuning step on
+    an H100. torch has no such mixed-dtype GEMM on CPU, where the factors are widened first."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _accumulate(hidden: torch.Tensor) -> torch.dtype:

@@ -192,6 +192,26 @@ def test_sliced_head_backward_is_the_exact_gradient(temperature, in_forward, mon
     torch.testing.assert_close(entropy, -(reference.exp() * reference).sum(-1))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the mixed-dtype GEMM runs on GPUs")])])
+def test_head_weight_gradient_accumulates_unrounded_products(device):
+    """A trainable head's weight gradient sums its slices' bf16 x bf16 products into float32 without
+    rounding any product to bf16 (the old `acc += a @ b` was ~1e-3 off here), and leaves no copy of
+    the accumulator behind: the sum is written into the accumulator itself."""
+    from lora_rl.batching import _add_product
+
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(64, 48, generator=g).to(device)
+    start, pointer = acc.clone(), acc.data_ptr()
+    pairs = [(torch.randn(64, 40, generator=g).to(device, torch.bfloat16),
+              torch.randn(40, 48, generator=g).to(device, torch.bfloat16)) for _ in range(3)]
+    for a, b in pairs:
+        _add_product(acc, a, b)
+    exact = start.double() + sum(a.double() @ b.double() for a, b in pairs)
+    assert acc.data_ptr() == pointer and acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), exact, atol=1e-4, rtol=1e-5)
+
+
 def test_frozen_head_skips_the_logits_recompute(random_model_dir, monkeypatch):
     """A LoRA model's frozen head forms the hidden states' gradient in its forward: the backward runs
     no head GEMM (counted), and the gradients equal those of the recomputing path."""
