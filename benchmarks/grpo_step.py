@@ -4,7 +4,9 @@ The workload of FIELD_NOTES section 6's TRL comparison: a random-init Qwen2.5-0.
 8 prompts x 8 samples x 256 new tokens, LoRA r=16 all-linear. Each variant runs the project's own
 pieces as `lora_rl.trainer.train` does: the embedded rollout engine inside the FSDP2 engine's
 `generation()` context, then `trainer.grpo_update`. LoRA is run with the adapter merged into the
-weights while sampling (the default, `rollout.merge_for_generation`) and unmerged (plain PEFT).
+weights while sampling (the default, `rollout.merge_for_generation`) and unmerged (plain PEFT). Every
+generated token's forward is a CUDA graph replay (`rollout.cuda_graphs`, the default); the "eager
+decoding" variants launch it from Python instead.
 A random-init model never samples EOS, so every completion is exactly --new-tokens long.
 
     python benchmarks/grpo_step.py --out benchmarks/results/grpo_step.json
@@ -23,9 +25,12 @@ from pathlib import Path
 from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 VARIANTS = {
-    "full fine-tuning": dict(use_lora=False, merge=False),
-    "LoRA, unmerged sampling": dict(use_lora=True, merge=False),
-    "LoRA, merged sampling": dict(use_lora=True, merge=True),
+    "full fine-tuning": dict(use_lora=False, merge=False, graphs=True),
+    "LoRA, unmerged sampling": dict(use_lora=True, merge=False, graphs=True),
+    "LoRA, merged sampling": dict(use_lora=True, merge=True, graphs=True),
+    # rollout.cuda_graphs=false: every generated token's forward launched from Python, as before it
+    "full fine-tuning, eager decoding": dict(use_lora=False, merge=False, graphs=False),
+    "LoRA, merged sampling, eager decoding": dict(use_lora=True, merge=True, graphs=False),
 }
 
 
@@ -45,7 +50,8 @@ def _build(name: str, args, device):
     config = load_config(None, [f"model.dtype={dtype}", f"lora.use_lora={v['use_lora']}", "lora.lora_rank=16",
                                 "lora.lora_alpha=32", f"rollout.prompts_per_step={args.prompts}",
                                 f"rollout.group_size={args.samples}", f"rollout.max_new_tokens={args.new_tokens}",
-                                f"rollout.merge_for_generation={v['merge']}", f"train.micro_batch_size={args.micro}",
+                                f"rollout.merge_for_generation={v['merge']}", f"rollout.cuda_graphs={v['graphs']}",
+                                f"train.micro_batch_size={args.micro}",
                                 "grpo.log_kl=false", "train.lr=1e-5", *args.set])
     torch.manual_seed(0)
     shape = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=4096)
@@ -56,7 +62,7 @@ def _build(name: str, args, device):
     backend = FSDP2Engine(model, config, Path("."))
     engine = EmbeddedEngine(backend.model, type("Tok", (), {"eos_token_id": shape.vocab_size + 1,
                                                             "pad_token_id": 0})(),
-                            generation_context=backend.generation)
+                            generation_context=backend.generation, cuda_graphs=config.rollout.cuda_graphs)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, shape.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.prompts)]
@@ -205,8 +211,11 @@ def _profile_rollout(fn, sync, path: Path) -> None:
     with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
         fn()
         sync()
-    busy = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
-    launches = sum(e.count for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3
+    launches = sum(e.count for e in kernels)
+    top = "".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:7d}x  {e.key[:110]}\n"
+                  for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15])
     host = cProfile.Profile()
     start = time.perf_counter()
     host.runcall(fn)
@@ -215,7 +224,8 @@ def _profile_rollout(fn, sync, path: Path) -> None:
     text = io.StringIO()
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"rollout {wall:.2f} s under cProfile; GPU busy {busy:.0f} ms, {launches} kernels\n{text.getvalue()}")
+    path.write_text(f"rollout {wall:.2f} s under cProfile; GPU busy {busy:.0f} ms, {launches} kernels\n{top}\n"
+                    f"{text.getvalue()}")
 
 
 def main() -> None:

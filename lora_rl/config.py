@@ -134,6 +134,7 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature; the trainer scores tokens at the same temperature
     top_p: float = 1.0  # nucleus sampling; below 1 the loss sees slightly off-policy samples
     merge_for_generation: bool = True  # embedded engine: fold the adapter into the weights while sampling
+    cuda_graphs: bool = True  # embedded engine on one GPU: each generated token's forward is a CUDA graph replay; CPU: ignored
     # Adapter-loading engines (vllm in-process; vllm-server and sglang over HTTP); ignored by the embedded engine.
     server_url: str = ""  # vllm-server, sglang: attach to this running server; empty: launch one on 127.0.0.1
     max_lora_rank: int = 0  # the engine's LoRA slot size; 0: vLLM's smallest allowed rank >= lora_rank, SGLang's lora_rank

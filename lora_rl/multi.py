@@ -220,7 +220,8 @@ def _make_engine(configs: list[Config], policy: MultiLoRAPolicy, tokenizer, base
         from lora_rl.rollout.embedded import EmbeddedEngine
 
         # No merge context: K adapters cannot be folded into one weight.
-        return EmbeddedEngine(policy.model, tokenizer, generation_context=policy.generation)
+        return EmbeddedEngine(policy.model, tokenizer, generation_context=policy.generation,
+                              cuda_graphs=configs[0].rollout.cuda_graphs)
     from lora_rl.rollout.vllm_inprocess import VLLMEngine
 
     # vLLM's LoRA slots are sized for the largest rank of the job.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,3 +75,28 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = _top_p_filter(probs, 0.7)  # 0.5 < 0.7, 0.5 + 0.3 crosses it: keep two tokens
     assert torch.equal(kept, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("merge", [False, True])
+def test_cuda_graph_decoding_samples_what_eager_decoding_samples(random_model_dir, merge, monkeypatch):
+    """On a GPU each generated token's forward replays one CUDA graph per rollout (counted), and the
+    tokens and log-probs equal those of eager decoding, with the adapter merged or not."""
+    from lora_rl.lora import merged_for_generation
+
+    engine, _, prompts = _engine(random_model_dir)
+    engine.model.cuda()
+    params = SamplingParams(n=3, max_new_tokens=12, temperature=0.7, seed=3)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: replays.append(1) or replay(g))
+    out = {}
+    for graphs in (False, True):
+        engine.cuda_graphs = graphs
+        with merged_for_generation(engine.model) if merge else contextlib.nullcontext():
+            out[graphs] = engine.generate(prompts, params)
+    assert len(replays) == 11  # one per generated token after the first, graphs only
+    assert [c.token_ids for c in out[True]] == [c.token_ids for c in out[False]]
+    for a, b in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)

@@ -27,7 +27,8 @@ def make_engine(name: str, *, backend, tokenizer, config, base_model_dir=None, r
     if name == "embedded":
         from lora_rl.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(backend.model, tokenizer, generation_context=getattr(backend, "generation", None))
+        return EmbeddedEngine(backend.model, tokenizer, generation_context=getattr(backend, "generation", None),
+                              cuda_graphs=config.rollout.cuda_graphs)
     if name == "vllm":
         from lora_rl import distributed
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch.distributed.fsdp import FSDPModule
+from transformers.cache_utils import Cache
 
 from lora_rl import distributed
 from lora_rl.lora import adapter_rows
@@ -33,20 +34,24 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
-           version: int = 0) -> list[Completion]:
+           version: int = 0, cuda_graphs: bool = False) -> list[Completion]:
     (completions,) = sample_groups(model, [AdapterRequest(adapter=None, prompts=prompts, params=params)],
-                                   eos_id=eos_id, pad_id=pad_id, versions=[version])
+                                   eos_id=eos_id, pad_id=pad_id, versions=[version], cuda_graphs=cuda_graphs)
     return completions
 
 
 @torch.no_grad()
 def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id: int,
-                  versions: list[int]) -> list[list[Completion]]:
+                  versions: list[int], cuda_graphs: bool = False) -> list[list[Completion]]:
     """Sample every request in one batch; a list of completions per request.
 
     Each request draws from a generator seeded with its own `params.seed` over its own rows, so a
     request samples what it would sample alone. With adapter names (a model holding several peft
-    adapters), each row goes through its request's adapter (`lora.adapter_rows`)."""
+    adapters), each row goes through its request's adapter (`lora.adapter_rows`).
+
+    cuda_graphs: on a GPU, each generated token's forward replays a CUDA graph captured for this call
+    (`rollout.cuda_graphs`). Not with several adapters in one batch, nor under FSDP2, whose hooks run
+    per forward: those decode eagerly."""
     first = requests[0].params
     for r in requests:
         if (r.params.max_new_tokens, r.params.temperature, r.params.top_p) != \
@@ -62,31 +67,112 @@ def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id:
         # Not under FSDP2, whose root module must run its own forward (its hooks manage the shards).
         inner = model.get_base_model() if isinstance(model, PeftModel) and not isinstance(model, FSDPModule) \
             else model
-        return _sample_rows(inner, requests, rows, bounds, eos_id=eos_id, pad_id=pad_id, versions=versions)
+        graphs = (cuda_graphs and not named and next(model.parameters()).is_cuda
+                  and not any(isinstance(m, FSDPModule) for m in model.modules()))
+        return _sample_rows(inner, requests, rows, bounds, eos_id=eos_id, pad_id=pad_id, versions=versions,
+                            graphs=graphs)
+
+
+class _SlotCache(Cache):
+    """A static KV cache written at slots the sampler chooses (`slots`, a device tensor it sets before each
+    forward), not at a counter of its own: a CUDA graph replays the same decode forward for every token,
+    and a warm-up run before capturing it must not move anything. Every layer holds [B, kv_heads, length,
+    head_dim] keys and values from the prefill on; the sampler's 4D mask says which slots each query sees."""
+
+    def __init__(self, length: int):
+        super().__init__(layers=[])
+        self.length = length
+        self.slots: torch.Tensor | None = None
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.keys:  # the prefill allocates; decode forwards only write in place
+            b, h, _, d = key_states.shape
+            self.keys[layer_idx] = key_states.new_zeros(b, h, self.length, d)
+            self.values[layer_idx] = value_states.new_zeros(b, h, self.length, value_states.shape[-1])
+        self.keys[layer_idx].index_copy_(2, self.slots, key_states)
+        self.values[layer_idx].index_copy_(2, self.slots, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions and the mask are always given, so nothing reads this beyond an unused default
+
+
+def _attention_bias(seen: torch.Tensor, queries: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, q, L] additive mask: query slot i of row b sees slot j <= i if j holds one of b's tokens
+    (`seen`, [B, L]). Masked scores get the dtype's lowest finite value, not -inf, so a left-padding query
+    that sees nothing averages finite values instead of making NaN. Additive, in the model dtype, as both
+    sdpa and eager attention take it."""
+    slots = torch.arange(seen.shape[1], device=seen.device)
+    visible = (slots[None, :] <= queries[:, None]) & seen[:, None, :]
+    return torch.zeros(visible.shape, dtype=dtype, device=seen.device).masked_fill_(
+        ~visible, torch.finfo(dtype).min)[:, None]
+
+
+def _decode_runner(forward, graphs: bool):
+    """`forward` itself, or on a GPU a CUDA graph of it: one launch per generated token instead of the
+    model's thousands (sampling a small model is bound by the host's launches, not by the GPU). The
+    graph reads and writes only tensors `forward` closes over, which the sampler updates in place."""
+    if not graphs:
+        return forward
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces); writes what the replay writes
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = forward()
+
+    def replay():
+        graph.replay()
+        return logits  # overwritten by the next replay: the sampler reads it before then
+
+    return replay
+
+
+_DONE_EVERY = 8  # tokens between checks that every row has finished (each check waits for the GPU)
 
 
 def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], bounds: list[int], *, eos_id: int,
-                 pad_id: int, versions: list[int]) -> list[list[Completion]]:
+                 pad_id: int, versions: list[int], graphs: bool) -> list[list[Completion]]:
     first = requests[0].params
     device = next(model.parameters()).device
-    batch, width = len(rows), max(len(p) for p in rows)
-    # Left-pad so every row's next token is at the last column; positions skip the padding.
+    dtype = model.get_input_embeddings().weight.dtype
+    batch, width, steps = len(rows), max(len(p) for p in rows), first.max_new_tokens
+    # Left-pad so every row's next token is at the last column; positions skip the padding. The KV cache
+    # has a slot per prompt column and per generated token: generated token k sits at slot width + k.
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
-    attention = torch.zeros((batch, width), dtype=torch.long, device=device)
+    seen = torch.zeros((batch, width + steps), dtype=torch.bool, device=device)
     for i, p in enumerate(rows):
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
-        attention[i, width - len(p):] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        seen[i, width - len(p):width] = True
+    positions = (seen[:, :width].long().cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator(device=device).manual_seed(r.params.seed) for r in requests]
 
     was_training = model.training
     set_training(model, False)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]  # [B, V]
-    next_pos = positions[:, -1] + 1  # [B]
+    cache = _SlotCache(width + steps)
+    cache.slots = torch.arange(width, device=device)
+    out = model(input_ids=input_ids, attention_mask=_attention_bias(seen, cache.slots, dtype),
+                position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = out.logits[:, -1]  # [B, V]
+    # The decode forward's inputs, updated in place before each call (a CUDA graph reads them by address).
+    token_in = torch.zeros((batch, 1), dtype=torch.long, device=device)
+    position_in = positions[:, -1:] + 1
+    bias_in = torch.full((batch, 1, 1, width + steps), torch.finfo(dtype).min, dtype=dtype, device=device)
+    bias_in[:, 0, 0, :width].masked_fill_(seen[:, :width], 0.0)
+    cache.slots = torch.full((1,), width, dtype=torch.long, device=device)
+
+    def forward():
+        return model(input_ids=token_in, attention_mask=bias_in, position_ids=position_in, past_key_values=cache,
+                     use_cache=True).logits[:, -1]
+
+    decode = None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps = [], []
-    for _ in range(first.max_new_tokens):
+    for step in range(steps):
         if first.temperature == 0:
             logp = F.log_softmax(logits.float(), dim=-1)
             token = logp.argmax(-1)
@@ -103,14 +189,18 @@ def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], b
         # the trainer recomputes; with top_p < 1 the two differ slightly (documented in config).
         logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
         done = done | (token == eos_id)
-        # Under FSDP2 every forward is a collective: stop only when every rank has finished.
-        if not distributed.any_rank(not bool(done.all()), device):
+        if step + 1 == steps:
             break
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = next_pos + 1
+        # Under FSDP2 every forward is a collective: stop only when every rank has finished.
+        if step % _DONE_EVERY == _DONE_EVERY - 1 and not distributed.any_rank(not bool(done.all()), device):
+            break
+        token_in.copy_(token[:, None])
+        cache.slots.fill_(width + step)
+        bias_in[:, 0, 0, width + step] = 0.0
+        if decode is None:
+            decode = _decode_runner(forward, graphs)
+        logits = decode()
+        position_in.add_(1)
     set_training(model, was_training)
 
     token_rows = torch.stack(tokens, dim=1).tolist()  # [B, steps]
@@ -134,8 +224,9 @@ class EmbeddedEngine:
     name = "embedded"
     needs_adapter = False  # it samples with the trainer's own weights
 
-    def __init__(self, model, tokenizer, generation_context=None):
+    def __init__(self, model, tokenizer, generation_context=None, cuda_graphs: bool = False):
         self.model = model
+        self.cuda_graphs = cuda_graphs
         # The backend's context for generating (FSDP2 gathers all shards once per rollout).
         self.generation_context = generation_context or contextlib.nullcontext
         self.eos_id = tokenizer.eos_token_id
@@ -145,13 +236,15 @@ class EmbeddedEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         with self.generation_context():
-            return sample(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id, version=self.version)
+            return sample(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id, version=self.version,
+                          cuda_graphs=self.cuda_graphs)
 
     def generate_adapters(self, requests: list[AdapterRequest]) -> list[list[Completion]]:
         """One batch over several adapters of the trainer's model (multi-LoRA jobs)."""
         with self.generation_context():
             return sample_groups(self.model, requests, eos_id=self.eos_id, pad_id=self.pad_id,
-                                 versions=[self.versions.get(r.adapter, self.version) for r in requests])
+                                 versions=[self.versions.get(r.adapter, self.version) for r in requests],
+                                 cuda_graphs=self.cuda_graphs)
 
     def publish(self, version: int, adapter_dir: Path | None, adapter: str | None = None) -> SyncStats:
         start = time.perf_counter()
