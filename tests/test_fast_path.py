@@ -111,6 +111,40 @@ def test_generation_with_the_adapter_merged_leaves_the_base_exact(random_model_d
             assert torch.equal(p, base[name]), name
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_merging_for_generation_folds_in_the_adapter_and_undoes_it(random_model_dir, dora, monkeypatch):
+    """Merged, the model computes what the unmerged adapter computes; plain layers fold in with one GEMM
+    each and never enter peft's merge, others (DoRA here) go through it; afterwards the base weights are
+    back bit for bit and peft's layers report themselves unmerged."""
+    from peft.tuners.lora import Linear
+
+    from lora_rl.lora import merged_for_generation
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(random_model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=dora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    merges = []
+    merge = Linear.merge
+    monkeypatch.setattr(Linear, "merge", lambda self, *a, **k: merges.append(1) or merge(self, *a, **k))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with merged_for_generation(model):
+            merged = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(merges) == (len(layers) if dora else 0)
+    assert not any(m.merged for m in layers)
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base[name]), name
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_fused_lora_matches_peft_forward_and_gradients(random_model_dir, dtype, tolerance):
     """train.fused_lora (one fused op per LoRA linear) against peft's own forward: log-probs, input and
