@@ -100,3 +100,31 @@ def test_cuda_graph_decoding_samples_what_eager_decoding_samples(random_model_di
     assert [c.token_ids for c in out[True]] == [c.token_ids for c in out[False]]
     for a, b in zip(out[True], out[False], strict=True):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_a_decode_forward_that_cannot_be_captured_names_the_switch(monkeypatch):
+    """A capture failure (faked here: CPU machines have no CUDA graphs) stops with rollout.cuda_graphs
+    and how to turn it off, not with the bare CUDA error."""
+    from lora_rl.rollout import embedded
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Capture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    with pytest.raises(RuntimeError, match=r"rollout.cuda_graphs=true: .*stream is capturing.*rollout.cuda_graphs=false"):
+        embedded._decode_runner(lambda: torch.zeros(2, 3), graphs=True)

@@ -142,8 +142,9 @@ def _attention_implementation(model, name: str):
 
 def _decode_runner(forward, graphs: bool):
     """`forward` itself, or on a GPU a CUDA graph of it: one launch per generated token instead of the
-    model's thousands (sampling a small model is bound by the host's launches, not by the GPU). The
-    graph reads and writes only tensors `forward` closes over, which the sampler updates in place."""
+    model's ~1,000 (sampling a small model is bound by the host's launches, not by the GPU). The
+    graph reads and writes only tensors `forward` closes over, which the sampler updates in place.
+    A model whose forward cannot be captured (a host sync, say) stops with the switch that avoids it."""
     if not graphs:
         return forward
     side = torch.cuda.Stream()
@@ -152,8 +153,12 @@ def _decode_runner(forward, graphs: bool):
         forward()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = forward()
+    try:
+        with torch.cuda.graph(graph):
+            logits = forward()
+    except RuntimeError as error:
+        raise RuntimeError(f"rollout.cuda_graphs=true: this model's decode forward could not be captured as a "
+                           f"CUDA graph ({error}); set rollout.cuda_graphs=false to decode eagerly") from error
 
     def replay():
         graph.replay()
