@@ -15,7 +15,8 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
                counted from what torch.compile's partitioner saves: the two residual inputs and the two
                norm outputs, q, k, v and the attention output, gate, up and silu(gate)*up, and each
                adapter's rank-r intermediate; with backend.compile_memory_budget below 1 it recomputes
-               the norm outputs and silu(gate)*up instead. With activation checkpointing only each
+               the norm outputs and silu(gate)*up instead. A fused LoRA MLP (train.fused_mlp, gate, up
+               and down adapted) never keeps silu(gate)*up: its backward rebuilds it in registers. With activation checkpointing only each
                layer's input, plus one layer recomputed
   logits       plain: [tokens, vocab] in the model dtype, upcast to float32 (16-bit models), log-softmax
                and its gradient: 14 bytes per element in bf16, 12 in float32 - at small scale the
@@ -93,7 +94,7 @@ def lora_params(shape: ModelShape, rank: int, target_modules) -> int:
 
 
 def saved_per_token(shape: ModelShape, *, compiled: bool, memory_budget: float = 1.0, adapter_rank: int = 0,
-                    target_modules=("all-linear",)) -> int:
+                    target_modules=("all-linear",), fused_mlp: bool = True) -> int:
     """Elements one decoder layer saves for its backward, per token (see the module docstring).
     adapter_rank 0: full fine-tuning. tests/test_estimate.py checks the compiled counts against what
     a compiled layer saves."""
@@ -101,10 +102,12 @@ def saved_per_token(shape: ModelShape, *, compiled: bool, memory_budget: float =
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     if not compiled:
         return _ACT_HIDDEN * h + _ACT_MLP * i + 2 * kv
-    adapters = adapter_rank * len(_targets(target_modules))
+    targets = _targets(target_modules)
+    adapters = adapter_rank * len(targets)
     if memory_budget < 1.0:  # norm outputs and silu(gate)*up recomputed in the backward
         return 2 * h + 2 * q + 2 * kv + 2 * i + adapters
-    return 4 * h + 2 * q + 2 * kv + 3 * i + adapters
+    mlp_fused = fused_mlp and adapter_rank and {"gate_proj", "up_proj", "down_proj"} <= set(targets)
+    return 4 * h + 2 * q + 2 * kv + (2 if mlp_fused else 3) * i + adapters
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,7 +128,8 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
                     dtype: str = "bfloat16", devices: int = 1, micro_batch_size: int = 8, seq_len: int = 1024,
                     activation_checkpointing: bool = False, cpu_offload: bool = False,
                     chunked_logprobs: bool = True, master_weights: bool = True, compiled: bool = False,
-                    memory_budget: float = BackendConfig().compile_memory_budget) -> MemoryEstimate:
+                    memory_budget: float = BackendConfig().compile_memory_budget,
+                    fused_mlp: bool = True) -> MemoryEstimate:
     """Peak memory per device of one GRPO update (see the module docstring for the terms).
     compiled: the decoder layers run through torch.compile (backend.compile on GPUs), with
     memory_budget as backend.compile_memory_budget (the same default)."""
@@ -149,7 +153,8 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
         trainable_bytes = 0.0  # shards, gradients and optimizer state live in CPU memory
     tokens = micro_batch_size * seq_len
     per_layer = tokens * b * saved_per_token(shape, compiled=compiled, memory_budget=memory_budget,
-                                             adapter_rank=rank if use_lora else 0, target_modules=target_modules)
+                                             adapter_rank=rank if use_lora else 0, target_modules=target_modules,
+                                             fused_mlp=fused_mlp)
     if activation_checkpointing:
         activations = shape.layers * tokens * shape.hidden_size * b + per_layer
     else:
@@ -182,4 +187,5 @@ def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1)
                            master_weights=config.train.master_weights,
                            # the FSDP2 backend compiles its layers on GPUs (the estimate is for a GPU run)
                            compiled=config.backend.compile and config.backend.name == "fsdp2",
-                           memory_budget=config.backend.compile_memory_budget)
+                           memory_budget=config.backend.compile_memory_budget,
+                           fused_mlp=config.train.fused_lora and config.train.fused_mlp)

@@ -91,6 +91,8 @@ def load_native(dispatch_key: str = "CUDA") -> bool:
     serve, with the same results, only slower on the host."""
     from torch.utils import cpp_extension
 
+    from lora_rl import fused_mlp  # noqa: F401  (defines the MLP operators the C++ file registers bodies for)
+
     source = Path(__file__).parent / "csrc" / "lora_linear.cpp"
     try:
         cpp_extension.load(name=f"lora_rl_native_{dispatch_key.lower()}", sources=[str(source)],
@@ -201,12 +203,17 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                        self.scaling[name])
 
 
-def fuse_lora(model: nn.Module) -> int:
-    """Route `model`'s peft LoRA linear layers through `lora_linear`; returns how many."""
+def fuse_lora(model: nn.Module, mlp: bool = True) -> int:
+    """Route `model`'s peft LoRA linear layers through `lora_linear`, and with `mlp` (`train.fused_mlp`)
+    each SiLU-gated MLP whose three linears they are through `fused_mlp`; returns how many linears."""
     from peft.tuners.lora.layer import Linear
 
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     for layer in layers:
         layer.forward = types.MethodType(_fused_forward, layer)
+    if mlp:
+        from lora_rl.fused_mlp import fuse_mlp
+
+        fuse_mlp(model)
     return len(layers)
 

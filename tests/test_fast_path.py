@@ -175,7 +175,7 @@ def test_fused_lora_matches_peft_forward_and_gradients(random_model_dir, dtype, 
 def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_dir):
     """Disabled adapters (the reference policy) and merged weights (sampling) take peft's forward, so
     they give the base model's and the merged model's outputs exactly as before."""
-    from lora_rl import fused_lora
+    from lora_rl import fused_lora, fused_mlp
     from lora_rl.lora import adapters_off, merged_for_generation
 
     _, model = _models(random_model_dir)
@@ -186,8 +186,9 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
         adapted = model(input_ids=ids).logits
         fused_lora.fuse_lora(model)
         calls = []
-        original = fused_lora.lora_linear
-        fused_lora.lora_linear = lambda *a: calls.append(1) or original(*a)
+        originals = fused_lora.lora_linear, fused_mlp._LoRAMLPFunction.apply
+        fused_lora.lora_linear = lambda *a: calls.append("linear") or originals[0](*a)
+        fused_mlp._LoRAMLPFunction.apply = lambda *a: calls.append("mlp") or originals[1](*a)
         try:
             with adapters_off(model):  # what the engines' reference() uses
                 assert torch.equal(model(input_ids=ids).logits, reference) and not calls
@@ -195,9 +196,10 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
                 torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
             assert not calls
             torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-6, rtol=0)
-            assert len(calls) == 7 * model.config.num_hidden_layers
+            layers = model.config.num_hidden_layers  # four attention linears and one MLP op per layer
+            assert sorted(calls) == ["linear"] * 4 * layers + ["mlp"] * layers
         finally:
-            fused_lora.lora_linear = original
+            fused_lora.lora_linear, fused_mlp._LoRAMLPFunction.apply = originals
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -303,6 +305,7 @@ def test_lora_linear_backward_is_the_exact_gradient(bias, input_grad):
 _NATIVE_CHECK = """
 import torch
 from lora_rl import fused_lora as f
+import lora_rl.fused_mlp
 
 has = lambda: torch._C._dispatch_has_kernel_for_dispatch_key("lora_rl::lora_linear", "CPU")
 assert not has(), "a CPU kernel was registered before the build"
@@ -324,6 +327,24 @@ for (x, w, b, a, lb, grad), (forward, backward) in zip(cases, python):
     for need, expected in zip((True, False), backward):
         out = torch.ops.lora_rl.lora_linear_backward.default(grad, x, w, a, lb, x @ a.t(), 1.5, need)
         assert all(n.shape == p.shape and torch.equal(n, p) for n, p in zip(out, expected)), "backward differs"
+mlp_cases = []
+for dtype in (torch.float32, torch.bfloat16):
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+    mlp_cases.append((dtype, r(6, 4), r(4, 9), r(2, 9), r(4, 2), r(6, 2), r(6, 9), r(6, 9), r(6, 4), r(9, 4), r(2, 4),
+                      r(9, 2), r(9, 4), r(2, 4), r(9, 2)))
+assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_rl::{op}", "CPU")
+           for op in ("lora_mlp_down_backward", "lora_mlp_gate_up_backward"))
+python_mlp = []
+for _, grad, wd, ad, bd, xad, gg, gu, x, wg, ag, bg, wu, au, bu in mlp_cases:
+    python_mlp.append((lora_rl.fused_mlp._down_backward_impl(grad, wd, ad, bd, xad, 2.0),
+                       [lora_rl.fused_mlp._gate_up_backward_impl(gg, gu, x, wg, ag, bg, wu, au, bu, 1.5, 0.5, need)
+                        for need in (True, False)]))
+for (_, grad, wd, ad, bd, xad, gg, gu, x, wg, ag, bg, wu, au, bu), (down, gate_up) in zip(mlp_cases, python_mlp):
+    native = torch.ops.lora_rl.lora_mlp_down_backward.default(grad, wd, ad, bd, xad, 2.0)
+    assert all(torch.equal(n, p) for n, p in zip(native, down)), "down backward differs"
+    for need, expected in zip((True, False), gate_up):
+        out = torch.ops.lora_rl.lora_mlp_gate_up_backward.default(gg, gu, x, wg, ag, bg, wu, au, bu, 1.5, 0.5, need)
+        assert all(n.shape == p.shape and torch.equal(n, p) for n, p in zip(out, expected)), "gate/up differs"
 print("native ok")
 """
 
@@ -437,3 +458,113 @@ def test_grpo_step_benchmark_runs_both_modes_on_a_tiny_shape(tmp_path):
         assert [r["variant"] for r in rows] == ["full fine-tuning", "LoRA, merged sampling"]
         assert all(r["rollout_s"] > 0 and r["update_s"] > 0 and r["step_vs_full"] > 0 for r in rows)
         assert len(rows[1]["rollouts_s"]) == len(rows[1]["updates_s"]) == (2 if "--alternate" in mode else 1)
+
+
+@pytest.mark.parametrize("bias, input_grad", [(False, True), (True, True), (False, False)])
+def test_fused_mlp_backward_is_the_exact_gradient(bias, input_grad):
+    """The fused LoRA MLP (train.fused_mlp) against numerical derivatives (float64): its three GEMM
+    operators and the activation's reference body together give every adapter's and the input's
+    gradient of down(silu(gate(x)) * up(x)); its output is the plain formula's."""
+    from lora_rl.fused_mlp import _LoRAMLPFunction
+
+    g = torch.Generator().manual_seed(0)
+    h, i, r = 5, 7, 3
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=grad)
+
+    x = rand(6, h, grad=input_grad)
+    w = [rand(i, h), rand(i, h), rand(h, i)]
+    b = [rand(i) if bias else None, rand(i) if bias else None, rand(h) if bias else None]
+    lora = [(rand(r, h, grad=True), rand(i, r, grad=True)), (rand(r, h, grad=True), rand(i, r, grad=True)),
+            (rand(r, i, grad=True), rand(h, r, grad=True))]
+    s = (1.5, 0.5, 2.0)
+
+    def fused(x, *ab):
+        args = [t for k in range(3) for t in (w[k], b[k], ab[2 * k], ab[2 * k + 1])]
+        return _LoRAMLPFunction.apply(x, *args, *s)
+
+    def plain(x, *ab):
+        lin = [x @ w[k].t() + (b[k] if bias else 0) + s[k] * (x @ ab[2 * k].t()) @ ab[2 * k + 1].t() for k in range(2)]
+        hid = torch.nn.functional.silu(lin[0]) * lin[1]
+        return hid @ w[2].t() + (b[2] if bias else 0) + s[2] * (hid @ ab[4].t()) @ ab[5].t()
+
+    flat = [t for pair in lora for t in pair]
+    assert torch.autograd.gradcheck(lambda *t: fused(x, *t) if not input_grad else fused(*t),
+                                    tuple(([x] if input_grad else []) + flat))
+    torch.testing.assert_close(fused(x, *flat), plain(x, *flat))
+    ops = torch.ops.lora_rl
+    grad, xd = rand(6, h), rand(6, r)
+    torch.library.opcheck(ops.lora_mlp_down_backward, (grad, w[2], lora[2][0].detach(), lora[2][1].detach(), xd, 2.0))
+    torch.library.opcheck(ops.lora_mlp_gate_up_backward, (rand(6, i), rand(6, i), x.detach(), w[0], lora[0][0].detach(),
+                          lora[0][1].detach(), w[1], lora[1][0].detach(), lora[1][1].detach(), 1.5, 0.5, input_grad))
+    torch.library.opcheck(ops.silu_mul_lora_backward, (rand(6, i), rand(6, i), rand(6, i), rand(6, r), rand(6, r),
+                                                       rand(6, r)))
+
+
+def test_fused_mlp_runs_only_where_it_is_the_same_function(random_model_dir):
+    """fuse_lora routes each SiLU-gated MLP with three plain adapters through the fused op, and with
+    mlp=False none; an MLP where one linear carries no adapter stays on the per-linear path."""
+    from lora_rl import fused_mlp
+    from lora_rl.fused_lora import fuse_lora
+
+    _, model = _models(random_model_dir)
+    layers = model.config.num_hidden_layers
+    assert fused_mlp.fuse_mlp(model) == layers
+    _, model = _models(random_model_dir)
+    fuse_lora(model, mlp=False)
+    mlps = [m for m in model.modules() if hasattr(m, "gate_proj")]
+    assert all("forward" not in vars(m) for m in mlps)
+    partial = inject_lora(AutoModelForCausalLM.from_pretrained(random_model_dir),
+                          LoRAConfig(lora_rank=8, target_modules=("q_proj", "gate_proj", "up_proj")))
+    assert fused_mlp.fuse_mlp(partial) == 0
+
+
+_KERNEL_CHECK = r"""
+import torch
+from lora_rl import fused_mlp as fm
+
+g = torch.Generator().manual_seed(0)
+# float16 (the interpreter's bfloat16 dot is not faithful); ragged rows and features, a rank padded to 16,
+# several token chunks per feature block
+for n, f, r, programs in ((70, 200, 8, 8), (64, 96, 16, 2), (5, 33, 4, 64)):
+    t = [torch.randn(n, f, generator=g).half() for _ in range(3)] + [torch.randn(n, r, generator=g).half() for _ in range(3)]
+    ref = fm._silu_mul_backward_reference(*t)
+    for first in (False, True):
+        out = fm.silu_mul_backward_triton(*t, block_t=16, block_f=32, num_warps=4, programs=programs,
+                                          features_first=first)
+        for a, b, name in zip(ref, out, ("grad_g", "grad_u", "sums")):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            tol = 2e-3 if name != "sums" else 1e-4
+            torch.testing.assert_close(b.float(), a.float(), atol=tol * 8, rtol=tol, msg=name)
+print("kernel ok")
+"""
+
+
+def test_triton_silu_mul_kernel_equals_the_reference_under_the_interpreter():
+    """The fused MLP's Triton kernel, run by Triton's interpreter on the CPU (a separate process: the
+    switch is read at import), against the operator's torch body: the activation's gradients to a
+    float16 rounding, the three rank-r sums to float32 rounding."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on GPUs")
+def test_triton_silu_mul_kernel_on_the_gpu_in_bfloat16():
+    """On a GPU in bf16, what training runs: the operator dispatches to the kernel, whose gradients
+    match the torch body to one bf16 rounding and whose rank-r sums match to float32 accumulation order."""
+    from lora_rl import fused_mlp as fm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, f, r in ((2048, 8960, 16), (333, 1000, 8)):
+        t = [torch.randn(n, f, generator=g, device="cuda").bfloat16() for _ in range(3)]
+        t += [torch.randn(n, r, generator=g, device="cuda").bfloat16() for _ in range(3)]
+        ref = fm._silu_mul_backward_reference(*t)
+        out = torch.ops.lora_rl.silu_mul_lora_backward.default(*t)
+        for a, b, name in zip(ref, out, ("grad_g", "grad_u")):
+            torch.testing.assert_close(b.float(), a.float(), atol=0.05, rtol=1.6e-2, msg=name)
+        # sums over n tokens of bf16 products: a few elements of h, dg, du round the other way
+        assert ((out[2] - ref[2]).norm() / ref[2].norm()).item() < 1e-3

@@ -46,9 +46,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   return {grad_x, grad_a, grad_b};
 }
 
+// The MLP's operators (lora_rl/fused_mlp.py): down's backward without its A gradient, and gate's and
+// up's without their B gradients, which the Triton kernel between them forms.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_mlp_down_backward(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& xa, double scaling) {
+  at::Tensor none = at::empty({}, grad.options());
+  at::Tensor gb = at::mm(grad, lora_b);  // [N, r], unscaled
+  at::Tensor grad_b = at::addmm(none, grad.t(), xa, 0, scaling);
+  at::Tensor grad_h = at::addmm(none, gb, lora_a, 0, scaling);
+  grad_h.addmm_(grad, weight);
+  return {grad_h, gb, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_mlp_gate_up_backward(
+    const at::Tensor& grad_g, const at::Tensor& grad_u, const at::Tensor& x, const at::Tensor& weight_g,
+    const at::Tensor& a_g, const at::Tensor& b_g, const at::Tensor& weight_u, const at::Tensor& a_u,
+    const at::Tensor& b_u, double scaling_g, double scaling_u, bool need_input) {
+  at::Tensor none = at::empty({}, x.options());
+  at::Tensor gb_g = at::mm(grad_g, b_g);
+  at::Tensor gb_u = at::mm(grad_u, b_u);
+  at::Tensor grad_a_g = at::addmm(none, gb_g.t(), x, 0, scaling_g);
+  at::Tensor grad_a_u = at::addmm(none, gb_u.t(), x, 0, scaling_u);
+  if (!need_input) {
+    return {at::empty({0}, x.options()), grad_a_g, grad_a_u};
+  }
+  at::Tensor grad_x = at::addmm(none, gb_g, a_g, 0, scaling_g);
+  grad_x.addmm_(gb_u, a_u, 1, scaling_u);
+  grad_x.addmm_(grad_g, weight_g);
+  grad_x.addmm_(grad_u, weight_u);
+  return {grad_x, grad_a_g, grad_a_u};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_rl, LORA_RL_DISPATCH_KEY, m) {
   m.impl("lora_linear", &lora_linear);
   m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("lora_mlp_down_backward", &lora_mlp_down_backward);
+  m.impl("lora_mlp_gate_up_backward", &lora_mlp_gate_up_backward);
 }
