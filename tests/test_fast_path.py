@@ -568,3 +568,20 @@ def test_triton_silu_mul_kernel_on_the_gpu_in_bfloat16():
             torch.testing.assert_close(b.float(), a.float(), atol=0.05, rtol=1.6e-2, msg=name)
         # sums over n tokens of bf16 products: a few elements of h, dg, du round the other way
         assert ((out[2] - ref[2]).norm() / ref[2].norm()).item() < 1e-3
+
+
+def test_fused_mlp_kernel_benchmark_runs_under_the_interpreter(tmp_path):
+    """benchmarks/fused_mlp_kernel.py end to end on the CPU under Triton's interpreter, at a tiny shape:
+    the default setting is checked against the reference and the table and JSON are written (the
+    timings mean nothing here)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernel.json"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "fused_mlp_kernel.py"), "--tokens", "40",
+                           "--features", "100", "--rank", "8", "--quick", "--out", str(out)],
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu-interpreter" and len(result["rows"]) == 1
+    assert result["rows"][0]["relative_error"] < 1e-3 and result["unfused_ms"] > 0
