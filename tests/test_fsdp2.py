@@ -316,10 +316,11 @@ def test_random_meta_init_is_the_same_model_for_any_process_count(random_model_d
     assert len(weights) == 2 and not torch.equal(*weights)  # each layer draws its own weights
     assert abs(float(weights[0].std()) - std) < 0.2 * std
     assert all(float(t.abs().sum()) == 0 for n, t in state.items() if "lora_B" in n)
-    # No gloo-thread check here (the training workers above keep it): after get_model_state_dict one
-    # LoRA parameter's DTensor stays referenced from C++ (one reference no Python object accounts
-    # for), and its mesh keeps the group alive. Whether it happens moved with unrelated changes (a
-    # new config field was enough); the cause inside torch was not found.
+    # No gloo-thread check here (the training workers above keep it): after this worker builds the
+    # engine (with or without get_model_state_dict) one LoRA parameter's DTensor stays referenced from
+    # C++ (one reference no Python object accounts for), and its mesh keeps the group alive. Whether
+    # it happens moved with unrelated changes (a new config field was enough); the cause inside torch
+    # was not found.
 
 
 def _torchrun(root: Path, args: list[str]) -> subprocess.CompletedProcess:
