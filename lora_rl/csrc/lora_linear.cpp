@@ -46,8 +46,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   return {grad_x, grad_a, grad_b};
 }
 
-// The MLP's operators (lora_rl/fused_mlp.py): down's backward without its A gradient, and gate's and
-// up's without their B gradients, which the Triton kernel between them forms.
+// The MLP's operators (lora_rl/fused_mlp.py): down's forward from its rank-r product, down's backward
+// without its A gradient, and gate's and up's without their B gradients, which the Triton kernels
+// between them form.
+at::Tensor lora_mlp_down_forward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& xa, const at::Tensor& lora_b, double scaling) {
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, xa, lora_b.t(), 1, scaling)
+                                    : at::addmm(at::empty({}, h.options()), xa, lora_b.t(), 0, scaling);
+  out.addmm_(h, weight.t());
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_mlp_down_backward(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& xa, double scaling) {
@@ -83,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_mlp_gate_up_backward(
 TORCH_LIBRARY_IMPL(lora_rl, LORA_RL_DISPATCH_KEY, m) {
   m.impl("lora_linear", &lora_linear);
   m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("lora_mlp_down_forward", &lora_mlp_down_forward);
   m.impl("lora_mlp_down_backward", &lora_mlp_down_backward);
   m.impl("lora_mlp_gate_up_backward", &lora_mlp_gate_up_backward);
 }
