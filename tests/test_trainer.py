@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,18 @@ def test_run_writes_its_files_and_reward_rises(warm_model_dir, tmp_path):
                 "rollout_tokens_per_s", "update_tokens_per_s", "sync_seconds", "sync_bytes", "peak_memory_gib",
                 "trainable_params", "adapter_bytes", "version", "logprob_diff"):
         assert key in records[0], key
-    first = sum(r["reward_mean"] for r in records[:10]) / 10
-    last = sum(r["reward_mean"] for r in records[-10:]) / 10
-    assert last > first + 0.1, (first, last)
+    # Learning, against a control: the same prompts and sampling with a learning rate too small to move the
+    # adapter. (Comparing the run's own first and last steps was fragile: on this task the reward climbs within
+    # the first few steps, and how fast depends on the CPU's rounding.)
+    control = train(_config(warm_model_dir, tmp_path / "control", "run.steps=10", "train.lr=1e-9", "eval.size=0",
+                            "rollout.prompts_per_step=16", "rollout.group_size=8"))
+    assert control["steps_done"] == 10
+    lines = (tmp_path / "control" / "metrics.jsonl").read_text().splitlines()
+    base = [json.loads(line)["reward_mean"] for line in lines]
+    last = [r["reward_mean"] for r in records[-10:]]
+    standard_error = (statistics.variance(base) / 10 + statistics.variance(last) / 10) ** 0.5
+    rise = statistics.mean(last) - statistics.mean(base)
+    assert rise > max(0.1, 4 * standard_error), (base, last)
     # The embedded engine scores with the trainer's weights: behaviour and proximal log-probs agree.
     assert max(r["logprob_diff"] for r in records) < 1e-4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020", "step_000040"]
