@@ -164,7 +164,7 @@ _KERNELS = None
 # Backward: tokens x features per tile, warps, pipeline stages, tile orientation, programs per
 # multiprocessor. Forward: tokens x features per tile, warps, stages, programs per multiprocessor.
 # The fastest of benchmarks/fused_mlp_kernel.py's sweeps on an H200 at the 1.5B shape
-# (benchmarks/results/fused_mlp_kernel_h200.json, README "Performance").
+# (benchmarks/results/fused_mlp_kernel_h200.json, benchmarks/HISTORY.md).
 BLOCK_T, BLOCK_F, NUM_WARPS, NUM_STAGES, FEATURES_FIRST, PER_SM = 16, 128, 4, 3, False, 8
 FWD_BLOCK_T, FWD_BLOCK_F, FWD_WARPS, FWD_STAGES, FWD_PER_SM = 64, 64, 4, 3, 8
 
