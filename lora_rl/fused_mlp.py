@@ -17,8 +17,9 @@ work on tiles they already hold:
 Per layer that is ten fewer passes over an [tokens, intermediate] tensor than the per-linear path, and
 g, u (with their low-rank terms) and h are never stored: the op saves g0, u0 and the rank-r products.
 
-The GEMMs around the kernels are C++ operators beside the LoRA linear's (csrc/lora_linear.cpp), so a
-compiled decoder layer enters Python once per MLP forward and once per backward, to launch a kernel.
+The GEMMs around the kernels are C++ operators beside the LoRA linear's (csrc/lora_linear.cpp) and the
+kernels' operators are `triton_op`s that inductor launches itself, so a compiled decoder layer runs the
+whole MLP, forward and backward, without entering Python.
 Without Triton, on the CPU or in float32 the same operators run as plain torch code: those bodies are
 the references the kernels are tested against (tests/test_fast_path.py, under Triton's interpreter on
 the CPU and on a GPU).
@@ -42,10 +43,6 @@ _LIB.define("lora_mlp_down_backward(Tensor grad, Tensor weight, Tensor lora_a, T
 _LIB.define("lora_mlp_gate_up_backward(Tensor grad_g, Tensor grad_u, Tensor x, Tensor weight_g, Tensor a_g,"
             " Tensor b_g, Tensor weight_u, Tensor a_u, Tensor b_u, float scaling_g, float scaling_u,"
             " bool need_input) -> (Tensor, Tensor, Tensor)")
-_LIB.define("silu_mul_lora_forward(Tensor g, Tensor u, Tensor xa_g, Tensor xa_u, Tensor b_g, Tensor b_u,"
-            " Tensor a_d, float scaling_g, float scaling_u) -> (Tensor, Tensor)")
-_LIB.define("silu_mul_lora_backward(Tensor g, Tensor u, Tensor grad_h, Tensor gb_d, Tensor xa_g, Tensor xa_u,"
-            " Tensor b_g, Tensor b_u, float scaling_g, float scaling_u) -> (Tensor, Tensor, Tensor)")
 
 
 def _down_forward_impl(h, weight, bias, xa, lora_b, scaling):
@@ -127,8 +124,6 @@ def _silu_mul_backward_reference(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scali
 _LIB.impl("lora_mlp_down_forward", _down_forward_impl, "CompositeExplicitAutograd")
 _LIB.impl("lora_mlp_down_backward", _down_backward_impl, "CompositeExplicitAutograd")
 _LIB.impl("lora_mlp_gate_up_backward", _gate_up_backward_impl, "CompositeExplicitAutograd")
-_LIB.impl("silu_mul_lora_forward", _silu_mul_forward_reference, "CompositeExplicitAutograd")
-_LIB.impl("silu_mul_lora_backward", _silu_mul_backward_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("lora_rl::lora_mlp_down_forward", lib=_LIB)
@@ -145,17 +140,6 @@ def _(grad, weight, lora_a, lora_b, xa, scaling):
 @torch.library.register_fake("lora_rl::lora_mlp_gate_up_backward", lib=_LIB)
 def _(grad_g, grad_u, x, weight_g, a_g, b_g, weight_u, a_u, b_u, scaling_g, scaling_u, need_input):
     return x.new_empty(x.shape if need_input else (0,)), a_g.new_empty(a_g.shape), a_u.new_empty(a_u.shape)
-
-
-@torch.library.register_fake("lora_rl::silu_mul_lora_forward", lib=_LIB)
-def _(g, u, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scaling_u):
-    return g.new_empty(g.shape), g.new_empty(g.shape[0], a_d.shape[0])
-
-
-@torch.library.register_fake("lora_rl::silu_mul_lora_backward", lib=_LIB)
-def _(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g, scaling_u):
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-    return g.new_empty(g.shape), u.new_empty(u.shape), g.new_empty(3, g.shape[1], gb_d.shape[1], dtype=acc)
 
 
 # --- the Triton kernels ------------------------------------------------------------------------------
@@ -184,6 +168,9 @@ def _kernels():
         # One program: BLOCK_T tokens over one split of the features. The tokens' rank-r products stay in
         # registers; down's [BLOCK_T, r] product accumulates across the split and is written once.
         row_block, split = tl.program_id(0), tl.program_id(1)
+        # Launched from inductor's compiled code, Python floats arrive as float64, and float64 scalars
+        # would promote every tile they touch (3-6x slower on an H100): the kernels compute in float32.
+        s_g, s_u = tl.cast(s_g, tl.float32), tl.cast(s_u, tl.float32)
         rows = row_block * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < n_rows
         ranks = tl.arange(0, RANK)  # RANK: r padded to a power of two >= 16, as tl.dot needs
@@ -223,6 +210,7 @@ def _kernels():
         # registers across the chunk and are written once, as this chunk's partial sums; so do the
         # features' rows of gate's and up's B, which rebuild g and u from g0 and u0.
         col_block, chunk = tl.program_id(0), tl.program_id(1)
+        s_g, s_u = tl.cast(s_g, tl.float32), tl.cast(s_u, tl.float32)  # float64 from inductor: see the forward kernel
         cols = col_block * BLOCK_F + tl.arange(0, BLOCK_F)
         col_ok = cols < n_cols
         ranks = tl.arange(0, RANK)  # RANK: r padded to a power of two >= 16, as tl.dot needs
@@ -313,18 +301,15 @@ def silu_mul_forward_triton(g, u, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scaling_
     rank = a_d.shape[0]
     if not programs:
         programs = FWD_PER_SM * (_multiprocessors(g.device.index or 0) if g.is_cuda else 32)
-    row_blocks = max(1, -(-n_rows // block_t))
-    col_blocks = -(-n_cols // block_f)
-    splits = max(1, min(col_blocks, -(-programs // row_blocks)))
-    cols_per_split = -(-col_blocks // splits) * block_f
-    splits = -(-n_cols // cols_per_split)
+    splits, cols_per_split = _forward_plan(_size_hint(n_rows), _size_hint(n_cols), block_t, block_f, programs)
     h = torch.empty_like(g)
     part = torch.empty(splits, n_rows, rank, dtype=torch.float32, device=g.device)
-    _kernels()[0][(row_blocks, splits)](g, u, xa_g, xa_u, b_g, b_u, a_d, h, part, n_rows, n_cols, cols_per_split,
-                                        rank, xa_stride, float(scaling_g), float(scaling_u),
-                                        RANK=_padded_rank(rank), BLOCK_T=block_t, BLOCK_F=block_f,
-                                        num_warps=num_warps, num_stages=num_stages)
-    return h, (part[0] if splits == 1 else part.sum(0)).to(g.dtype)
+    kernel = _kernels()[0]
+    torch.library.wrap_triton(kernel)[(-(-n_rows // block_t), splits)](
+        g, u, xa_g, xa_u, b_g, b_u, a_d, h, part, n_rows, n_cols, cols_per_split, rank, xa_stride,
+        float(scaling_g), float(scaling_u), RANK=_padded_rank(rank), BLOCK_T=block_t, BLOCK_F=block_f,
+        num_warps=num_warps, num_stages=num_stages)
+    return h, part.sum(0).to(g.dtype)
 
 
 def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g, scaling_u, *, block_t: int = 0,
@@ -342,25 +327,47 @@ def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g
     rank = gb_d.shape[1]
     if not programs:
         programs = PER_SM * (_multiprocessors(g.device.index or 0) if g.is_cuda else 32)
-    col_blocks, chunks, rows_per_chunk = _plan(n_rows, n_cols, block_t, block_f, programs)
+    rows_per_chunk = _backward_plan(_size_hint(n_rows), _size_hint(n_cols), block_t, block_f, programs)
+    chunks = -(-n_rows // rows_per_chunk)
     grad_g, grad_u = torch.empty_like(g), torch.empty_like(u)
     part = torch.empty(3, chunks, n_cols, rank, dtype=torch.float32, device=g.device)
-    _kernels()[1][(col_blocks, chunks)](g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, grad_g, grad_u, part,
-                                        n_rows, n_cols, rows_per_chunk, rank, xa_stride,
-                                        float(scaling_g), float(scaling_u),
-                                        RANK=_padded_rank(rank), BLOCK_T=block_t, BLOCK_F=block_f,
-                                        FEATURES_FIRST=features_first, num_warps=num_warps, num_stages=num_stages)
+    kernel = _kernels()[1]
+    torch.library.wrap_triton(kernel)[(-(-n_cols // block_f), chunks)](
+        g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, grad_g, grad_u, part, n_rows, n_cols, rows_per_chunk, rank,
+        xa_stride, float(scaling_g), float(scaling_u), RANK=_padded_rank(rank), BLOCK_T=block_t, BLOCK_F=block_f,
+        FEATURES_FIRST=features_first, num_warps=num_warps, num_stages=num_stages)
     return grad_g, grad_u, part.sum(1)
 
 
+# The launch plans take sizes as plain ints. Under torch.compile's dynamic shapes the token count is
+# symbolic, and a compiled graph keeps the plan of the size it was traced at: a plan only spreads the
+# work over programs (any split or chunk size gives the same result up to the float32 order of the
+# partial sums), so it needs no guard, and the grid and buffers, which must fit the actual size, stay
+# symbolic.
+def _size_hint(n) -> int:
+    if isinstance(n, int):
+        return n
+    hint = n.node.hint  # the size being traced; None for a data-dependent size
+    return hint if isinstance(hint, int) else 8192
+
+
 @functools.cache
-def _plan(n_rows: int, n_cols: int, block_t: int, block_f: int, programs: int) -> tuple[int, int, int]:
-    """Feature blocks, token chunks and rows per chunk (a multiple of block_t) for about `programs` programs."""
+def _forward_plan(n_rows: int, n_cols: int, block_t: int, block_f: int, programs: int) -> tuple[int, int]:
+    """Feature splits and columns per split (a multiple of block_f) for about `programs` programs."""
+    row_blocks = max(1, -(-n_rows // block_t))
+    col_blocks = -(-n_cols // block_f)
+    splits = max(1, min(col_blocks, -(-programs // row_blocks)))
+    cols_per_split = -(-col_blocks // splits) * block_f
+    return -(-n_cols // cols_per_split), cols_per_split
+
+
+@functools.cache
+def _backward_plan(n_rows: int, n_cols: int, block_t: int, block_f: int, programs: int) -> int:
+    """Rows per token chunk (a multiple of block_t) for about `programs` programs."""
     col_blocks = -(-n_cols // block_f)
     row_blocks = max(1, -(-n_rows // block_t))
     chunks = max(1, min(row_blocks, -(-programs // col_blocks)))
-    rows_per_chunk = -(-row_blocks // chunks) * block_t
-    return col_blocks, max(1, -(-n_rows // rows_per_chunk)), rows_per_chunk
+    return -(-row_blocks // chunks) * block_t
 
 
 @functools.cache
@@ -375,19 +382,30 @@ def _tensor_cores(index: int) -> bool:
 
 def _use_triton(g: torch.Tensor) -> bool:
     # float32 (tl.dot would round to TF32), no Triton or an older GPU: the references serve
-    return g.dtype in (torch.bfloat16, torch.float16) and triton_available() and _tensor_cores(g.device.index or 0)
+    return (g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and triton_available()
+            and _tensor_cores(g.device.index or 0))
 
 
-def _silu_mul_forward_cuda(*args):
-    return (silu_mul_forward_triton if _use_triton(args[0]) else _silu_mul_forward_reference)(*args)
+# The two kernels' operators are `triton_op`s: eagerly they run these bodies as any custom operator does,
+# but torch.compile traces into them (AOTAutograd decomposes the op), so inductor sees the Triton kernel and
+# launches it from the compiled layer's own C++ wrapper. As plain custom operators with a Python CUDA
+# implementation, each call left the compiled graph for Python, which spent 140-170 us launching the
+# kernel (H200 profile): 56 calls per 1.5B step, in a forward where the GPU waits on the host.
+# Without Triton, on the CPU or in float32 the references run (and compile as ordinary torch code).
+@torch.library.triton_op("lora_rl::silu_mul_lora_forward", mutates_args=())
+def silu_mul_lora_forward(g: torch.Tensor, u: torch.Tensor, xa_g: torch.Tensor, xa_u: torch.Tensor,
+                          b_g: torch.Tensor, b_u: torch.Tensor, a_d: torch.Tensor, scaling_g: float,
+                          scaling_u: float) -> tuple[torch.Tensor, torch.Tensor]:
+    body = silu_mul_forward_triton if _use_triton(g) else _silu_mul_forward_reference
+    return body(g, u, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scaling_u)
 
 
-def _silu_mul_backward_cuda(*args):
-    return (silu_mul_backward_triton if _use_triton(args[0]) else _silu_mul_backward_reference)(*args)
-
-
-_LIB.impl("silu_mul_lora_forward", _silu_mul_forward_cuda, "CUDA")
-_LIB.impl("silu_mul_lora_backward", _silu_mul_backward_cuda, "CUDA")
+@torch.library.triton_op("lora_rl::silu_mul_lora_backward", mutates_args=())
+def silu_mul_lora_backward(g: torch.Tensor, u: torch.Tensor, grad_h: torch.Tensor, gb_d: torch.Tensor,
+                           xa_g: torch.Tensor, xa_u: torch.Tensor, b_g: torch.Tensor, b_u: torch.Tensor,
+                           scaling_g: float, scaling_u: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    body = silu_mul_backward_triton if _use_triton(g) else _silu_mul_backward_reference
+    return body(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g, scaling_u)
 
 
 @functools.cache

@@ -616,3 +616,52 @@ def test_fused_mlp_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     assert len(result["forward_rows"]) == len(result["backward_rows"]) == 1
     assert result["forward_rows"][0]["relative_error"] < 1e-2 and result["backward_rows"][0]["relative_error"] < 1e-3
     assert result["unfused_forward_ms"] > 0 and result["unfused_backward_ms"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on GPUs")
+def test_compiled_fused_mlp_launches_its_kernels_from_the_compiled_graph(monkeypatch):
+    """Compiled as the decoder layers are (dynamic shapes, C++ wrapper), the fused MLP's forward and
+    backward launch the Triton kernels from the compiled code: after the first call no Python body of
+    the kernels' operators runs, at another token count too (one graph for both), and the output and
+    adapter gradients equal the eager op's to bf16 rounding."""
+    from lora_rl import fused_mlp as fm
+
+    hidden, inter, r = 256, 704, 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, grad=False):
+        return (torch.randn(*shape, generator=gen, device="cuda") * 0.1).bfloat16().requires_grad_(grad)
+
+    w = [rand(inter, hidden), rand(inter, hidden), rand(hidden, inter)]
+    lora = [rand(r, hidden, grad=True), rand(inter, r, grad=True), rand(r, hidden, grad=True),
+            rand(inter, r, grad=True), rand(r, inter, grad=True), rand(hidden, r, grad=True)]
+
+    def mlp(x):
+        return fm._LoRAMLPFunction.apply(x, w[0], None, lora[0], lora[1], w[1], None, lora[2], lora[3],
+                                         w[2], None, lora[4], lora[5], 1.5, 0.5, 2.0)
+
+    calls = []
+    for name in ("silu_mul_forward_triton", "silu_mul_backward_triton"):
+        body = getattr(fm, name)
+        monkeypatch.setattr(fm, name, lambda *a, _body=body, _name=name, **k: calls.append(_name) or _body(*a, **k))
+    compiled = torch.compile(mlp, dynamic=True, options={"cpp_wrapper": True})
+
+    def run(fn, n):
+        x = rand(n, hidden, grad=True)
+        out = fn(x)
+        grads = torch.autograd.grad((out.float() ** 2).sum(), [x, *lora])
+        return [out, *grads]
+
+    torch.manual_seed(0)
+    run(compiled, 300)  # traces and compiles (the bodies run under the tracer)
+    assert calls, "the kernels' bodies were never traced: the compiled graph does not contain the operators"
+    for n in (300, 517):
+        calls.clear()
+        gen.manual_seed(n)
+        got = run(compiled, n)
+        assert not calls, f"compiled call at {n} tokens ran {calls} in Python (or recompiled)"
+        gen.manual_seed(n)
+        want = run(mlp, n)
+        for a, b in zip(got, want):
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
