@@ -203,7 +203,7 @@ def _kernels():
 
     @triton.jit
     def silu_mul_lora_backward_kernel(g_ptr, u_ptr, dh_ptr, gbd_ptr, xag_ptr, xau_ptr, bg_ptr, bu_ptr,
-                                      dg_ptr, du_ptr, part_ptr, n_rows, n_cols, rows_per_chunk, rank, xa_stride,
+                                      dg_ptr, du_ptr, part_ptr, n_rows, n_cols, rank, xa_stride,
                                       s_g, s_u, RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
                                       FEATURES_FIRST: tl.constexpr):
         # One program: BLOCK_F features over one chunk of the tokens. The three [BLOCK_F, r] sums stay in
@@ -222,6 +222,9 @@ def _kernels():
         acc_h = tl.zeros((BLOCK_F, RANK), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_F, RANK), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_F, RANK), dtype=tl.float32)
+        # The chunk count is the grid's, fixed when the launch is planned (or traced); each chunk's rows
+        # follow the actual token count, so a compiled graph's partial-sum buffer has a static shape.
+        rows_per_chunk = tl.cdiv(tl.cdiv(n_rows, tl.num_programs(1)), BLOCK_T) * BLOCK_T
         first = chunk * rows_per_chunk
         last = tl.minimum(first + rows_per_chunk, n_rows)
         for start in range(first, last, BLOCK_T):
@@ -327,13 +330,12 @@ def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g
     rank = gb_d.shape[1]
     if not programs:
         programs = PER_SM * (_multiprocessors(g.device.index or 0) if g.is_cuda else 32)
-    rows_per_chunk = _backward_plan(_size_hint(n_rows), _size_hint(n_cols), block_t, block_f, programs)
-    chunks = -(-n_rows // rows_per_chunk)
+    chunks = _backward_plan(_size_hint(n_rows), _size_hint(n_cols), block_t, block_f, programs)
     grad_g, grad_u = torch.empty_like(g), torch.empty_like(u)
     part = torch.empty(3, chunks, n_cols, rank, dtype=torch.float32, device=g.device)
     kernel = _kernels()[1]
     torch.library.wrap_triton(kernel)[(-(-n_cols // block_f), chunks)](
-        g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, grad_g, grad_u, part, n_rows, n_cols, rows_per_chunk, rank,
+        g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, grad_g, grad_u, part, n_rows, n_cols, rank,
         xa_stride, float(scaling_g), float(scaling_u), RANK=_padded_rank(rank), BLOCK_T=block_t, BLOCK_F=block_f,
         FEATURES_FIRST=features_first, num_warps=num_warps, num_stages=num_stages)
     return grad_g, grad_u, part.sum(1)
@@ -342,8 +344,9 @@ def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g
 # The launch plans take sizes as plain ints. Under torch.compile's dynamic shapes the token count is
 # symbolic, and a compiled graph keeps the plan of the size it was traced at: a plan only spreads the
 # work over programs (any split or chunk size gives the same result up to the float32 order of the
-# partial sums), so it needs no guard, and the grid and buffers, which must fit the actual size, stay
-# symbolic.
+# partial sums), so it needs no guard. What must fit the actual size stays symbolic: the forward's
+# token blocks and the buffers' token dimension; the backward's chunks take their rows from the actual
+# count inside the kernel.
 def _size_hint(n) -> int:
     if isinstance(n, int):
         return n
@@ -363,11 +366,12 @@ def _forward_plan(n_rows: int, n_cols: int, block_t: int, block_f: int, programs
 
 @functools.cache
 def _backward_plan(n_rows: int, n_cols: int, block_t: int, block_f: int, programs: int) -> int:
-    """Rows per token chunk (a multiple of block_t) for about `programs` programs."""
+    """Token chunks for about `programs` programs. A plain int even under dynamic shapes: the partial
+    sums' buffer [3, chunks, features, r] and the sum over its chunks are then static in a compiled
+    graph (with a symbolic chunk count, inductor's reduction over them was generic code)."""
     col_blocks = -(-n_cols // block_f)
     row_blocks = max(1, -(-n_rows // block_t))
-    chunks = max(1, min(row_blocks, -(-programs // col_blocks)))
-    return -(-row_blocks // chunks) * block_t
+    return max(1, min(row_blocks, -(-programs // col_blocks)))
 
 
 @functools.cache
