@@ -11,8 +11,9 @@ Variants: full fine-tuning with plain log-probs, chunked log-probs, and chunked 
 as plain PEFT gives it (float32 adapters, plain log-probs, peft's forward), with adapters in the model
 dtype and chunked log-probs, with each LoRA linear as one fused op (`train.fused_lora`) and
 plain or chunked log-probs, and as lora-rl trains it by default: fused, each SiLU-gated MLP as one
-op with a Triton backward (`train.fused_mlp`; "LoRA, fused linears only" switches that off), chunked,
-each decoder layer under torch.compile (`backend.compile`). `--profile` adds each variant's top CUDA kernels.
+op with a Triton backward (`train.fused_mlp`; "LoRA, fused linears only" switches that off), each
+attention's q, k and v as one LoRA linear (`train.fused_qkv`; "LoRA, separate q k v" switches that off),
+chunked, each decoder layer under torch.compile (`backend.compile`). `--profile` adds each variant's top CUDA kernels.
 Model-FLOPs utilisation counts 6N per token for full fine-tuning and 4N for LoRA (no weight gradients
 for the frozen base), plus causal attention, against the card's dense bf16 peak.
 
@@ -62,6 +63,9 @@ VARIANTS = {
     # A gradient and the activation's gradients read again by gate's and up's B-gradient GEMMs.
     "LoRA, fused linears only": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True,
                                      master=True, fused_mlp=False),
+    # train.fused_qkv=false: q, k and v each their own fused op, each reading the layer's input itself.
+    "LoRA, separate q k v": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True,
+                                 master=True, fused_qkv=False),
     # The frozen head recomputes each slice's logits in the backward, as full fine-tuning's must, instead of
     # forming the hidden states' gradient in the forward (batching.FROZEN_HEAD_GRAD_IN_FORWARD).
     "LoRA, head recomputes": dict(use_lora=True, chunked=True, plain_peft=False, fused=True, compile=True, master=True,
@@ -101,6 +105,7 @@ def run_variant(name: str, args, device) -> dict:
                                 f"train.chunked_logprobs={v['chunked']}", "train.lr=1e-5",
                                 f"train.fused_lora={v['fused']}", f"train.master_weights={v['master']}",
                                 f"train.fused_mlp={v.get('fused_mlp', True)}",
+                                f"train.fused_qkv={v.get('fused_qkv', True)}",
                                 f"backend.cuda_graphs={v.get('graphs', False)}",
                                 f"backend.compile_memory_budget={v.get('budget', DEFAULT_BUDGET)}",
                                 f"backend.compile={v['compile']}",

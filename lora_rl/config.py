@@ -255,6 +255,7 @@ class TrainConfig:
     master_weights: bool = True  # 16-bit weights get a float32 copy in AdamW (lora_rl/optim.py); false: pure 16-bit AdamW
     fused_lora: bool = True  # each LoRA linear as one fused op with its own backward (lora_rl/fused_lora.py); false: peft's forward
     fused_mlp: bool = True  # with fused_lora: each SiLU-gated MLP as one op, its backward one Triton kernel on GPUs (lora_rl/fused_mlp.py)
+    fused_qkv: bool = True  # with fused_lora: each attention's q, k, v projections as one LoRA linear (lora_rl/fused_qkv.py)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -91,7 +91,7 @@ def load_native(dispatch_key: str = "CUDA") -> bool:
     serve, with the same results, only slower on the host."""
     from torch.utils import cpp_extension
 
-    from lora_rl import fused_mlp  # noqa: F401  (defines the MLP operators the C++ file registers bodies for)
+    from lora_rl import fused_mlp, fused_qkv  # noqa: F401  (define the operators the C++ file registers bodies for)
 
     source = Path(__file__).parent / "csrc" / "lora_linear.cpp"
     try:
@@ -203,9 +203,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                        self.scaling[name])
 
 
-def fuse_lora(model: nn.Module, mlp: bool = True) -> int:
-    """Route `model`'s peft LoRA linear layers through `lora_linear`, and with `mlp` (`train.fused_mlp`)
-    each SiLU-gated MLP whose three linears they are through `fused_mlp`; returns how many linears."""
+def fuse_lora(model: nn.Module, mlp: bool = True, qkv: bool = True) -> int:
+    """Route `model`'s peft LoRA linear layers through `lora_linear`, with `mlp` (`train.fused_mlp`)
+    each SiLU-gated MLP whose three linears they are through `fused_mlp`, and with `qkv`
+    (`train.fused_qkv`) each attention's q, k and v projections through one `lora_linear`
+    (`fused_qkv`); returns how many linears."""
     from peft.tuners.lora.layer import Linear
 
     layers = [m for m in model.modules() if isinstance(m, Linear)]
@@ -215,5 +217,9 @@ def fuse_lora(model: nn.Module, mlp: bool = True) -> int:
         from lora_rl.fused_mlp import fuse_mlp
 
         fuse_mlp(model)
+    if qkv:
+        from lora_rl.fused_qkv import fuse_qkv
+
+        fuse_qkv(model)
     return len(layers)
 

@@ -175,7 +175,7 @@ def test_fused_lora_matches_peft_forward_and_gradients(random_model_dir, dtype, 
 def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_dir):
     """Disabled adapters (the reference policy) and merged weights (sampling) take peft's forward, so
     they give the base model's and the merged model's outputs exactly as before."""
-    from lora_rl import fused_lora, fused_mlp
+    from lora_rl import fused_lora, fused_mlp, fused_qkv
     from lora_rl.lora import adapters_off, merged_for_generation
 
     _, model = _models(random_model_dir)
@@ -186,9 +186,10 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
         adapted = model(input_ids=ids).logits
         fused_lora.fuse_lora(model)
         calls = []
-        originals = fused_lora.lora_linear, fused_mlp._LoRAMLPFunction.apply
+        originals = fused_lora.lora_linear, fused_mlp._LoRAMLPFunction.apply, fused_qkv._LoRAQKVFunction.apply
         fused_lora.lora_linear = lambda *a: calls.append("linear") or originals[0](*a)
         fused_mlp._LoRAMLPFunction.apply = lambda *a: calls.append("mlp") or originals[1](*a)
+        fused_qkv._LoRAQKVFunction.apply = lambda *a: calls.append("qkv") or originals[2](*a)
         try:
             with adapters_off(model):  # what the engines' reference() uses
                 assert torch.equal(model(input_ids=ids).logits, reference) and not calls
@@ -196,10 +197,10 @@ def test_fused_lora_leaves_the_reference_and_merged_paths_to_peft(random_model_d
                 torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
             assert not calls
             torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-6, rtol=0)
-            layers = model.config.num_hidden_layers  # four attention linears and one MLP op per layer
-            assert sorted(calls) == ["linear"] * 4 * layers + ["mlp"] * layers
+            layers = model.config.num_hidden_layers  # q, k, v as one op, o, and one MLP op per layer
+            assert sorted(calls) == ["linear"] * layers + ["mlp"] * layers + ["qkv"] * layers
         finally:
-            fused_lora.lora_linear, fused_mlp._LoRAMLPFunction.apply = originals
+            fused_lora.lora_linear, fused_mlp._LoRAMLPFunction.apply, fused_qkv._LoRAQKVFunction.apply = originals
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -349,6 +350,20 @@ for (_, grad, wd, ad, bd, xad, gg, gu, x, wg, ag, bg, wu, au, bu), (down, gate_u
     for need, expected in zip((True, False), gate_up):
         out = torch.ops.lora_rl.lora_mlp_gate_up_backward.default(gg, gu, x, wg, ag, bg, wu, au, bu, 1.5, 0.5, need)
         assert all(n.shape == p.shape and torch.equal(n, p) for n, p in zip(out, expected)), "gate/up differs"
+from lora_rl import fused_qkv
+for dtype in (torch.float32, torch.bfloat16):
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+    x, ws, grads = r(6, 5), (r(4, 5), r(2, 5), r(2, 5)), (r(6, 4), r(6, 2), r(6, 2))
+    lora, scalings = (r(2, 5), r(4, 2), r(1, 5), r(2, 1), r(3, 5), r(2, 3)), (1.5, 0.5, 2.0)
+    for bias in (None, r(8)):
+        native = torch.ops.lora_rl.lora_qkv.default(x, *ws, bias, *lora, *scalings)
+        expected = fused_qkv._qkv_impl(x, *ws, bias, *lora, *scalings)
+        assert all(torch.equal(n, p) for n, p in zip(native, expected)), "qkv differs"
+    for need in (True, False):
+        xa = r(6, 6)
+        out = torch.ops.lora_rl.lora_qkv_backward.default(*grads, x, *ws, *lora, xa, *scalings, need)
+        expected = fused_qkv._qkv_backward_impl(*grads, x, *ws, *lora, xa, *scalings, need)
+        assert all(n.shape == p.shape and torch.equal(n, p) for n, p in zip(out, expected)), "qkv backward differs"
 print("native ok")
 """
 
@@ -534,6 +549,7 @@ import torch
 from lora_rl import fused_mlp as fm
 
 g = torch.Generator().manual_seed(0)
+size_hint = fm._size_hint
 # float16 (the interpreter's bfloat16 dot is not faithful); ragged rows and features, a rank padded to 16,
 # several token chunks per feature block and several feature splits per token block
 for n, f, r, programs in ((70, 200, 8, 8), (64, 96, 16, 2), (5, 33, 4, 64)):
@@ -549,7 +565,10 @@ for n, f, r, programs in ((70, 200, 8, 8), (64, 96, 16, 2), (5, 33, 4, 64)):
         torch.testing.assert_close(b.float(), a.float(), atol=2e-3 * 8, rtol=2e-3, msg=name)
     args = (*t, xa_g, xa_u, b_g, b_u, 1.5, 0.5)
     ref = fm._silu_mul_backward_reference(*args)
-    for first in (False, True):
+    # the launch planned for the actual token count, then for a larger and a smaller one (a compiled graph
+    # keeps the plan of the count it was traced at): more chunks than row blocks, and a single chunk
+    for first, hint in ((False, None), (True, None), (False, 4096), (False, 1)):
+        fm._size_hint = lambda m, _h=hint, _n=n: _h if _h is not None and m == _n else m  # the token count only
         out = fm.silu_mul_backward_triton(*args, block_t=16, block_f=32, num_warps=4, programs=programs,
                                           features_first=first)
         for a, b, name in zip(ref, out, ("grad_g", "grad_u", "sums")):
@@ -558,6 +577,7 @@ for n, f, r, programs in ((70, 200, 8, 8), (64, 96, 16, 2), (5, 33, 4, 64)):
             # rebuilt from rank-r terms, and an element of h, dg or du may round the other way)
             atol = 2e-3 * 8 if name != "sums" else 1e-4 * float(a.abs().max())
             torch.testing.assert_close(b.float(), a.float(), atol=atol, rtol=2e-3 if name != "sums" else 1e-4, msg=name)
+    fm._size_hint = size_hint
 print("kernel ok")
 """
 

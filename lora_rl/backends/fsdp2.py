@@ -117,7 +117,7 @@ class FSDP2Engine:
             if on_meta:
                 self._materialize(model, buffers, config.run.seed)
         if self.use_lora and config.train.fused_lora:
-            fuse_lora(model, mlp=config.train.fused_mlp)
+            fuse_lora(model, mlp=config.train.fused_mlp, qkv=config.train.fused_qkv)
             if distributed.device().type == "cuda":
                 load_native("CUDA")
         self.compiled = config.backend.compile and distributed.device().type == "cuda"

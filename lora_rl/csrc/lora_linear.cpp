@@ -87,6 +87,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_mlp_gate_up_backward(
   return {grad_x, grad_a_g, grad_a_u};
 }
 
+// An attention's q, k and v projections as one LoRA linear (lora_rl/fused_qkv.py): the frozen weights and
+// the As concatenated per call, the Bs as one block-diagonal matrix with the scalings on it, and in the
+// backward the three outputs' gradients concatenated for one input-gradient GEMM.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_concatenated(
+    const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& w_v, const at::Tensor& a_q, const at::Tensor& b_q,
+    const at::Tensor& a_k, const at::Tensor& b_k, const at::Tensor& a_v, const at::Tensor& b_v, double s_q, double s_k,
+    double s_v) {
+  return {at::cat({w_q, w_k, w_v}), at::cat({a_q, a_k, a_v}), at::block_diag({b_q * s_q, b_k * s_k, b_v * s_v})};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_qkv(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_k,
+                                            const at::Tensor& w_v, const std::optional<at::Tensor>& bias,
+                                            const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_k,
+                                            const at::Tensor& b_k, const at::Tensor& a_v, const at::Tensor& b_v,
+                                            double s_q, double s_k, double s_v) {
+  auto [weight, lora_a, lora_b] = qkv_concatenated(w_q, w_k, w_v, a_q, b_q, a_k, b_k, a_v, b_v, s_q, s_k, s_v);
+  return lora_linear(x, weight, bias, lora_a, lora_b, 1.0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_qkv_backward(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& x,
+    const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& w_v, const at::Tensor& a_q, const at::Tensor& b_q,
+    const at::Tensor& a_k, const at::Tensor& b_k, const at::Tensor& a_v, const at::Tensor& b_v, const at::Tensor& xa,
+    double s_q, double s_k, double s_v, bool need_input) {
+  auto [weight, lora_a, lora_b] = qkv_concatenated(w_q, w_k, w_v, a_q, b_q, a_k, b_k, a_v, b_v, s_q, s_k, s_v);
+  return lora_linear_backward(at::cat({grad_q, grad_k, grad_v}, 1), x, weight, lora_a, lora_b, xa, 1.0, need_input);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_rl, LORA_RL_DISPATCH_KEY, m) {
@@ -95,4 +123,6 @@ TORCH_LIBRARY_IMPL(lora_rl, LORA_RL_DISPATCH_KEY, m) {
   m.impl("lora_mlp_down_forward", &lora_mlp_down_forward);
   m.impl("lora_mlp_down_backward", &lora_mlp_down_backward);
   m.impl("lora_mlp_gate_up_backward", &lora_mlp_gate_up_backward);
+  m.impl("lora_qkv", &lora_qkv);
+  m.impl("lora_qkv_backward", &lora_qkv_backward);
 }
