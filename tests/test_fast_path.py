@@ -427,11 +427,12 @@ with torch.no_grad():
 fuse_lora(model)
 compile_layers(model, graphs=2, memory_budget=budget)
 model.train()
-params = {q.data_ptr() for q in model.parameters()}
+params = {q.untyped_storage().data_ptr() for q in model.parameters()}
 saved = {}
-def pack(t):
-    if t.data_ptr() not in params:
-        saved[t.data_ptr()] = t.numel() * t.element_size()
+def pack(t):  # by storage: a saved view keeps its whole buffer
+    storage = t.untyped_storage()
+    if storage.data_ptr() not in params:
+        saved[storage.data_ptr()] = storage.nbytes()
     return t
 batch = make_batch([[5, 6, 7, 8, 9, 10, 11, 12]] * 4, [[13, 14, 15, 16, 17, 18, 19, 20]] * 4, 0)
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
