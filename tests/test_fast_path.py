@@ -639,6 +639,23 @@ def test_fused_mlp_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     assert result["unfused_forward_ms"] > 0 and result["unfused_backward_ms"] > 0
 
 
+def test_attention_backends_benchmark_checks_every_backend_against_the_first(tmp_path):
+    """benchmarks/attention_backends.py on the CPU at the tiny shape: torch's own choice and each backend
+    that accepts the call agree on the query gradient; those that refuse it (no cuDNN on a CPU) carry
+    their error, not a time."""
+    out = tmp_path / "attention.json"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "attention_backends.py"), "--shape", "tiny",
+                           "--batch", "2", "--seq", "32", "--reps", "2", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["backend"], r["enable_gqa"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 10 and "error" in rows["cudnn", True]
+    timed = [r for r in rows.values() if "ms" in r]
+    assert {("default", True), ("math", False)} <= set(rows) and len(timed) >= 4
+    assert all(r["ms"] > 0 and r["relative_error"] < 1e-5 for r in timed)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on GPUs")
 def test_compiled_fused_mlp_launches_its_kernels_from_the_compiled_graph(monkeypatch):
