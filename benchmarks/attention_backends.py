@@ -58,24 +58,28 @@ def main() -> None:
         out.backward(grad)
 
     reference = None
-    rows = []
-    for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
-        for gqa in (True, False):
-            row = {"backend": name, "enable_gqa": gqa}
-            try:
-                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
-                    q.grad = None
-                    step(gqa)
-                    # every backend must compute the same attention before its time counts
-                    if reference is None:
-                        reference = q.grad.float().clone()
-                    error = float((q.grad.float() - reference).norm() / reference.norm())
-                    row.update(ms=_time(lambda: step(gqa), device, args.reps) * 1e3, relative_error=error)
-                    row["per_step_ms"] = row["ms"] * layers
-            except RuntimeError as error:
-                row["error"] = str(error).splitlines()[0][:160]
-            rows.append(row)
+    # Two passes over every backend, the second one kept: in one pass whichever ran first was timed on
+    # a cold card (H100: torch's own choice 0.56 ms/layer, then the same cuDNN kernel 0.45).
+    for _ in range(2):
+        rows = []
+        for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("math", SDPBackend.MATH)):
+            for gqa in (True, False):
+                row = {"backend": name, "enable_gqa": gqa}
+                try:
+                    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                        q.grad = None
+                        step(gqa)
+                        # every backend must compute the same attention before its time counts
+                        if reference is None:
+                            reference = q.grad.float().clone()
+                        error = float((q.grad.float() - reference).norm() / reference.norm())
+                        row.update(ms=_time(lambda: step(gqa), device, args.reps) * 1e3, relative_error=error)
+                        row["per_step_ms"] = row["ms"] * layers
+                except RuntimeError as error:
+                    row["error"] = str(error).splitlines()[0][:160]
+                rows.append(row)
 
     print(f"{args.shape}: {args.batch} x {args.seq} tokens, {heads} query / {kv_heads} key-value heads of {head_dim}, "
           f"causal, {dtype}, {card}")
