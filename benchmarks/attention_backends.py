@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 
 from gemm_ceiling import _time  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from report import device_and_dtype, write_result  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 
@@ -34,9 +34,7 @@ def main() -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    device, dtype, card = device_and_dtype()
     shape = SHAPES[args.shape]
     heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
     head_dim = shape["hidden_size"] // heads
@@ -90,10 +88,7 @@ def main() -> None:
         else:
             print(f"{r['backend']:<11}{str(r['enable_gqa']):<7}{r['ms']:>9.3f}{r['per_step_ms']:>9.2f}  "
                   f"{r['relative_error']:.1e}")
-    result = {"benchmark": "attention_backends", "device": card, "torch": torch.__version__, "dtype": str(dtype),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "attention_backends", card, args, dtype=str(dtype), rows=rows)
     print(f"written to {args.out}")
 
 

@@ -14,12 +14,12 @@ model FLOPs / that time is the highest MFU either can reach on this card with th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from report import device_and_dtype, write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from shapes import SHAPES  # noqa: E402
 from train_step import _peak_tflops  # noqa: E402
 
 
@@ -63,9 +63,7 @@ def main() -> None:
 
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    device, dtype, card = device_and_dtype()
     shape, n = SHAPES[args.shape], args.tokens
     layers, vocab, h = shape["num_hidden_layers"], shape["vocab_size"], shape["hidden_size"]
 
@@ -106,11 +104,8 @@ def main() -> None:
         mfu = f", MFU ceiling {100 * c['mfu_ceiling']:.0f}%" if c["mfu_ceiling"] else ""
         print(f"{kind}: base GEMMs alone {1e3 * c['gemm_s']:.1f} ms per step, "
               f"{c['model_tflops_per_s']:.0f} model TFLOP/s{mfu}")
-    result = {"benchmark": "gemm_ceiling", "device": card, "torch": torch.__version__, "dtype": str(dtype),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "params": params, "square_8192": square, "rows": rows, "ceiling": ceiling}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "gemm_ceiling", card, args, dtype=str(dtype), params=params, square_8192=square,
+                 rows=rows, ceiling=ceiling)
     print(f"written to {args.out}")
 
 

@@ -22,7 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
-from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from report import write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from shapes import SHAPES  # noqa: E402
 
 VARIANTS = {
     "full fine-tuning": dict(use_lora=False, merge=False, graphs=True),
@@ -275,16 +276,9 @@ def main() -> None:
         print(f"{r['variant']:<26}{r['rollout_s']:>10.2f}{r['update_s']:>10.2f}{r['step_s']:>8.2f}"
               f"{r['rollout_tokens_per_s']:>11.0f}{(r['step_vs_full'] or 0):>12.2f}{(r['rollout_vs_full'] or 0):>11.2f}"
               f"{r['peak_gib']:>10.1f}")
-    _write(args, card, torch.__version__, rows)
-    distributed.shutdown()
-
-
-def _write(args, card: str, torch_version: str, rows: list[dict]) -> None:
-    result = {"benchmark": "grpo_step", "device": card, "torch": torch_version,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "grpo_step", card, args, rows=rows)
     print(f"written to {args.out}")
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

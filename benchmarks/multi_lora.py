@@ -18,11 +18,11 @@ are in memory at once).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from report import write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from shapes import SHAPES  # noqa: E402
 
 
 def _configs(args, dtype: str, micro: int) -> list:
@@ -206,10 +206,7 @@ def main() -> None:
     out = args.out or Path("benchmarks/results")
     if out.suffix != ".json":
         out = out / f"multi_lora_{args.device}_{args.shape}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "multi_lora", "device": card, "torch": torch.__version__, "speedup": speedup,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, "multi_lora", card, args, speedup=speedup, rows=rows)
     print(f"written to {out}")
 
 

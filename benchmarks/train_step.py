@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import bisect
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
 
-from shapes import SHAPES  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from report import write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from shapes import SHAPES  # noqa: E402
 from lora_rl.config import BackendConfig  # noqa: E402
 
 DEFAULT_BUDGET = BackendConfig().compile_memory_budget  # backend.compile_memory_budget's default
@@ -292,10 +292,7 @@ def main() -> None:
                  f"{r['kernel_launches']} kernels" if "gpu_busy_ms" in r else ""))
     print("x full / mem x: against the fastest and smallest full fine-tuning with float32 master weights; "
           "x bf16 / mem x: against full fine-tuning with pure bf16 AdamW (nan: not run)")
-    result = {"benchmark": "train_step", "device": card, "torch": torch.__version__, "settings": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "train_step", card, args, rows=rows)
     _plot(rows, args.out.with_suffix(".png"), f"{args.shape} on {card}")
     print(f"written to {args.out} and {args.out.with_suffix('.png')}")
     distributed.shutdown()

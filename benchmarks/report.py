@@ -1,0 +1,26 @@
+"""What every benchmark script shares: the device it measures on, and the JSON it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def device_and_dtype():
+    """The first GPU in bf16, else the CPU in float32, with the name the results give the machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16, torch.cuda.get_device_name()
+    return torch.device("cpu"), torch.float32, "cpu"
+
+
+def write_result(out: Path, benchmark: str, card: str, args, **fields) -> None:
+    """`out` as JSON: the benchmark's name, the machine, torch's version, the command line's settings
+    (paths as strings), then `fields`."""
+    import torch
+
+    result = {"benchmark": benchmark, "device": card, "torch": torch.__version__,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **fields}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
