@@ -639,21 +639,41 @@ def test_fused_mlp_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     assert result["unfused_forward_ms"] > 0 and result["unfused_backward_ms"] > 0
 
 
+def _tiny_benchmark(script: str, tmp_path) -> dict:
+    """A benchmarks/ script run on the CPU at the tiny shape (2 x 32 tokens, 2 repetitions): its JSON."""
+    out = tmp_path / "result.json"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--shape", "tiny", "--batch", "2",
+                           "--seq", "32", "--reps", "2", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_attention_backends_benchmark_checks_every_backend_against_the_first(tmp_path):
     """benchmarks/attention_backends.py on the CPU at the tiny shape: torch's own choice and each backend
     that accepts the call agree on the query gradient; those that refuse it (no cuDNN on a CPU) carry
     their error, not a time."""
-    out = tmp_path / "attention.json"
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "attention_backends.py"), "--shape", "tiny",
-                           "--batch", "2", "--seq", "32", "--reps", "2", "--out", str(out)],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {(r["backend"], r["enable_gqa"]): r for r in json.loads(out.read_text())["rows"]}
+    result = _tiny_benchmark("attention_backends.py", tmp_path)
+    rows = {(r["backend"], r["enable_gqa"]): r for r in result["rows"]}
     assert len(rows) == 10 and "error" in rows["cudnn", True]
     timed = [r for r in rows.values() if "ms" in r]
     assert {("default", True), ("math", False)} <= set(rows) and len(timed) >= 4
     assert all(r["ms"] > 0 and r["relative_error"] < 1e-5 for r in timed)
+
+
+def test_step_floor_benchmark_adds_up_its_parts(tmp_path):
+    """benchmarks/step_floor.py on the CPU at the tiny shape: every part is timed, the floor is the sum
+    of each part's time times its count per step, and the MLP adapters' rank-r work is not counted
+    twice (it is folded into the activation's passes)."""
+    result = _tiny_benchmark("step_floor.py", tmp_path)
+    rows = {row["part"]: row for row in result["rows"]}
+    assert {"base qkv_proj", "rank-r qkv_proj", "rank-r o_proj", "base lm_head", "attention", "activation",
+            "norms"} <= set(rows) and "rank-r down_proj" not in rows
+    assert rows["norms"]["per_step"] == 5 and rows["base lm_head"]["per_step"] == 1  # tiny: 2 layers
+    assert all(row["ms"] > 0 for row in rows.values())
+    assert result["bounds"]["sum_of_parts"]["s"] == pytest.approx(sum(r["step_ms"] for r in rows.values()) / 1e3)
+    assert result["bounds"]["sustained_sequence"]["s"] > 0 and result["model_flops"] > 0
 
 
 @pytest.mark.gpu
