@@ -20,9 +20,15 @@ the floor for both (what the kernels cost above it: the profile of train_step.py
 
 Left out, so the sum is still a lower bound: rotary embeddings, residual adds, the log-prob head's
 reduction, the loss, the optimizer, and any GPU idle time. The sum is also timed as one sustained
-sequence, in a step's order, since clocks drop under sustained load. Model FLOPs (4N per token plus
-causal attention, as train_step.py counts them) over each time is the highest MFU a step can reach
-unless work is fused into the GEMMs themselves (custom GEMM kernels).
+sequence, in a step's order, since clocks drop under sustained load, and on a GPU that sequence is
+profiled once: its kernels' summed time is the GPU work the floor holds, with no host time in it (the
+small elementwise parts timed alone wait on their own launches), comparable with train_step.py
+--profile's "GPU busy". Model FLOPs (4N per token plus causal attention, as train_step.py counts them)
+over each time is the highest MFU a step can reach unless work is fused into the GEMMs themselves
+(custom GEMM kernels).
+
+Gradients are taken with torch.autograd.grad, not .backward(): inside a step the activations' and
+attention inputs' gradients are fresh tensors, never added onto a leaf's .grad (an extra pass each).
 
     python benchmarks/step_floor.py --shape qwen2.5-1.5b --batch 8 --seq 1024 --out benchmarks/results/step_floor.json
 """
@@ -35,7 +41,7 @@ from pathlib import Path
 from gemm_ceiling import _time  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from report import device_and_dtype, write_result  # noqa: E402
 from shapes import SHAPES  # noqa: E402
-from train_step import _peak_tflops  # noqa: E402
+from train_step import _peak_tflops, _profile  # noqa: E402
 
 
 def main() -> None:
@@ -90,19 +96,19 @@ def main() -> None:
 
     q, k, v = (rand(args.batch, c, args.seq, head_dim, grad=True) for c in (heads, kv_heads, kv_heads))
     attention_grad = rand(args.batch, heads, args.seq, head_dim)
-    parts["attention"] = (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                          .backward(attention_grad), layers)
+    parts["attention"] = (lambda: torch.autograd.grad(
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v), attention_grad), layers)
 
     swiglu = compile_(lambda g, u: F.silu(g) * u)
     g, u, dh = rand(n, inter, grad=True), rand(n, inter, grad=True), rand(n, inter)
-    parts["activation"] = (lambda: swiglu(g, u).backward(dh), layers)
+    parts["activation"] = (lambda: torch.autograd.grad(swiglu(g, u), (g, u), dh), layers)
 
     @compile_
     def rms_norm(x, weight):
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
     norm_x, norm_w, norm_dy = rand(n, h, grad=True), rand(h), rand(n, h)
-    parts["norms"] = (lambda: rms_norm(norm_x, norm_w).backward(norm_dy), 2 * layers + 1)
+    parts["norms"] = (lambda: torch.autograd.grad(rms_norm(norm_x, norm_w), norm_x, norm_dy), 2 * layers + 1)
 
     rows = []
     for name, (fn, count) in parts.items():
@@ -123,6 +129,8 @@ def main() -> None:
         norm()
         parts["base lm_head"][0]()
     sustained_s = _time(sustained, device, max(2, args.reps // 5))
+    # GPU busy / GEMM / idle ms of one sustained sequence, its top kernels beside the JSON
+    profile = _profile(sustained, args.out.with_suffix(".kernels.txt")) if device.type == "cuda" else {}
 
     per_layer = sum(fi * fo for _, fi, fo in linears) + 2 * h + h + 2 * kv  # + norms, q/k/v biases
     params = layers * per_layer + vocab * h * (1 if shape["tie_word_embeddings"] else 2) + h
@@ -131,7 +139,8 @@ def main() -> None:
     summed_s = sum(row["step_ms"] for row in rows) / 1e3
     bounds = {kind: {"s": s, "model_tflops_per_s": flops / s / 1e12,
                      "mfu_bound": flops / s / 1e12 / peak if peak else None}
-              for kind, s in (("sum_of_parts", summed_s), ("sustained_sequence", sustained_s))}
+              for kind, s in (("sum_of_parts", summed_s), ("sustained_sequence", sustained_s),
+                              ("sustained_gpu_work", profile.get("gpu_busy_ms", 0) / 1e3)) if s > 0}
     mfu_half_s = flops / (0.5 * peak * 1e12) if peak else None
 
     print(f"{args.shape}: {args.batch} x {args.seq} tokens, r={r}, {dtype}, {card}")
@@ -143,10 +152,14 @@ def main() -> None:
     for kind, bound in bounds.items():
         mfu = f", MFU at most {100 * bound['mfu_bound']:.0f}%" if bound["mfu_bound"] else ""
         print(f"{kind}: {1e3 * bound['s']:.1f} ms{mfu}")
+    if profile:
+        print(f"the sustained sequence profiled: GPU busy {profile['gpu_busy_ms']:.1f} ms (GEMM {profile['gemm_ms']:.1f}), "
+              f"idle {profile['gpu_idle_ms']:.1f} ms, {profile['kernel_launches']} kernels")
     if mfu_half_s:
         print(f"MFU 50% needs the whole step in {1e3 * mfu_half_s:.1f} ms")
     write_result(args.out, "step_floor", card, args, dtype=str(dtype), params=params, model_flops=flops, rows=rows,
-                 bounds=bounds, mfu_half_step_s=mfu_half_s, layer_base_ms=base_ms, layer_base_accumulating_ms=accumulating_ms)
+                 bounds=bounds, sustained_profile=profile, mfu_half_step_s=mfu_half_s, layer_base_ms=base_ms,
+                 layer_base_accumulating_ms=accumulating_ms)
     print(f"written to {args.out}")
 
 
