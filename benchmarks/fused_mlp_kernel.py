@@ -6,8 +6,8 @@ tensors and added by the frozen GEMMs' epilogues (timed here as the low-rank GEM
 silu(g) * u as one compiled kernel, and down's A product reading h. Fused: one kernel per setting of
 (tokens per tile, features per tile, warps, pipeline stages, programs per multiprocessor).
 
-Backward, unfused (what `train.fused_mlp=false` runs): the activation's gradients as one compiled
-elementwise kernel, silu(gate) * up recomputed, and the three rank-r GEMMs that read [tokens,
+Backward, unfused (what `train.fused_mlp=false` runs): down's low-rank input gradient written full-size
+and added to the frozen GEMM's, the activation's gradients as one compiled elementwise kernel, silu(gate) * up recomputed, and the three rank-r GEMMs that read [tokens,
 intermediate] tensors (down's A gradient from h, gate's and up's B gradients from dg and du). Fused: one
 kernel per setting of (tokens per tile, features per tile, warps, stages, tile orientation, programs per
 multiprocessor).
@@ -89,9 +89,9 @@ def main() -> None:
     g0, u0, dh, gb_d, xa = rand(n, f), rand(n, f), rand(n, f), rand(n, r), rand(n, 2 * r)
     xa_g, xa_u = xa[:, :r], xa[:, r:]
     b_g, b_u, a_d = rand(f, r, scale=0.1), rand(f, r, scale=0.1), rand(r, f, scale=0.1)
-    s_g = s_u = 2.0
+    s_g = s_u = s_d = 2.0
     forward_in = (g0, u0, xa_g, xa_u, b_g, b_u, a_d, s_g, s_u)
-    backward_in = (g0, u0, dh, gb_d, xa_g, xa_u, b_g, b_u, s_g, s_u)
+    backward_in = (g0, u0, dh, gb_d, xa_g, xa_u, b_g, b_u, a_d, s_g, s_u, s_d)
     forward_ref = fused_mlp._silu_mul_forward_reference(*forward_in)
     backward_ref = fused_mlp._silu_mul_backward_reference(*backward_in)
     timed = _timer(device, args.reps if cuda else 1)
@@ -147,7 +147,8 @@ def main() -> None:
         return h, h @ a_d.t()
 
     def unfused_backward():
-        dg, du = activation_backward(g0, u0, dh)
+        # down's low-rank input gradient written full-size and added to the frozen GEMM's (its epilogue)
+        dg, du = activation_backward(g0, u0, torch.addmm(dh, gb_d, a_d, alpha=s_d))
         h = activation(g0, u0)
         return h.t() @ gb_d, dg.t() @ xa_g, du.t() @ xa_u
 

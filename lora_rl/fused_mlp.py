@@ -11,10 +11,12 @@ work on tiles they already hold:
 - forward: the frozen GEMMs write the base pre-activations g0 = x W_g^T and u0 = x W_u^T alone; the
   kernel adds the low-rank terms (s xa B^T, a rank-r dot per tile), forms h = silu(g) * u and, from the
   same tiles, down's rank-r product h A_d^T. gate's and up's A products are one GEMM over x.
-- backward: one kernel rebuilds g, u and h in registers, writes the activation's gradients and forms
-  down's A gradient (h^T gb) and gate's and up's B gradients (dg^T xa_g, du^T xa_u) as rank-r sums.
+- backward: one kernel rebuilds g, u and h in registers, adds down's low-rank input gradient
+  (s gb A_d, a rank-r dot per tile) to the frozen GEMM's grad @ W_d, writes the activation's gradients
+  and forms down's A gradient (h^T gb) and gate's and up's B gradients (dg^T xa_g, du^T xa_u) as rank-r
+  sums.
 
-Per layer that is ten fewer passes over an [tokens, intermediate] tensor than the per-linear path, and
+Per layer that is twelve fewer passes over an [tokens, intermediate] tensor than the per-linear path, and
 g, u (with their low-rank terms) and h are never stored: the op saves g0, u0 and the rank-r products.
 
 The GEMMs around the kernels are C++ operators beside the LoRA linear's (csrc/lora_linear.cpp) and the
@@ -38,8 +40,8 @@ from lora_rl.fused_lora import _LIB, plain_adapter, plain_base
 
 _LIB.define("lora_mlp_down_forward(Tensor h, Tensor weight, Tensor? bias, Tensor xa, Tensor lora_b, float scaling)"
             " -> Tensor")
-_LIB.define("lora_mlp_down_backward(Tensor grad, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor xa,"
-            " float scaling) -> (Tensor, Tensor, Tensor)")
+_LIB.define("lora_mlp_down_backward(Tensor grad, Tensor weight, Tensor lora_b, Tensor xa, float scaling)"
+            " -> (Tensor, Tensor, Tensor)")
 _LIB.define("lora_mlp_gate_up_backward(Tensor grad_g, Tensor grad_u, Tensor x, Tensor weight_g, Tensor a_g,"
             " Tensor b_g, Tensor weight_u, Tensor a_u, Tensor b_u, float scaling_g, float scaling_u,"
             " bool need_input) -> (Tensor, Tensor, Tensor)")
@@ -54,15 +56,15 @@ def _down_forward_impl(h, weight, bias, xa, lora_b, scaling):
     return out
 
 
-def _down_backward_impl(grad, weight, lora_a, lora_b, xa, scaling):
-    """down's backward without its A gradient (the kernel forms it): the input gradient (the low-rank
-    term first, the frozen base's GEMM accumulating onto it), gb = grad B unscaled, and B's gradient."""
+def _down_backward_impl(grad, weight, lora_b, xa, scaling):
+    """down's backward without its A gradient and without its low-rank input gradient s gb A (the
+    kernel forms both): the frozen base's input gradient, gb = grad B unscaled, and B's gradient. Adding
+    s gb A here would write an [tokens, intermediate] tensor and have the base GEMM read it back in an
+    accumulating epilogue; the kernel adds it to tiles it loads anyway."""
     none = grad.new_empty(())
     gb = grad @ lora_b  # [N, r]
     grad_b = torch.addmm(none, grad.t(), xa, beta=0, alpha=scaling)  # [out, r]
-    grad_h = torch.addmm(none, gb, lora_a, beta=0, alpha=scaling)
-    grad_h.addmm_(grad, weight)
-    return grad_h, gb, grad_b
+    return grad @ weight, gb, grad_b
 
 
 def _gate_up_backward_impl(grad_g, grad_u, x, weight_g, a_g, b_g, weight_u, a_u, b_u, scaling_g, scaling_u,
@@ -103,13 +105,14 @@ def _silu_mul_forward_reference(g, u, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scal
     return h, (_math(h) @ _math(a_d).t()).to(g.dtype)
 
 
-def _silu_mul_backward_reference(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g, scaling_u):
+def _silu_mul_backward_reference(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scaling_u, scaling_d):
     """The backward kernel's contract in torch: gradients of gate's and up's outputs through
-    h = silu(g) * u (g and u rebuilt as in the forward, stored in g0's dtype), and [3, intermediate, r]
+    h = silu(g) * u (g and u rebuilt as in the forward; h's gradient the frozen GEMM's grad_h plus down's
+    low-rank term s_d gb_d A_d, unrounded; results stored in g0's dtype), and [3, intermediate, r]
     sums h^T gb_d, dg^T xa_g, du^T xa_u over the tokens in float32 (float64 for float64 input), taken from
     h, dg and du as rounded to g0's dtype (what the unfused GEMMs read)."""
     gf, uf = _pre_activations(g, u, xa_g, xa_u, b_g, b_u, scaling_g, scaling_u)
-    dh = _math(grad_h)
+    dh = _math(grad_h) + scaling_d * (_math(gb_d) @ _math(a_d))
     sig = torch.sigmoid(gf)
     silu = gf * sig
     h = (silu * uf).to(g.dtype)
@@ -132,7 +135,7 @@ def _(h, weight, bias, xa, lora_b, scaling):
 
 
 @torch.library.register_fake("lora_rl::lora_mlp_down_backward", lib=_LIB)
-def _(grad, weight, lora_a, lora_b, xa, scaling):
+def _(grad, weight, lora_b, xa, scaling):
     n = grad.shape[0]
     return grad.new_empty(n, weight.shape[1]), grad.new_empty(n, lora_b.shape[1]), lora_b.new_empty(lora_b.shape)
 
@@ -202,15 +205,17 @@ def _kernels():
         tl.store(part_ptr + p_offs, acc, mask=xa_mask)
 
     @triton.jit
-    def silu_mul_lora_backward_kernel(g_ptr, u_ptr, dh_ptr, gbd_ptr, xag_ptr, xau_ptr, bg_ptr, bu_ptr,
+    def silu_mul_lora_backward_kernel(g_ptr, u_ptr, dh_ptr, gbd_ptr, xag_ptr, xau_ptr, bg_ptr, bu_ptr, ad_ptr,
                                       dg_ptr, du_ptr, part_ptr, n_rows, n_cols, rank, xa_stride,
-                                      s_g, s_u, RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+                                      s_g, s_u, s_d, RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
                                       FEATURES_FIRST: tl.constexpr):
         # One program: BLOCK_F features over one chunk of the tokens. The three [BLOCK_F, r] sums stay in
         # registers across the chunk and are written once, as this chunk's partial sums; so do the
-        # features' rows of gate's and up's B, which rebuild g and u from g0 and u0.
+        # features' rows of gate's and up's B, which rebuild g and u from g0 and u0, and their columns of
+        # down's A, which add down's low-rank term to h's gradient.
         col_block, chunk = tl.program_id(0), tl.program_id(1)
-        s_g, s_u = tl.cast(s_g, tl.float32), tl.cast(s_u, tl.float32)  # float64 from inductor: see the forward kernel
+        # float64 from inductor: see the forward kernel
+        s_g, s_u, s_d = tl.cast(s_g, tl.float32), tl.cast(s_u, tl.float32), tl.cast(s_d, tl.float32)
         cols = col_block * BLOCK_F + tl.arange(0, BLOCK_F)
         col_ok = cols < n_cols
         ranks = tl.arange(0, RANK)  # RANK: r padded to a power of two >= 16, as tl.dot needs
@@ -219,6 +224,7 @@ def _kernels():
         fr_mask = col_ok[:, None] & rank_ok[None, :]
         bg = tl.load(bg_ptr + fr_offs, mask=fr_mask, other=0.0)
         bu = tl.load(bu_ptr + fr_offs, mask=fr_mask, other=0.0)
+        ad = tl.load(ad_ptr + ranks[None, :] * n_cols + cols[:, None], mask=fr_mask, other=0.0)  # A_d^T: [BLOCK_F, RANK]
         acc_h = tl.zeros((BLOCK_F, RANK), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_F, RANK), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_F, RANK), dtype=tl.float32)
@@ -240,14 +246,16 @@ def _kernels():
                 mask = row_ok[None, :] & col_ok[:, None]
                 low_g = tl.dot(bg, tl.trans(xag))
                 low_u = tl.dot(bu, tl.trans(xau))
+                low_d = tl.dot(ad, tl.trans(gbd))
             else:
                 offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
                 mask = row_ok[:, None] & col_ok[None, :]
                 low_g = tl.dot(xag, tl.trans(bg))
                 low_u = tl.dot(xau, tl.trans(bu))
+                low_d = tl.dot(gbd, tl.trans(ad))
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) + s_g * low_g
             u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32) + s_u * low_u
-            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32) + s_d * low_d
             sig = tl.sigmoid(g)
             silu = g * sig
             h = (silu * u).to(dg_ptr.dtype.element_ty)
@@ -315,7 +323,8 @@ def silu_mul_forward_triton(g, u, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scaling_
     return h, part.sum(0).to(g.dtype)
 
 
-def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g, scaling_u, *, block_t: int = 0,
+def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scaling_u, scaling_d, *,
+                             block_t: int = 0,
                              block_f: int = 0, num_warps: int = 0, num_stages: int = 0,
                              features_first: bool | None = None, programs: int = 0):
     """The Triton body of `silu_mul_lora_backward` (same contract as the reference). The tokens are split
@@ -324,7 +333,7 @@ def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g
     block_t, block_f, num_warps = block_t or BLOCK_T, block_f or BLOCK_F, num_warps or NUM_WARPS
     num_stages = num_stages or NUM_STAGES
     features_first = FEATURES_FIRST if features_first is None else features_first
-    g, u, grad_h, gb_d, b_g, b_u = _contiguous(g, u, grad_h, gb_d, b_g, b_u)
+    g, u, grad_h, gb_d, b_g, b_u, a_d = _contiguous(g, u, grad_h, gb_d, b_g, b_u, a_d)
     xa_g, xa_u, xa_stride = _rank_products(xa_g, xa_u)
     n_rows, n_cols = g.shape
     rank = gb_d.shape[1]
@@ -335,8 +344,8 @@ def silu_mul_backward_triton(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g
     part = torch.empty(3, chunks, n_cols, rank, dtype=torch.float32, device=g.device)
     kernel = _kernels()[1]
     torch.library.wrap_triton(kernel)[(-(-n_cols // block_f), chunks)](
-        g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, grad_g, grad_u, part, n_rows, n_cols, rank,
-        xa_stride, float(scaling_g), float(scaling_u), RANK=_padded_rank(rank), BLOCK_T=block_t, BLOCK_F=block_f,
+        g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, a_d, grad_g, grad_u, part, n_rows, n_cols, rank,
+        xa_stride, float(scaling_g), float(scaling_u), float(scaling_d), RANK=_padded_rank(rank), BLOCK_T=block_t, BLOCK_F=block_f,
         FEATURES_FIRST=features_first, num_warps=num_warps, num_stages=num_stages)
     return grad_g, grad_u, part.sum(1)
 
@@ -407,9 +416,10 @@ def silu_mul_lora_forward(g: torch.Tensor, u: torch.Tensor, xa_g: torch.Tensor, 
 @torch.library.triton_op("lora_rl::silu_mul_lora_backward", mutates_args=())
 def silu_mul_lora_backward(g: torch.Tensor, u: torch.Tensor, grad_h: torch.Tensor, gb_d: torch.Tensor,
                            xa_g: torch.Tensor, xa_u: torch.Tensor, b_g: torch.Tensor, b_u: torch.Tensor,
-                           scaling_g: float, scaling_u: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           a_d: torch.Tensor, scaling_g: float, scaling_u: float,
+                           scaling_d: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     body = silu_mul_backward_triton if _use_triton(g) else _silu_mul_backward_reference
-    return body(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, scaling_g, scaling_u)
+    return body(g, u, grad_h, gb_d, xa_g, xa_u, b_g, b_u, a_d, scaling_g, scaling_u, scaling_d)
 
 
 @functools.cache
@@ -447,9 +457,9 @@ class _LoRAMLPFunction(torch.autograd.Function):
         x, g, u, xa_g, xa_u, xa_d, w_g, a_g, b_g, w_u, a_u, b_u, w_d, a_d, b_d = ctx.saved_tensors
         s_g, s_u, s_d = ctx.scalings
         need_input = ctx.needs_input_grad[0]
-        grad_h, gb_d, grad_b_d = torch.ops.lora_rl.lora_mlp_down_backward.default(grad, w_d, a_d, b_d, xa_d, s_d)
+        grad_h, gb_d, grad_b_d = torch.ops.lora_rl.lora_mlp_down_backward.default(grad, w_d, b_d, xa_d, s_d)
         grad_g, grad_u, sums = torch.ops.lora_rl.silu_mul_lora_backward.default(g, u, grad_h, gb_d, xa_g, xa_u,
-                                                                                 b_g, b_u, s_g, s_u)
+                                                                                 b_g, b_u, a_d, s_g, s_u, s_d)
         grad_x, grad_a_g, grad_a_u = torch.ops.lora_rl.lora_mlp_gate_up_backward.default(
             grad_g, grad_u, x, w_g, a_g, b_g, w_u, a_u, b_u, s_g, s_u, need_input)
         dtype = a_d.dtype

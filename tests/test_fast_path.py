@@ -337,11 +337,11 @@ assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_rl::{op}", "CPU
            for op in ("lora_mlp_down_forward", "lora_mlp_down_backward", "lora_mlp_gate_up_backward"))
 python_mlp = []
 for _, grad, wd, ad, bd, xad, gg, gu, x, wg, ag, bg, wu, au, bu in mlp_cases:
-    python_mlp.append((lora_rl.fused_mlp._down_backward_impl(grad, wd, ad, bd, xad, 2.0),
+    python_mlp.append((lora_rl.fused_mlp._down_backward_impl(grad, wd, bd, xad, 2.0),
                        [lora_rl.fused_mlp._gate_up_backward_impl(gg, gu, x, wg, ag, bg, wu, au, bu, 1.5, 0.5, need)
                         for need in (True, False)]))
 for (_, grad, wd, ad, bd, xad, gg, gu, x, wg, ag, bg, wu, au, bu), (down, gate_up) in zip(mlp_cases, python_mlp):
-    native = torch.ops.lora_rl.lora_mlp_down_backward.default(grad, wd, ad, bd, xad, 2.0)
+    native = torch.ops.lora_rl.lora_mlp_down_backward.default(grad, wd, bd, xad, 2.0)
     assert all(torch.equal(n, p) for n, p in zip(native, down)), "down backward differs"
     for bias in (None, grad[0]):
         native = torch.ops.lora_rl.lora_mlp_down_forward.default(gg, wd, bias, xad, bd, 2.0)
@@ -515,7 +515,7 @@ def test_fused_mlp_backward_is_the_exact_gradient(bias, input_grad):
     torch.testing.assert_close(fused(x, *flat), plain(x, *flat))
     ops = torch.ops.lora_rl
     grad, xd = rand(6, h), rand(6, r)
-    torch.library.opcheck(ops.lora_mlp_down_backward, (grad, w[2], lora[2][0].detach(), lora[2][1].detach(), xd, 2.0))
+    torch.library.opcheck(ops.lora_mlp_down_backward, (grad, w[2], lora[2][1].detach(), xd, 2.0))
     torch.library.opcheck(ops.lora_mlp_gate_up_backward, (rand(6, i), rand(6, i), x.detach(), w[0], lora[0][0].detach(),
                           lora[0][1].detach(), w[1], lora[1][0].detach(), lora[1][1].detach(), 1.5, 0.5, input_grad))
     xa = rand(6, 2 * r)  # gate's and up's rank-r products as training passes them: column slices of one GEMM
@@ -523,7 +523,7 @@ def test_fused_mlp_backward_is_the_exact_gradient(bias, input_grad):
     torch.library.opcheck(ops.silu_mul_lora_forward, (rand(6, i), rand(6, i), xa[:, :r], xa[:, r:], b_g, b_u, a_d,
                                                       1.5, 0.5))
     torch.library.opcheck(ops.silu_mul_lora_backward, (rand(6, i), rand(6, i), rand(6, i), rand(6, r), xa[:, :r],
-                                                       xa[:, r:], b_g, b_u, 1.5, 0.5))
+                                                       xa[:, r:], b_g, b_u, a_d, 1.5, 0.5, 2.0))
     torch.library.opcheck(ops.lora_mlp_down_forward, (rand(6, i), w[2], b[2], xd, lora[2][1].detach(), 2.0))
 
 
@@ -564,7 +564,7 @@ for n, f, r, programs in ((70, 200, 8, 8), (64, 96, 16, 2), (5, 33, 4, 64)):
     for a, b, name in zip(ref, out, ("h", "xa_d")):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(b.float(), a.float(), atol=2e-3 * 8, rtol=2e-3, msg=name)
-    args = (*t, xa_g, xa_u, b_g, b_u, 1.5, 0.5)
+    args = (*t, xa_g, xa_u, b_g, b_u, a_d, 1.5, 0.5, 2.0)
     ref = fm._silu_mul_backward_reference(*args)
     # the launch planned for the actual token count, then for a larger and a smaller one (a compiled graph
     # keeps the plan of the count it was traced at): more chunks than row blocks, and a single chunk
@@ -612,7 +612,7 @@ def test_triton_silu_mul_kernels_on_the_gpu_in_bfloat16():
         ref, out = fm._silu_mul_forward_reference(*forward), torch.ops.lora_rl.silu_mul_lora_forward.default(*forward)
         torch.testing.assert_close(out[0].float(), ref[0].float(), atol=0.05, rtol=1.6e-2, msg="h")
         assert ((out[1].float() - ref[1].float()).norm() / ref[1].float().norm()).item() < 1e-2
-        backward = (g0, u0, dh, gb_d, xa[:, :r], xa[:, r:], b_g, b_u, 1.5, 0.5)
+        backward = (g0, u0, dh, gb_d, xa[:, :r], xa[:, r:], b_g, b_u, a_d, 1.5, 0.5, 2.0)
         ref, out = fm._silu_mul_backward_reference(*backward), torch.ops.lora_rl.silu_mul_lora_backward.default(*backward)
         for a, b, name in zip(ref, out, ("grad_g", "grad_u")):
             torch.testing.assert_close(b.float(), a.float(), atol=0.05, rtol=1.6e-2, msg=name)

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
 }
 
 // The MLP's operators (lora_rl/fused_mlp.py): down's forward from its rank-r product, down's backward
-// without its A gradient, and gate's and up's without their B gradients, which the Triton kernels
+// without its A gradient and low-rank input gradient, and gate's and up's without their B gradients, which the Triton kernels
 // between them form.
 at::Tensor lora_mlp_down_forward(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const at::Tensor& xa, const at::Tensor& lora_b, double scaling) {
@@ -58,14 +58,13 @@ at::Tensor lora_mlp_down_forward(const at::Tensor& h, const at::Tensor& weight, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_mlp_down_backward(
-    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& xa, double scaling) {
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& lora_b, const at::Tensor& xa,
+    double scaling) {
   at::Tensor none = at::empty({}, grad.options());
   at::Tensor gb = at::mm(grad, lora_b);  // [N, r], unscaled
   at::Tensor grad_b = at::addmm(none, grad.t(), xa, 0, scaling);
-  at::Tensor grad_h = at::addmm(none, gb, lora_a, 0, scaling);
-  grad_h.addmm_(grad, weight);
-  return {grad_h, gb, grad_b};
+  // h's gradient without the low-rank term scaling * gb A: the backward kernel adds that to its tiles
+  return {at::mm(grad, weight), gb, grad_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_mlp_gate_up_backward(
