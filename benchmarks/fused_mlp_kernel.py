@@ -19,7 +19,8 @@ Each fused result is checked against the operator's torch reference before it is
 On a machine without a GPU, `TRITON_INTERPRET=1 python benchmarks/fused_mlp_kernel.py --tokens 64
 --features 256 --quick` runs the same code under Triton's interpreter in float16: a check that the
 script works, not a measurement. Prints two tables and, on a GPU, each operator's time eagerly and
-launched from compiled code; writes JSON.
+launched from compiled code, split into the kernel's own device time and the host's time per call;
+writes JSON.
 """
 
 from __future__ import annotations
@@ -59,6 +60,27 @@ def _timer(device: torch.device, reps: int):
             fn()
         return (time.perf_counter() - start) / reps * 1e3
     return run
+
+
+def _launch_split(fn, reps: int, kernel: str) -> tuple[float, float]:
+    """(host ms, kernel ms) per call of `fn` on a GPU: the host's time to issue a call (the queue does
+    not fill in `reps` calls, so no call waits on the GPU) and the named Triton kernel's own device time
+    under the profiler. A launch whose host time exceeds the GPU's work per call is timed by its host
+    in `timer`: this tells a slower kernel from a host-bound launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host_ms = (time.perf_counter() - start) / reps * 1e3
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.device_time_total for e in prof.key_averages() if kernel in e.key)
+    return host_ms, device_us / reps / 1e3
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,14 +184,18 @@ def main() -> None:
     if cuda:
         for name, op, inputs in (("forward", torch.ops.lora_rl.silu_mul_lora_forward.default, forward_in),
                                  ("backward", torch.ops.lora_rl.silu_mul_lora_backward.default, backward_in)):
+            kernel = f"silu_mul_lora_{name}_kernel"
             torch._dynamo.reset()
             compiled = torch.compile(lambda *a, _op=op: _op(*a), options={"cpp_wrapper": True})
             for t in inputs:
                 if isinstance(t, torch.Tensor) and t.shape[0] == n:
                     torch._dynamo.mark_dynamic(t, 0)
             error = max(_relative(a, b) for a, b in zip(compiled(*inputs), op(*inputs)))
-            launch_rows.append(dict(kernel=name, eager_ms=timed(lambda: op(*inputs)),
-                                    compiled_ms=timed(lambda: compiled(*inputs)), relative_error=error))
+            row = dict(kernel=name, eager_ms=timed(lambda: op(*inputs)), compiled_ms=timed(lambda: compiled(*inputs)),
+                       relative_error=error)
+            for launch, fn in (("eager", lambda: op(*inputs)), ("compiled", lambda: compiled(*inputs))):
+                row[f"{launch}_host_ms"], row[f"{launch}_kernel_ms"] = _launch_split(fn, args.reps, kernel)
+            launch_rows.append(row)
     device_name = torch.cuda.get_device_name() if cuda else "cpu-interpreter"
     print(f"{n} tokens x {f} features, rank {r}, {dtype}, "
           f"{device_name if cuda else 'CPU, Triton interpreter (not a measurement)'}")
@@ -186,7 +212,9 @@ def main() -> None:
     for row in launch_rows:
         print(f"\n{row['kernel']} operator: eager {row['eager_ms']:.3f} ms, launched from compiled code "
               f"{row['compiled_ms']:.3f} ms ({row['compiled_ms'] / row['eager_ms']:.2f}x, "
-              f"relative difference {row['relative_error']:.1e})")
+              f"relative difference {row['relative_error']:.1e}); the kernel alone {row['eager_kernel_ms']:.3f} "
+              f"eager, {row['compiled_kernel_ms']:.3f} compiled; host time per call {row['eager_host_ms']:.3f} "
+              f"eager, {row['compiled_host_ms']:.3f} compiled")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(benchmark="fused_mlp_kernel", torch=torch.__version__, device=device_name,
                                         settings=vars(args) | {"out": str(args.out)}, dtype=str(dtype),
