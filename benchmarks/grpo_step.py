@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from report import write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from report import device_kernels, write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from shapes import SHAPES  # noqa: E402
 
 VARIANTS = {
@@ -206,13 +206,12 @@ def _profile_rollout(fn, sync, path: Path) -> None:
     import pstats
 
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
         fn()
         sync()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    kernels = device_kernels(prof.key_averages())
     busy = sum(e.self_device_time_total for e in kernels) / 1e3
     launches = sum(e.count for e in kernels)
     top = "".join(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:7d}x  {e.key[:110]}\n"

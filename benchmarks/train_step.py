@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from report import write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from report import device_kernels, write_result  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from shapes import SHAPES  # noqa: E402
 from lora_rl.config import BackendConfig  # noqa: E402
 
@@ -192,13 +192,12 @@ def _profile(fn, path: Path) -> dict:
     kernels by self GPU time written to `path`. Busy time well under the step time means the step
     waits on the CPU (launches, Python)."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    kernels = device_kernels(prof.key_averages())
     gemm_words = ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90")
     busy = sum(e.self_device_time_total for e in kernels) / 1e3
     gemm = sum(e.self_device_time_total for e in kernels if any(w in e.key.lower() for w in gemm_words)) / 1e3
@@ -220,7 +219,7 @@ def _gpu_idle(events, min_gap_us: float = 5.0) -> tuple[float, list[tuple[str, f
     record_function labels) the idle time it spans: where the GPU waited for the host."""
     from torch.autograd import DeviceType
 
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in device_kernels(events))
     gaps, end = [], spans[0][1] if spans else 0
     for start, stop in spans[1:]:
         if start - end > min_gap_us:

@@ -676,6 +676,30 @@ def test_step_floor_benchmark_adds_up_its_parts(tmp_path):
     assert result["bounds"]["sustained_sequence"]["s"] > 0 and result["model_flops"] > 0
 
 
+def test_benchmark_profiles_count_kernels_not_the_gpu_spans_of_annotated_ranges(monkeypatch):
+    """The benchmarks' GPU busy and idle times. A record_function range (the optimizer's step, a compiled
+    graph's call) has a GPU span from its first kernel to its last: it is not work of its own, and it does
+    not close the idle gaps between the kernels it spans."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import report
+    import train_step
+
+    def event(name, start_us, end_us, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(name=name, key=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start_us, end=end_us))
+
+    events = [event("gemm", 0, 100), event("norm", 150, 200),
+              event("Optimizer.step#AdamW.step", 0, 200, annotation=True), event("aten::mm", 90, 160, DeviceType.CPU)]
+    assert [e.name for e in report.device_kernels(events)] == ["gemm", "norm"]
+    idle_ms, by_host_range = train_step._gpu_idle(events)
+    assert idle_ms == pytest.approx(0.05)  # the 50 us between the two kernels
+    assert by_host_range == [("aten::mm", pytest.approx(0.05))]  # the host op that spans the gap
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on GPUs")
 def test_compiled_fused_mlp_launches_its_kernels_from_the_compiled_graph(monkeypatch):
