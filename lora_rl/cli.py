@@ -22,24 +22,20 @@ from lora_rl.rollout.base import RolloutError
 
 def validate(config) -> None:
     """Every check that runs before training starts, including those that need the model's shape."""
-    from lora_rl.lora import check_model
-    from lora_rl.models import meta_model
+    from lora_rl.lora import check_config
 
-    check_model(meta_model(config.model.path), config.lora)
+    check_config(config)
 
 
 def _estimate_table(config, devices: int, seq_len: int | None, gib_per_device: float | None = None) -> str:
-    import dataclasses
-
     from lora_rl.estimate import estimate_for_config
 
-    # The same run with every weight training; the estimate is about the trainer only, so the rollout
-    # engine (the vLLM engines refuse full fine-tuning) does not matter here.
-    full_config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, use_lora=False),
-                                      rollout=dataclasses.replace(config.rollout, engine="embedded"))
-    rows = [("LoRA r=%d %s" % (config.lora.lora_rank, ",".join(config.lora.target_modules)),
-             estimate_for_config(config, seq_len=seq_len, devices=devices)),
-            ("full fine-tuning", estimate_for_config(full_config, seq_len=seq_len, devices=devices))]
+    # The same run with every weight training beside it. The estimate is about the trainer only, so the
+    # config is not rebuilt for it (its rollout engine may refuse full fine-tuning; that does not matter here).
+    label = ("LoRA r=%d %s" % (config.lora.lora_rank, ",".join(config.lora.target_modules)) if config.lora.use_lora
+             else "this config (full fine-tuning)")
+    rows = [(label, estimate_for_config(config, seq_len=seq_len, devices=devices)),
+            ("full fine-tuning", estimate_for_config(config, seq_len=seq_len, devices=devices, use_lora=False))]
     fit = f"{'fits ' + format(gib_per_device, 'g') + ' GiB':>22}" if gib_per_device else ""
     lines = [f"predicted peak memory per device: {config.model.path}, {config.model.dtype}, {devices} device(s), "
              f"backend {config.backend.name}",
@@ -52,6 +48,22 @@ def _estimate_table(config, devices: int, seq_len: int | None, gib_per_device: f
         lines.append(f"{name:<32}{e.weights_gib:>9.2f}{e.trainable_gib:>11.2f}{e.activations_gib:>13.2f}"
                      f"{e.logits_gib:>9.2f}{e.total_gib:>11.2f}{verdict}")
     return "\n".join(lines)
+
+
+def _positive(kind):
+    """An argparse type: a finite number above 0, or an error that shows the value given."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+        return value
+
+    return parse
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:
@@ -74,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML recipe, e.g. examples/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. lora.lora_rank=32")
         if name == "estimate":
-            p.add_argument("--devices", type=int, default=1, help="GPUs the FSDP2 run shards over")
-            p.add_argument("--seq-len", type=int, default=None,
+            p.add_argument("--devices", type=_positive(int), default=1, help="GPUs the FSDP2 run shards over")
+            p.add_argument("--seq-len", type=_positive(int), default=None,
                            help="tokens per sequence (default: twice rollout.max_new_tokens)")
-            p.add_argument("--gib-per-device", type=float, default=None,
+            p.add_argument("--gib-per-device", type=_positive(float), default=None,
                            help="device memory in GiB: say whether each variant fits, and by how much not")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,25 @@ class ConfigError(ValueError):
 
 def _fail(section: str, name: str, value: Any, why: str) -> typing.NoReturn:
     raise ConfigError(f"{section}.{name}={value!r} {why}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: plain PyYAML keeps the last one,
+    and a second `lora:` section would silently replace the first one's keys with defaults."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping: keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_text(text: str):
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -358,11 +378,13 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; users mean the number.
             try:
-                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}={value!r} must be a number")
+        if not math.isfinite(value):  # YAML's .nan and .inf arrive as floats; no setting means either
+            raise ConfigError(f"{where}={value!r} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -411,7 +433,10 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with `section.key=value` overrides applied; values parse as YAML."""
-    out = {k: dict(v or {}) for k, v in data.items()}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections (run, model, lora, ...), got {type(data).__name__}")
+    # Sections that are not mappings pass through unchanged for config_from_dict to name.
+    out = {k: dict(v) if isinstance(v, dict) else ({} if v is None else v) for k, v in data.items()}
     for item in overrides:
         path, sep, raw = item.partition("=")
         if not sep or path.count(".") != 1:
@@ -421,7 +446,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem})") from None
-        out.setdefault(section, {})[key] = value
+        body = out.setdefault(section, {})
+        if not isinstance(body, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of keys, got {body!r}")
+        body[key] = value
     return out
 
 
@@ -434,11 +462,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file such as examples/quickstart.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of sections (run, model, lora, ...), "
+                          f"got a {type(data).__name__}")
     return data or {}
 
 

@@ -57,6 +57,11 @@ class ModelShape:
     def from_config(cls, cfg) -> ModelShape:
         if getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0):
             raise ConfigError("the memory estimator covers dense models only (this config has experts)")
+        needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [name for name in needed if getattr(cfg, name, None) is None]
+        if missing:  # e.g. GPT-2 names its sizes n_embd, n_layer, ...: a layout the estimator does not model
+            raise ConfigError(f"the memory estimator covers Llama/Qwen-style decoders (gate, up and down MLPs); "
+                              f"this {type(cfg).__name__} has no {', '.join(missing)}")
         heads = cfg.num_attention_heads
         return cls(hidden_size=cfg.hidden_size, layers=cfg.num_hidden_layers, heads=heads,
                    kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
@@ -171,21 +176,31 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
                           trainable_params=trainable, total_params=total)
 
 
-def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1) -> MemoryEstimate:
-    """The estimate for a run config: its model, LoRA settings, backend options and micro-batch."""
+def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1,
+                        use_lora: bool | None = None) -> MemoryEstimate:
+    """The estimate for a run config: its model, LoRA settings, backend options and micro-batch.
+    use_lora: override the config's (False: the same run training every weight)."""
     from lora_rl.models import model_config
 
     shape = ModelShape.from_config(model_config(config.model.path))
     if seq_len is None:  # prompt budget as long as the completion budget: a rough default
         seq_len = 2 * config.rollout.max_new_tokens
     batch = config.rollout.prompts_per_step * config.rollout.group_size // max(devices, 1)
-    return estimate_memory(shape, use_lora=config.lora.use_lora, rank=config.lora.lora_rank,
-                           target_modules=config.lora.target_modules, dtype=config.model.dtype, devices=devices,
+    return estimate_memory(shape, use_lora=config.lora.use_lora if use_lora is None else use_lora,
+                           rank=config.lora.lora_rank,
+                           target_modules=config.lora.target_modules, devices=devices,
                            micro_batch_size=min(config.train.micro_batch_size, max(batch, 1)), seq_len=seq_len,
-                           activation_checkpointing=config.backend.activation_checkpointing,
-                           cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs,
-                           master_weights=config.train.master_weights,
-                           # the FSDP2 backend compiles its layers on GPUs (the estimate is for a GPU run)
-                           compiled=config.backend.compile and config.backend.name == "fsdp2",
-                           memory_budget=config.backend.compile_memory_budget,
-                           fused_mlp=config.train.fused_lora and config.train.fused_mlp)
+                           **training_options(config))
+
+
+def training_options(config, backend: str | None = None) -> dict:
+    """The `estimate_memory` settings a run config fixes besides the model, the adapter and the batch:
+    dtype, backend and training options. backend: the backend's name, if not the config's (the panel's
+    choice). `lora-rl estimate` and the LoRA panel both take them from here."""
+    return dict(dtype=config.model.dtype, activation_checkpointing=config.backend.activation_checkpointing,
+                cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs,
+                master_weights=config.train.master_weights,
+                # the FSDP2 backend compiles its layers on GPUs (the estimate is for a GPU run)
+                compiled=config.backend.compile and (backend or config.backend.name) == "fsdp2",
+                memory_budget=config.backend.compile_memory_budget,
+                fused_mlp=config.train.fused_lora and config.train.fused_mlp)

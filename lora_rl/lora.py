@@ -98,6 +98,23 @@ def check_model(model: nn.Module, lora: LoRAConfig) -> None:
         resolve_targets(model, lora)
 
 
+def check_config(config, *, data: bool = True) -> None:
+    """Every check that runs before training starts beyond the config's own: the model's shape against
+    the LoRA settings, the reward's name, and (data) that the task's problems load. `lora-rl validate`,
+    the LoRA panel (without data: it re-checks on every change) and a sweep's validation call it."""
+    from lora_rl.models import meta_model
+    from lora_rl.rewards import get_reward
+
+    check_model(meta_model(config.model.path), config.lora)
+    get_reward(config.task.reward or config.task.name)
+    if data:
+        from lora_rl.tasks import load_problems
+
+        for split in ("train", "test"):
+            load_problems(config.task.name, split=split, seed=config.run.seed, difficulty=config.task.difficulty,
+                          data_dir=config.task.data_dir or None, limit=1)
+
+
 def _peft_config(lora: LoRAConfig, targets: str | list[str]) -> LoraConfig:
     return LoraConfig(
         r=lora.lora_rank,

@@ -170,7 +170,13 @@ def model_config(path: str):
         from lora_rl.pretrained import smollm2_config
 
         return smollm2_config()
-    return AutoConfig.from_pretrained(str(resolve_model_path(path)))
+    folder = resolve_model_path(path)
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:  # a broken config.json, a model type transformers does not know
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.path={path!r}: its config.json cannot be read by transformers ({first[:300]}): "
+                          "point model.path at a Hugging Face model folder of a decoder-only model") from None
 
 
 def meta_model(path: str) -> torch.nn.Module:

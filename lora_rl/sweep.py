@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from lora_rl.config import ConfigError, config_to_dict, load_config
+from lora_rl.config import ConfigError, config_to_dict, load_config, read_yaml, read_yaml_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_NOTEBOOK = REPO_ROOT / "notebooks" / "03_run.ipynb"
@@ -93,7 +93,9 @@ class SweepSpec:
 def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"sweep file {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"sweep file {str(path)!r} does not exist") from None
     except yaml.YAMLError as err:
@@ -123,10 +125,13 @@ def expand(spec: SweepSpec) -> list[Point]:
     combos = [dict(zip(spec.grid, values, strict=True)) for values in itertools.product(*spec.grid.values())] \
         if spec.grid else []
     combos += [dict(p) for p in spec.points]
+    # What every point shares goes into each id too: a rerun after the recipe or the common overrides
+    # change must not take the old results for finished points.
+    shared = [yaml.safe_dump(read_yaml(spec.recipe), sort_keys=True), *spec.overrides]
     out, seen = [], set()
     for values in combos:
         own = tuple(_override(k, v) for k, v in values.items())
-        digest = hashlib.sha1("\n".join(own).encode()).hexdigest()[:8]
+        digest = hashlib.sha1("\n".join([*shared, *own]).encode()).hexdigest()[:8]
         shown = lambda v: "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
         readable = "-".join(f"{k.split('.')[-1]}={shown(v)}" for k, v in values.items())
         # Only safe characters: an id is a folder name inside the sweep folder, never a path.
@@ -140,11 +145,14 @@ def expand(spec: SweepSpec) -> list[Point]:
 
 
 def validate(spec: SweepSpec) -> list[Point]:
-    """Check every point's config before anything runs; a bad point names itself."""
+    """Check every point's config before anything runs, as `lora-rl validate` does but for the data (a
+    point whose data is missing fails on its own and is recorded as failed); a bad point names itself."""
+    from lora_rl.lora import check_config
+
     points = expand(spec)
     for point in points:
         try:
-            load_config(spec.recipe, [*point.overrides, "run.output_dir=validate"])
+            check_config(load_config(spec.recipe, [*point.overrides, "run.output_dir=validate"]), data=False)
         except ConfigError as err:
             raise ConfigError(f"sweep point {point.id} ({point.values}): {err}") from None
     return points

@@ -62,6 +62,7 @@ def test_unbuilt_backend_is_refused_before_anything_is_written(tmp_path, capsys,
     (["lora.target_modules=[qkv]"], "['qkv'] match no linear layer in this model; its linear layers are"),
     (["backend.name=archon"], "Archon has no LoRA support"),
     (["model.path=/nonexistent/model"], "model.path='/nonexistent/model' is neither a built-in model"),
+    (["task.reward=no_such_reward"], "task.reward='no_such_reward' is unknown"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(overrides, message, tmp_path):
     out = tmp_path / "run"
@@ -78,3 +79,30 @@ def test_every_sweep_example_validates(path):
     from lora_rl.sweep import load_spec, validate
 
     assert len(validate(load_spec(path))) >= 2
+
+
+def test_validate_runs_the_checks_train_runs_before_its_run_folder(tmp_path, capsys):
+    """`validate` refuses what `train` would refuse before writing anything: an unknown reward, a missing
+    data folder, a model folder whose config.json transformers cannot read."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    quickstart = str(EXAMPLES[0].parent / "quickstart.yaml")
+    for overrides, message in [(["task.reward=nope"], "task.reward='nope' is unknown"),
+                               (["task.name=gsm8k", f"task.data_dir={tmp_path / 'none'}"], "is not a folder"),
+                               ([f"model.path={broken}"], "its config.json cannot be read by transformers")]:
+        assert main(["validate", quickstart, *overrides]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_estimate_covers_every_example_and_labels_a_full_fine_tuning_config(capsys):
+    """The full fine-tuning row is the same run with every weight training, not a rebuilt config: the
+    Megatron example (whose backend pairs with no embedded engine) is estimated too."""
+    megatron = str(EXAMPLES[0].parent / "gsm8k_grpo_megatron_lora.yaml")
+    assert main(["estimate", megatron]) == 0
+    assert "LoRA r=16" in capsys.readouterr().out
+    assert main(["estimate", str(EXAMPLES[0].parent / "quickstart.yaml"), "lora.use_lora=false"]) == 0
+    assert "this config (full fine-tuning)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["estimate", megatron, "--devices", "0"])
+    assert "--devices: '0' must be above 0" in capsys.readouterr().err

@@ -108,3 +108,30 @@ def test_malformed_yaml_missing_file_and_bad_override(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         load_config(None, ["lora_rank=8"])
+
+
+def test_files_that_are_not_a_mapping_of_sections_are_refused_by_name(tmp_path):
+    """A YAML list or scalar at the top, a section that is not a mapping (also under an override), a file
+    that is not UTF-8, and a key given twice (PyYAML would keep the last one silently) are each one
+    ConfigError, not a traceback."""
+    cases = {"list.yaml": (b"- a\n- b\n", "must be a mapping of sections"),
+             "scalar_section.yaml": (b"lora: 5\n", "section 'lora' must be a mapping of keys, got 5"),
+             "latin1.yaml": (b"lora:\n  lora_rank: 8 # \xe9t\xe9\n", "is not UTF-8 text"),
+             "twice.yaml": (b"lora:\n  lora_rank: 8\n  lora_rank: 64\n", "key 'lora_rank' is given twice"),
+             "two_sections.yaml": (b"lora:\n  lora_rank: 8\nlora:\n  lora_alpha: 3\n", "key 'lora' is given twice")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, ["lora.lora_alpha=8"])
+    path = tmp_path / "list_section.yaml"
+    path.write_text("lora: [a, b]\n")
+    with pytest.raises(ConfigError, match=r"section 'lora' must be a mapping of keys, got \['a', 'b'\]"):
+        load_config(path, ["lora.lora_rank=8"])
+
+
+@pytest.mark.parametrize("override", ["lora.lora_alpha=.nan", "train.lr=.inf", "train.lr=Infinity", "train.lr=nan",
+                                      "grpo.clip_high=-.inf", "rollout.temperature=NaN"])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(None, [override])

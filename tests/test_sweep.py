@@ -32,6 +32,20 @@ def test_grid_and_points_expand_to_stable_ids(tmp_path):
     assert points[-1].overrides == ("lora.use_lora=false",)
     assert [p.id for p in expand(spec)] == [p.id for p in points]
     assert len({p.id for p in points}) == 5
+    # What every point shares is part of each id: finished points of another setting are never reused.
+    changed = SweepSpec.from_dict({**_spec_dict(spec), "overrides": ["run.steps=200"]})
+    assert not {p.id for p in expand(changed)} & {p.id for p in points}
+
+
+def _spec_dict(spec):
+    return {"recipe": spec.recipe, "output_dir": spec.output_dir, "grid": spec.grid, "points": list(spec.points)}
+
+
+def test_validation_checks_each_point_against_the_model(tmp_path, random_model_dir):
+    """A target that the model lacks is refused before anything runs, naming the point."""
+    spec = _spec(tmp_path, random_model_dir, grid={"lora.target_modules": [["q_proj"], ["q_projx"]]})
+    with pytest.raises(ConfigError, match=r"sweep point .*q_projx.* match no linear layer"):
+        validate(spec)
 
 
 @pytest.mark.parametrize(("raw", "needle"), [

@@ -73,3 +73,27 @@ def test_run_trains_and_stop_keeps_a_checkpoint(panel, tmp_path):
     summary = panel.wait(300)
     assert summary["stopped_early"] and summary["steps_done"] < 500
     assert list((tmp_path / summary["run_dir"]).glob("checkpoints/step_*")), "Stop keeps the last checkpoint"
+
+
+def test_run_is_refused_for_what_lora_rl_validate_refuses(panel):
+    """The panel checks what `lora-rl validate` checks, the model's layers included: all-linear mixed with
+    names is refused there, so Run is disabled here, and the trainable count is all-linear's."""
+    panel.targets.value = ["all-linear"]
+    all_linear = re.search(r"class='trainable'>([^<]+)<", panel.info.value).group(1)
+    panel.targets.value = ["all-linear", "q_proj"]
+    assert panel.run_button.disabled and "all-linear" in panel.why_not_runnable()
+    assert re.search(r"class='trainable'>([^<]+)<", panel.info.value).group(1) == all_linear
+
+
+def test_the_recipe_s_rank_and_training_options_are_kept(random_model_dir, tmp_path):
+    """A recipe's rank outside the slider's usual choices opens as itself (config() carries it), and the
+    memory estimate follows the recipe's training options as `lora-rl estimate` does."""
+    from lora_rl.estimate import estimate_for_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  path: {random_model_dir}\nlora:\n  lora_rank: 12\n  use_lora: false\n"
+                      "train:\n  master_weights: false\n  chunked_logprobs: false\n")
+    panel = LoRAPanel(str(recipe), output_root=str(tmp_path))
+    assert panel.rank.value == 12 and panel.config().lora.lora_rank == 12
+    cli = estimate_for_config(panel.config())
+    assert panel.estimate()[0].total_gib == pytest.approx(cli.total_gib)

@@ -17,8 +17,8 @@ import ipywidgets as w
 
 from lora_rl.backends import BUILT as BUILT_BACKENDS
 from lora_rl.config import ConfigError, load_config
-from lora_rl.estimate import ModelShape, estimate_memory, lora_params
-from lora_rl.lora import linear_module_names
+from lora_rl.estimate import ModelShape, estimate_memory, lora_params, training_options
+from lora_rl.lora import check_config, linear_module_names
 from lora_rl.models import BUILTINS, meta_model, model_config
 from lora_rl.rollout import BUILT as BUILT_ENGINES
 from lora_rl.support import BACKENDS, ENGINES, pair_status
@@ -53,7 +53,8 @@ class LoRAPanel:
                                 layout=layout)
         self.task = w.Dropdown(options=["arithmetic", "gsm8k"], value=base.task.name, description="task",
                                style=style, layout=layout)
-        self.rank = w.SelectionSlider(options=list(RANKS), value=min(RANKS, key=lambda r: abs(r - base.lora.lora_rank)),
+        # The recipe's own rank is one of the choices, so opening the panel changes nothing by itself.
+        self.rank = w.SelectionSlider(options=sorted({*RANKS, base.lora.lora_rank}), value=base.lora.lora_rank,
                                       description="lora_rank", style=style, layout=layout, continuous_update=False)
         self.alpha = w.FloatText(value=base.lora.lora_alpha, description="lora_alpha", style=style, layout=layout)
         self.targets = w.SelectMultiple(options=["all-linear"], value=["all-linear"], rows=5,
@@ -124,28 +125,31 @@ class LoRAPanel:
         if self.engine.value not in BUILT_ENGINES:
             return f"rollout engine {self.engine.value} is in the support matrix but not built in this version"
         try:
-            self.config()
+            # What `lora-rl validate` checks, but the data's presence: the panel re-checks on every change.
+            check_config(self.config(), data=False)
         except ConfigError as err:
             return str(err)
         return ""
 
+    def _targets(self) -> list[str]:
+        """The chosen targets as the estimates count them: all-linear covers any names chosen beside it
+        (a mix that Run refuses, as the CLI does), and no choice counts as all-linear."""
+        chosen = list(self.targets.value)
+        return ["all-linear"] if not chosen or "all-linear" in chosen else chosen
+
     def estimate(self):
-        targets = list(self.targets.value) or ["all-linear"]
         base = load_config(self.recipe)
         seq_len = self.seq_len or 2 * base.rollout.max_new_tokens
         batch = base.rollout.prompts_per_step * self.group_size.value // self.devices.value
-        common = dict(rank=self.rank.value, target_modules=targets, dtype=base.model.dtype,
-                      devices=self.devices.value, micro_batch_size=max(1, min(base.train.micro_batch_size, batch)),
-                      seq_len=seq_len, activation_checkpointing=base.backend.activation_checkpointing,
-                      compiled=base.backend.compile and self.backend.value == "fsdp2",
-                      memory_budget=base.backend.compile_memory_budget)
+        common = dict(rank=self.rank.value, target_modules=self._targets(), devices=self.devices.value,
+                      micro_batch_size=max(1, min(base.train.micro_batch_size, batch)), seq_len=seq_len,
+                      **training_options(base, backend=self.backend.value))
         return (estimate_memory(self._shape, use_lora=self.use_lora.value, **common),
                 estimate_memory(self._shape, use_lora=False, **common))
 
     def refresh(self) -> None:
-        targets = [t for t in self.targets.value if t != "all-linear"] or ["all-linear"]
         chosen, full = self.estimate()
-        adapter = lora_params(self._shape, self.rank.value, targets)
+        adapter = lora_params(self._shape, self.rank.value, self._targets())
         dtype_bytes = _BYTES.get(load_config(self.recipe).model.dtype, 4)
         why = self.why_not_runnable()
         self.info.value = (
