@@ -81,8 +81,12 @@ class SweepSpec:
             raise ConfigError(f"sweep: parallel={raw['parallel']!r} must be at least 1")
         if float(raw.get("timeout", 3600)) <= 0:
             raise ConfigError(f"sweep: timeout={raw['timeout']!r} must be positive (seconds per point)")
-        resolve = lambda p: str(p if Path(p).is_absolute() else (base_dir / p))  # noqa: E731
-        return cls(recipe=resolve(raw["recipe"]), output_dir=resolve(raw["output_dir"]),
+        # Absolute paths from here on: papermill runs each point's notebook in the repository's root, and
+        # the results table's run folders must still be found from wherever the plots are drawn.
+        resolve = lambda p: str(Path(p) if Path(p).is_absolute() else (base_dir / p).resolve())  # noqa: E731
+        # A recipe not found from here stays relative: `read_yaml` then looks for it in the repository.
+        recipe = resolve(raw["recipe"]) if (base_dir / raw["recipe"]).is_file() else raw["recipe"]
+        return cls(recipe=recipe, output_dir=resolve(raw["output_dir"]),
                    overrides=tuple(raw.get("overrides") or ()), grid=dict(grid),
                    points=tuple(raw.get("points") or ()), parallel=int(raw.get("parallel", 1)),
                    timeout=float(raw.get("timeout", 3600)), executor=raw.get("executor", "processes"),
@@ -231,9 +235,28 @@ def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -
                 os.killpg(process.pid, signal.SIGKILL)
             return "ok", code
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill_tree(process.pid)
             process.wait()
             return "timeout", None
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process, every process below it and its process group. The Jupyter kernel that papermill
+    starts, and a vLLM server started from the notebook, run in sessions of their own, out of reach of
+    a kill of the point's process group; the tree is listed before anything is killed, so no orphan
+    escapes by being re-parented."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _outcome(ran: str, code: int | None, folder: Path, log_path: Path, timeout: float) -> tuple[str, str]:

@@ -111,3 +111,44 @@ def test_a_point_past_the_timeout_is_killed_and_recorded(tmp_path, random_model_
     assert row["status"] == "timeout" and "timeout of 4 s" in row["reason"]
     status = json.loads((tmp_path / "sweep" / "points" / row["point"] / "status.json").read_text())
     assert status["status"] == "timeout" and status["overrides"][-1] == "run.steps=1000"
+
+
+def test_paths_are_absolute_so_points_and_plots_find_them_from_anywhere(tmp_path, monkeypatch):
+    """papermill runs a point's notebook in the repository's root: a relative output folder would put its
+    results there instead of where the sweep looks. A recipe found from here becomes absolute too; one that
+    is not found here stays as given, for the repository fallback."""
+    (tmp_path / "mine.yaml").write_text("lora:\n  lora_rank: 8\n")
+    monkeypatch.chdir(tmp_path)
+    spec = SweepSpec.from_dict({"recipe": "mine.yaml", "output_dir": "runs/s", "grid": {"lora.lora_rank": [4]}})
+    assert spec.output_dir == str(tmp_path / "runs" / "s") and spec.recipe == str(tmp_path / "mine.yaml")
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": "s", "grid": {"lora.lora_rank": [4]}})
+    assert spec.recipe == "examples/quickstart.yaml" and len(validate(spec)) == 1
+
+
+def test_a_timeout_kills_what_the_point_started_in_other_sessions(tmp_path):
+    """A point's process that starts a child in a session of its own (as Jupyter starts its kernel, and
+    the notebook a vLLM server): past the timeout, the child is killed too."""
+    import os
+    import sys
+    import time
+
+    from lora_rl.sweep import _run_logged
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)")
+    ran, code = _run_logged([sys.executable, "-c", script], tmp_path / "log.txt", timeout=3, env=dict(os.environ))
+    assert ran == "timeout" and code is None
+    child = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is delivered asynchronously; a killed child may linger as a zombie briefly
+        try:
+            os.kill(child, 0)
+            with open(f"/proc/{child}/stat") as stat:
+                if stat.read().split(") ")[1].startswith("Z"):
+                    break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the point's child {child} outlived the timeout")
