@@ -20,11 +20,13 @@ from lora_rl.trainer import TrainingError
 from lora_rl.rollout.base import RolloutError
 
 
-def validate(config) -> None:
-    """Every check that runs before training starts, including those that need the model's shape."""
+def validate(config, data: bool = True) -> None:
+    """Every check that runs before training starts, including those that need the model's shape;
+    data: also that the task's problems load (`train` loads them itself, after its backend checks, and
+    `estimate` needs none)."""
     from lora_rl.lora import check_config
 
-    check_config(config)
+    check_config(config, data=data)
 
 
 def _estimate_table(config, devices: int, seq_len: int | None, gib_per_device: float | None = None) -> str:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(" ".join(str(f) for f in files))
             return 0
         config = load_config(args.config, args.overrides)
-        validate(config)
+        validate(config, data=args.command == "validate")
         if args.command == "validate":
             print(f"{args.config}: ok")
             return 0

