@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lora_rl.config import ConfigError, LoRAConfig
 from lora_rl.fused_lora import SegmentLoRAFunction, lora_linear, plain_adapter, plain_base
@@ -38,11 +39,21 @@ def check_dense(model_config) -> None:
                 "lora-rl trains dense models only; pick a dense model such as Qwen2.5, Llama or SmolLM2")
 
 
+def linear_shape(module: nn.Module | None) -> tuple[int, int] | None:
+    """(in, out) features of a layer peft's LoRA adapts as a linear: nn.Linear, or transformers' Conv1D
+    (GPT-2's linears, weight stored [in, out]); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct short names of the linear layers LoRA can target (the output head excluded)."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and mod is not output}
+             if linear_shape(mod) is not None and mod is not output}
     return sorted(names)
 
 
@@ -420,12 +431,11 @@ def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:
             path = key.split(".lora_")[0].removeprefix("base_model.model.")
             module = modules.get(path)
             shape = tuple(f.get_slice(key).get_shape())
-            fits = isinstance(module, nn.Linear) and (
-                shape[1] == module.in_features if ".lora_A." in key else shape[0] == module.out_features)
+            features = linear_shape(module)
+            fits = features is not None and (shape[1] == features[0] if ".lora_A." in key else shape[0] == features[1])
             if not fits:
-                have = (f"is {type(module).__name__}({module.in_features} -> {module.out_features})"
-                        if isinstance(module, nn.Linear) else "does not exist" if module is None else
-                        f"is a {type(module).__name__}")
+                have = (f"is {type(module).__name__}({features[0]} -> {features[1]})" if features is not None
+                        else "does not exist" if module is None else f"is a {type(module).__name__}")
                 raise ConfigError(f"adapter {str(adapter_dir)!r} does not fit the base model {made_for}: its "
                                   f"{key} has shape {list(shape)} but that model's {path} {have}. It was made for "
                                   "another base model: use it with the model it was trained on (adapter_config.json "

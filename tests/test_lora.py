@@ -109,3 +109,24 @@ def test_merge_command_writes_a_plain_model_with_the_adapter_folded_in(random_mo
     assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(_model(tmp_path / "merged")(TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
     assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2  # never overwrites
+
+
+def test_gpt2_conv1d_layers_are_targets_and_its_adapter_merges(tmp_path):
+    """GPT-2 keeps its linears in transformers' Conv1D (weight [in, out]); peft adapts them under
+    all-linear, so naming them must work too, and `merge` must accept the adapter it trained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_rl.cli import main
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    base.save_pretrained(tmp_path / "gpt2")
+    assert linear_module_names(base) == ["c_attn", "c_fc", "c_proj"]
+    model = inject_lora(base, LoRAConfig(lora_rank=4, target_modules=("c_attn",)))
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad} \
+        == {"c_attn"}
+    _perturb(model)
+    expected = model(TOKENS).logits
+    save_adapter(model, tmp_path / "adapter", tmp_path / "gpt2")
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(_model(tmp_path / "merged")(TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
