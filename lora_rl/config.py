@@ -388,7 +388,15 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r} must be a string")
+            # YAML 1.1 reads bare yes/no/on/off/true/false as booleans and digits as numbers; the text the
+            # user typed is gone by now, so a boolean's example quotes a placeholder.
+            key = where.rsplit(".", 1)[-1]
+            example = "..." if isinstance(value, bool) else value
+            kind = ("true/false" if isinstance(value, bool) else "a number" if isinstance(value, int | float)
+                    else "a list or mapping")
+            raise ConfigError(f"{where}={value!r} must be a string, but YAML read the value as {kind} "
+                              "(bare yes/no/on/off/true/false and numbers are not strings): "
+                              f"put it in quotes, e.g. {key}: \"{example}\"")
         return value
     raise TypeError(f"unhandled annotation {tp!r} for {where}")  # a bug in this file, not user input
 

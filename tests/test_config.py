@@ -85,6 +85,9 @@ def test_unknown_keys_suggest_the_nearest_valid_one():
     ({"lora": {"use_lora": "yes"}}, r"lora\.use_lora='yes' must be true or false"),
     ({"train": {"lr": "fast"}}, r"train\.lr='fast' must be a number"),
     ({"lora": {"target_modules": [1, 2]}}, r"must be a list of strings"),
+    ({"run": {"output_dir": True}}, r"run\.output_dir=True must be a string, but YAML read the value as true/false "
+                                     r".*put it in quotes, e\.g\. output_dir: \"\.\.\.\""),
+    ({"model": {"path": 7}}, r"model\.path=7 must be a string, but YAML read the value as a number .*e\.g\. path: \"7\""),
     ({"lora": 5}, r"section 'lora' must be a mapping"),
 ])
 def test_wrong_types_are_refused(values, match):
