@@ -111,12 +111,22 @@ def check_model(model: nn.Module, lora: LoRAConfig) -> None:
 
 def check_config(config, *, data: bool = True) -> None:
     """Every check that runs before training starts beyond the config's own: the model's shape against
-    the LoRA settings, the reward's name, and (data) that the task's problems load. `lora-rl validate`,
+    the LoRA settings and the rollout engine (layers it serves LoRA on, head sizes), the reward's name,
+    and (data) that the task's problems load. `lora-rl validate`,
     the LoRA panel (without data: it re-checks on every change) and a sweep's validation call it."""
     from lora_rl.models import meta_model
     from lora_rl.rewards import get_reward
 
-    check_model(meta_model(config.model.path), config.lora)
+    model = meta_model(config.model.path)
+    check_model(model, config.lora)
+    if config.rollout.engine in ("vllm", "vllm-server"):
+        from lora_rl.rollout.vllm_common import check_model_for_engine
+
+        check_model_for_engine(model, config)
+    if config.rollout.engine == "sglang":
+        from lora_rl.rollout.sglang_server import check_model_for_pool
+
+        check_model_for_pool(model, config)
     get_reward(config.task.reward or config.task.name)
     if data:
         from lora_rl.tasks import load_problems

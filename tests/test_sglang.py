@@ -146,6 +146,23 @@ def test_adapter_outside_the_pool_is_refused_before_start_up(peft_model, sglang_
     assert not (tmp_path / "rollout_adapters").exists()
 
 
+def test_a_model_whose_linears_sglang_has_no_lora_for_is_refused(tmp_path):
+    """`lora-rl validate` refuses it from the config (lora.check_config); the engine from the adapter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_rl.lora import check_config
+
+    gpt2 = tmp_path / "gpt2"  # its linears are c_attn, c_fc and c_proj
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=1, n_positions=32))
+    base.save_pretrained(gpt2)
+    config = _config(f"model.path={gpt2}")
+    needle = r"SGLang cannot serve LoRA on \['c_attn', 'c_fc', 'c_proj'\].*rollout.engine=embedded"
+    with pytest.raises(ConfigError, match=needle):
+        check_config(config, data=False)
+    with pytest.raises(ConfigError, match=needle):
+        SGLangEngine(base_model_dir=gpt2, model=inject_lora(base, config.lora), config=config, run_dir=tmp_path)
+
+
 # --- against the stand-in (or a real server) -------------------------------------------------------------------
 
 

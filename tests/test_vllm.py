@@ -71,6 +71,23 @@ def test_head_size_vllm_cpu_cannot_run_fails_before_start_up(random_model_dir, t
                    run_dir=tmp_path)
 
 
+def test_validate_checks_the_model_against_vllm(random_model_dir, tmp_path):
+    """`lora-rl validate` (lora.check_config) refuses what the engine would refuse once the model is loaded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_rl.lora import check_config
+
+    gpt2 = tmp_path / "gpt2"  # its linears are c_attn, c_fc and c_proj, which vLLM has no LoRA for
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=1, n_positions=32)).save_pretrained(gpt2)
+    with pytest.raises(ConfigError, match=r"target_modules=\[all-linear\] on model.path=.*cannot serve LoRA on "
+                                          r"\['c_attn', 'c_fc', 'c_proj'\].*rollout.engine=embedded"):
+        check_config(load_config(None, ["rollout.engine=vllm", f"model.path={gpt2}"]), data=False)
+    check_config(load_config(None, [f"model.path={gpt2}"]), data=False)  # the embedded engine adapts them
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"attention head size 16, which vLLM on the CPU cannot run"):
+            check_config(load_config(None, ["rollout.engine=vllm", f"model.path={random_model_dir}"]), data=False)
+
+
 # --- server failures, against a scripted HTTP server on 127.0.0.1 ---------------------------------------------
 
 

@@ -92,11 +92,31 @@ def check_sglang_config(config: Config) -> None:
                           "Lower it or raise rollout.max_loaded_loras")
 
 
+def check_model_for_pool(model, config: Config) -> None:
+    """Every layer [all-linear] adapts on this model is one SGLang serves LoRA on (a meta model will do;
+    `lora-rl validate` runs this). Other architectures name their linears otherwise (GPT-2: c_attn,
+    c_fc, c_proj)."""
+    if "all-linear" in config.lora.target_modules:
+        from lora_rl.lora import linear_module_names
+
+        _refuse_unservable(linear_module_names(model), config)
+
+
+def _refuse_unservable(names, config: Config) -> None:
+    bad = sorted(set(names) - set(SGLANG_MODULES))
+    if bad:
+        raise ConfigError(f"lora.target_modules={list(config.lora.target_modules)} on model.path={config.model.path!r}: "
+                          f"SGLang cannot serve LoRA on {bad}; its pool covers {list(SGLANG_MODULES)}. Use "
+                          "rollout.engine=embedded for this model (it adapts any linear layer), or a model whose layers "
+                          "carry those names (Qwen2.5, Llama, SmolLM2).")
+
+
 def check_adapter_fits(model, config: Config) -> None:
     """The injected adapter as peft resolved it: plain LoRA whose rank and modules fit the pool."""
     peft_config = model.peft_config["default"]
     targets = peft_config.target_modules
     names = {m.rsplit(".", 1)[-1] for m in ([targets] if isinstance(targets, str) else targets)}
+    _refuse_unservable(names, config)
     outside = sorted(names - _covered(pool_modules(config)))
     if outside:
         raise ConfigError(f"the adapter trains {outside}, outside SGLang's LoRA pool {list(pool_modules(config))}: "

@@ -50,12 +50,13 @@ def check_vllm_config(config: Config) -> None:
                           "in this process: use rollout.engine=vllm-server to attach to a server")
 
 
-def check_servable(module_names, *, field: str = "the adapter's target modules") -> None:
+def check_servable(module_names, *, field: str = "the adapter's target modules",
+                   fix: str = "Drop those modules or use [all-linear].") -> None:
     """Refuse LoRA on modules vLLM cannot serve (e.g. lm_head, embed_tokens)."""
     bad = sorted({m.rsplit(".", 1)[-1] for m in module_names} - set(SERVABLE_MODULES))
     if bad:
         raise ConfigError(f"{field}: vLLM cannot serve LoRA on {bad}; it applies LoRA to {list(SERVABLE_MODULES)} "
-                          "only. Drop those modules or use [all-linear].")
+                          f"only. {fix}")
 
 
 def check_adapter_model(model, config: Config) -> None:
@@ -75,6 +76,25 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 def check_engine_model(model, config: Config) -> None:
     """Everything about the model and its adapter that would only fail after vLLM's start-up."""
     check_adapter_model(model, config)
+    _check_head_size(model, config)
+
+
+def check_model_for_engine(model, config: Config) -> None:
+    """What vLLM needs of the model itself, before any adapter exists (a meta model will do; `lora-rl
+    validate` runs this): every layer [all-linear] adapts is one vLLM serves LoRA on, and on the CPU a
+    head size its attention kernels run."""
+    if config.lora.use_lora and "all-linear" in config.lora.target_modules:
+        from lora_rl.lora import linear_module_names
+
+        # Other architectures name their linears otherwise (GPT-2: c_attn, c_fc, c_proj).
+        check_servable(linear_module_names(model),
+                       field=f"lora.target_modules=[all-linear] on model.path={config.model.path!r}",
+                       fix="Use rollout.engine=embedded for this model (it adapts any linear layer), or a model "
+                           "whose layers carry those names (Qwen2.5, Llama, SmolLM2).")
+    _check_head_size(model, config)
+
+
+def _check_head_size(model, config: Config) -> None:
     import torch
 
     cfg = model.config
