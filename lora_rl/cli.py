@@ -130,10 +130,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{Path(load_spec(args.spec).output_dir) / 'results.csv'} (and .parquet)")
             return 1 if failed else 0
         if args.command == "plot":
-            from lora_rl.plots import plots_folder, write_plots
+            from lora_rl.plots import plot_notes, plots_folder, write_plots
             from lora_rl.sweep import load_results
 
-            written = write_plots(load_results(args.results), args.out or plots_folder(args.results))
+            results = load_results(args.results)
+            written = write_plots(results, args.out or plots_folder(args.results))
+            for note in plot_notes(results):
+                print(f"lora-rl plot: {note}", file=sys.stderr)
+            if not written:
+                raise ConfigError(f"nothing to plot in {args.results!r}: {len(results)} points, none finished with "
+                                  "results to draw (see the notes above and each point's status.json)")
             for files in written.values():
                 print(" ".join(str(f) for f in files))
             return 0

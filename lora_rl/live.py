@@ -12,16 +12,27 @@ from matplotlib.figure import Figure
 
 
 class LivePlot:
+    """Redraws every `every` steps and at step `total`; `finish()` draws what a run stopped early left
+    undrawn."""
+
     def __init__(self, every: int = 1, total: int = 0, title: str = "GRPO"):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"LivePlot(every={every!r}): draw every 1 or more steps, e.g. every=10")
         self.every = every
         self.total = total  # the run's last step, always drawn
         self.title = title
         self.records: list[dict] = []
         self._handle = None
+        self._drawn = 0  # records on the figure shown
 
     def __call__(self, record: dict) -> None:
         self.records.append(record)
         if record["step"] % self.every == 0 or record["step"] == self.total:
+            self.show()
+
+    def finish(self) -> None:
+        """Draw the last records if the last redraw missed them (a run stopped between redraws)."""
+        if self.records and self._drawn < len(self.records):
             self.show()
 
     def figure(self) -> Figure:
@@ -51,6 +62,7 @@ class LivePlot:
         from IPython.display import Image, display
 
         image = Image(data=self.png())
+        self._drawn = len(self.records)
         if self._handle is None:
             self._handle = display(image, display_id=True)
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lora_rl.checkpoint import atomic_write_text
+from lora_rl.config import ConfigError
 
 
 def peak_memory() -> tuple[float, str]:
@@ -43,15 +44,33 @@ def json_safe(record: dict) -> dict:
 
 class MetricsLog:
     """metrics.jsonl, one line per step. On resume, lines past the checkpoint are dropped so the
-    file reads as if the run had never stopped."""
+    file reads as if the run had never stopped.
+
+    A run killed while appending leaves its last line cut short: reading skips that line (it is a step
+    the run never finished logging, and resume drops it with the steps past the checkpoint). A line
+    that does not parse anywhere else means the file was damaged otherwise, and is an error."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = Path(path)
+
+    def _lines(self) -> list[tuple[str, dict]]:
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        parsed = []
+        for number, line in enumerate(lines, 1):
+            try:
+                parsed.append((line, json.loads(line)))
+            except json.JSONDecodeError as err:
+                if number == len(lines):  # the torn last line of an interrupted run
+                    break
+                raise ConfigError(f"{self.path}: line {number} of {len(lines)} is not a JSON record ({err}); only "
+                                 "the last line may be cut short by an interrupted run, so the file was damaged "
+                                 "otherwise: restore it, or delete that line") from None
+        return parsed
 
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line, record in self._lines() if record["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -61,7 +80,7 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [record for _, record in self._lines()]
 
 
 def without_timings(record: dict) -> dict:

@@ -6,15 +6,21 @@
   lora_vs_full       peak memory, update tokens/s and trainable parameters: LoRA points against full fine-tuning
 
 `write_plots(results, out_dir)` writes every plot the table has data for; `lora-rl plot` and
-`notebooks/04_compare.ipynb` call it. PNGs are byte-identical for identical data (no timestamp).
+`notebooks/04_compare.ipynb` call it, and print `plot_notes(results)`: what the plots leave out (failed
+points, runs without metrics, packed points' shared memory and speed). PNGs are byte-identical for
+identical data (no timestamp).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, safe in threads
+
+from lora_rl.config import ConfigError
+from lora_rl.metrics import MetricsLog
 
 _METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
 
@@ -23,11 +29,32 @@ def _finished(results):
     return results[results["status"] == "ok"] if "status" in results else results
 
 
+def _measured_alone(results):
+    """Finished points whose memory and speed are their own: the points of a multi-LoRA pack (`lora-rl sweep
+    --pack`) share one job, and each reports that job's peak memory and throughput."""
+    data = _finished(results)
+    if "pack" not in data:
+        return data
+    return data[data["pack"].fillna("").astype(str) == ""]
+
+
+def _metrics_path(row) -> Path | None:
+    path = Path(str(row["run_dir"])) / "metrics.jsonl" if "run_dir" in row and isinstance(row["run_dir"], str) else None
+    return path if path is not None and path.is_file() else None
+
+
 def _targets_label(value) -> str:
     try:
         return ",".join(json.loads(value))
     except (TypeError, ValueError):
         return str(value)
+
+
+def _targets(data):
+    """Each row's target-module label ("" for a table without the column)."""
+    if "lora.target_modules" not in data:
+        return data.index.to_series().map(lambda _: "")
+    return data["lora.target_modules"].map(_targets_label)
 
 
 def _finish(fig, ax, xlabel: str, ylabel: str, title: str, *, legend_size: int):
@@ -42,13 +69,13 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, *, legend_size: int):
 
 
 def _by_rank(results, ys: list[tuple[str, str]], ylabel: str, title: str):
-    data = _finished(results)
+    data = _measured_alone(results)
     data = data[data["lora.use_lora"].astype(bool)] if "lora.use_lora" in data else data
     if data.empty or "lora.lora_rank" not in data:
         return None
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for targets, group in data.groupby(data["lora.target_modules"].map(_targets_label)):
+    for targets, group in data.groupby(_targets(data)):
         group = group.groupby("lora.lora_rank").mean(numeric_only=True).sort_index()
         for column, name in ys:
             if column in group:
@@ -71,26 +98,31 @@ def reward_curves(results):
     data = _finished(results)
     if data.empty or "run_dir" not in data:
         return None
+    curves = [(str(row.get("point", "")), MetricsLog(path).read()) for _, row in data.iterrows()
+              if (path := _metrics_path(row)) is not None]
+    curves = [(name, records) for name, records in curves if records]
+    if not curves:
+        return None
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for _, row in data.iterrows():
-        path = Path(row["run_dir"]) / "metrics.jsonl"
-        if not path.exists():
-            continue
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        ax.plot([r["step"] for r in records], [r["reward_mean"] for r in records], label=str(row.get("point", "")))
+    for name, records in curves:
+        ax.plot([r["step"] for r in records], [_number(r.get("reward_mean")) for r in records], label=name)
     return _finish(fig, ax, "GRPO step", "mean reward", "Reward per configuration", legend_size=7)
 
 
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def lora_vs_full(results):
-    data = _finished(results)
-    if "lora.use_lora" not in data:
+    data = _measured_alone(results)
+    if "lora.use_lora" not in data or "lora.lora_rank" not in data:
         return None
     use_lora = data["lora.use_lora"].astype(bool)
     if not use_lora.any() or use_lora.all():
         return None
     lora = data[use_lora]
-    targets = lora["lora.target_modules"].map(_targets_label)
+    targets = _targets(lora)
     settings = sorted(set(zip(lora["lora.lora_rank"], targets, strict=True)), key=lambda rt: (rt[1], rt[0]))
     labels = ["full fine-tuning"] + [f"LoRA r={int(r)} {t}" for r, t in settings]
     groups = [data[~use_lora]] + [lora[(lora["lora.lora_rank"] == r) & (targets == t)] for r, t in settings]
@@ -101,9 +133,12 @@ def lora_vs_full(results):
     for ax, (column, title) in zip(axes, metrics, strict=True):
         values = [g[column].mean() if column in g else float("nan") for g in groups]
         ax.bar(range(len(labels)), values, color=["tab:gray"] + ["tab:blue"] * (len(labels) - 1))
+        for x, value in enumerate(values):  # an empty bar would read as 0
+            if value != value:
+                ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
-        if column == "trainable_params":
+        if column == "trainable_params" and any(v > 0 for v in values):  # log of nothing positive fails
             ax.set_yscale("log")
     fig.suptitle("LoRA vs full fine-tuning")
     fig.tight_layout()
@@ -126,20 +161,46 @@ def plots_folder(results_path: str | Path) -> Path:
     return (path if path.is_dir() else path.parent) / "plots"
 
 
+def plot_notes(results) -> list[str]:
+    """What the plots leave out of the table, one line each, for the caller to print."""
+    notes = []
+    if "status" in results:
+        failed = results[results["status"] != "ok"]
+        for _, row in failed.iterrows():
+            notes.append(f"left out: point {row.get('point', '?')} did not finish ({row['status']}: "
+                         f"{row.get('reason', '')})")
+    finished = _finished(results)
+    if "run_dir" in finished:
+        for _, row in finished.iterrows():
+            if _metrics_path(row) is None:
+                notes.append(f"no reward curve for point {row.get('point', '?')}: no metrics.jsonl in {row['run_dir']}")
+    packed = len(finished) - len(_measured_alone(results))
+    if packed:
+        notes.append(f"{packed} packed points (lora-rl sweep --pack) are left out of memory_vs_rank, speed_vs_rank "
+                     "and lora_vs_full: each reports its multi-LoRA job's shared peak memory and throughput")
+    return notes
+
+
 def write_plots(results, out_dir: str | Path) -> dict[str, list[Path]]:
-    """Every plot the results have data for, as PNG and SVG; returns {name: [files]}."""
+    """Every plot the results have data for, as PNG and SVG; returns {name: [files]}. Each file is written
+    under a temporary name and renamed; a plot the table no longer has data for is removed from `out_dir`,
+    so the folder never mixes this table's plots with an older one's."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file: name a folder for the plots")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, make in PLOTS.items():
         fig = make(results)
+        files = [out_dir / f"{name}.{fmt}" for fmt in ("png", "svg")]
         if fig is None:
+            for path in files:
+                path.unlink(missing_ok=True)
             continue
-        files = []
-        for fmt in ("png", "svg"):
-            path = out_dir / f"{name}.{fmt}"
-            fig.savefig(path, format=fmt, dpi=100, metadata=_METADATA[fmt])
-            files.append(path)
+        for path in files:
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            fig.savefig(tmp, format=path.suffix[1:], dpi=100, metadata=_METADATA[path.suffix[1:]])
+            os.replace(tmp, path)
         written[name] = files
     return written
 

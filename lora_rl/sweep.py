@@ -179,7 +179,9 @@ def run_recipe(recipe: str, overrides: list[str], *, output_dir: str, result_pat
 def write_result(config, summary: dict, result_path: str = "") -> dict:
     """The JSON result of a finished run (summary, full config, metric aggregates): what `collect` reads."""
     output_dir = config.run.output_dir
-    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    from lora_rl.metrics import MetricsLog
+
+    records = MetricsLog(Path(output_dir) / "metrics.jsonl").read()
     result = {"config": config_to_dict(config), "summary": summary, "metrics": _aggregate(records)}
     path = Path(result_path) if result_path else Path(output_dir) / "result.json"
     from lora_rl.checkpoint import atomic_write_text
@@ -441,7 +443,8 @@ def collect(spec: SweepSpec):
             continue
         folder = Path(spec.output_dir) / "points" / point.id
         row = {"point": point.id, "status": status["status"], "reason": status["reason"],
-               "point_seconds": status["seconds"], "run_dir": str(folder / "run")}
+               "point_seconds": status["seconds"], "run_dir": str(folder / "run"),
+               "pack": ",".join(status.get("pack", []))}  # packed points share one job's memory and speed
         result_path = folder / "result.json"
         if result_path.exists():
             result = json.loads(result_path.read_text())
@@ -475,4 +478,26 @@ def load_results(path: str | Path):
         path = path / "results.parquet" if (path / "results.parquet").exists() else path / "results.csv"
     if not path.exists():
         raise ConfigError(f"no sweep results at {str(path)!r}: run `lora-rl sweep SWEEP.yaml` first")
-    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if path.suffix not in (".csv", ".parquet"):
+        raise ConfigError(f"{str(path)!r} is not a results table: pass a sweep folder, or its results.csv or "
+                          "results.parquet")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (ValueError, OSError) as err:  # empty, cut short, or not a table (pandas and pyarrow raise ValueErrors)
+        raise ConfigError(f"cannot read the sweep results {str(path)!r} ({type(err).__name__}: {err}): rewrite it "
+                          "with `lora-rl sweep SWEEP.yaml`, which collects the finished points again") from None
+    missing = [c for c in ("point", "status") if c not in table]
+    if missing:
+        raise ConfigError(f"{str(path)!r} is not a lora-rl sweep results table (no {missing} column): pass the "
+                          "results.csv or results.parquet that `lora-rl sweep` wrote")
+    if "run_dir" in table:
+        # Run folders are recorded as absolute paths; a sweep folder that was moved or copied still holds
+        # them at points/<point>/run (older sweeps recorded paths relative to where they ran).
+        def located(row):
+            recorded = Path(str(row["run_dir"]))
+            moved = path.parent / "points" / str(row["point"]) / "run"
+            return str(moved) if not recorded.is_absolute() or (not recorded.exists() and moved.exists()) \
+                else str(recorded)
+
+        table["run_dir"] = table.apply(located, axis=1) if len(table) else table["run_dir"]
+    return table

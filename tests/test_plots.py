@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
-from lora_rl.plots import write_plots
+from lora_rl import plots
+from lora_rl.config import ConfigError
+from lora_rl.metrics import MetricsLog
+from lora_rl.plots import plot_notes, write_plots
 
 
 def _table(tmp_path):
@@ -49,3 +53,88 @@ def test_no_full_fine_tuning_point_no_bar_chart(tmp_path):
     table = _table(tmp_path)
     written = write_plots(table[table["lora.use_lora"] != False], tmp_path / "plots")  # noqa: E712
     assert "lora_vs_full" not in written and "memory_vs_rank" in written
+
+
+def test_an_interrupted_runs_torn_last_line_is_skipped(tmp_path):
+    """A run killed while appending leaves half a line; the plot draws the steps before it."""
+    table = _table(tmp_path)
+    with open(tmp_path / "run0" / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 6, "reward_me')
+    assert "reward_curves" in write_plots(table, tmp_path / "plots")
+    log = MetricsLog(tmp_path / "run0" / "metrics.jsonl")
+    assert len(log.read()) == 5
+    log.truncate_after(3)  # what --resume does with it: the torn line goes with the steps past the checkpoint
+    assert [r["step"] for r in log.read()] == [1, 2, 3] and log.path.read_text().endswith("}\n")
+    (tmp_path / "run1" / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ConfigError, match=r"run1/metrics.jsonl: line 2 of 3 is not a JSON record"):
+        write_plots(table, tmp_path / "plots")
+
+
+def test_notes_name_what_the_plots_leave_out(tmp_path):
+    table = _table(tmp_path)
+    (tmp_path / "run2" / "metrics.jsonl").unlink()
+    table.loc[table["point"].isin(["p0", "p1"]), "pack"] = "p0,p1"
+    notes = plot_notes(table)
+    assert any("point broken did not finish (failed" in n for n in notes)
+    assert any("no reward curve for point p2" in n for n in notes)
+    assert any(n.startswith("2 packed points") for n in notes)
+    # the packed points' shared job memory is not drawn as theirs
+    figure = plots.memory_vs_rank(table)
+    assert [list(line.get_xdata()) for line in figure.axes[0].get_lines()] == [[8]]
+
+
+def test_a_plot_without_data_is_removed_not_left_stale(tmp_path):
+    table = _table(tmp_path)
+    write_plots(table, tmp_path / "plots")
+    written = write_plots(table[table["lora.use_lora"] != False], tmp_path / "plots")  # noqa: E712
+    assert "lora_vs_full" not in written
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
+        f.name for files in written.values() for f in files)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=r"--out .*afile' is a file"):
+        write_plots(table, tmp_path / "afile")
+
+
+def test_results_tables_that_cannot_be_plotted_are_clear_errors(tmp_path):
+    from lora_rl.cli import main
+    from lora_rl.sweep import load_results
+
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "sweep.yaml").write_text("recipe: x\n")
+    for name, needle in [("empty.csv", "cannot read the sweep results"), ("other.csv", "is not a lora-rl sweep results "
+                         "table"), ("sweep.yaml", "is not a results table")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_results(tmp_path / name)
+        assert main(["plot", str(tmp_path / name)]) == 2
+    table = _table(tmp_path)
+    table.assign(status="failed").to_csv(tmp_path / "failed.csv", index=False)
+    assert main(["plot", str(tmp_path / "failed.csv"), "--out", str(tmp_path / "p")]) == 2
+
+
+def test_a_moved_sweep_folder_still_finds_its_runs(tmp_path):
+    from lora_rl.sweep import load_results
+
+    moved = tmp_path / "moved"
+    (moved / "points" / "p0" / "run").mkdir(parents=True)
+    (moved / "points" / "p0" / "run" / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n')
+    pd.DataFrame([{"point": "p0", "status": "ok", "run_dir": str(tmp_path / "gone" / "points" / "p0" / "run")},
+                  {"point": "p1", "status": "ok", "run_dir": "sweep/points/p1/run"}]).to_csv(moved / "results.csv",
+                                                                                              index=False)
+    table = load_results(moved)
+    assert table["run_dir"].tolist() == [str(moved / "points" / "p0" / "run"), str(moved / "points" / "p1" / "run")]
+    assert "reward_curves" in write_plots(table, tmp_path / "plots")
+
+
+def test_live_plot_draws_the_last_steps_of_a_stopped_run():
+    from lora_rl.live import LivePlot
+
+    live = LivePlot(every=3, total=10)
+    for step in range(1, 6):  # a run stopped after step 5
+        live({"step": step, "reward_mean": step / 10, "format_rate": 0.5, "peak_memory_gib": 1.0,
+              "memory_kind": "cpu-peak-rss"})
+    assert live._drawn == 3
+    live.finish()
+    assert live._drawn == 5
+    with pytest.raises(ValueError, match=r"LivePlot\(every=0\)"):
+        LivePlot(every=0)

@@ -207,6 +207,8 @@ class LoRAPanel:
                 self.error = f"{type(err).__name__}: {err}"
                 self.status.value = f"<span style='color:#b00'>failed: {self.error}</span>"
             finally:
+                with self.plot:
+                    live.finish()  # Stop between redraws: show the last steps too
                 self._running = False
                 self.stop_button.disabled = True
                 self.refresh()
