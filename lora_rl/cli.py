@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import subprocess
+import shlex
 import sys
 from pathlib import Path
 
@@ -175,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(json.dumps(summary, indent=2))
     if summary["stopped_early"]:
+        again = ["lora-rl", "train", args.config, *args.overrides, *(["--nproc", str(args.nproc)] if args.nproc > 1 else []),
+                 "--resume"]  # quoted: an override such as 'lora.target_modules=[q_proj, v_proj]' holds spaces
         print(f"\nstopped early after step {summary['steps_done']} with a checkpoint: continue with "
-              f"lora-rl train {args.config} {' '.join(args.overrides)} --resume", file=sys.stderr)
+              f"{shlex.join(again)}", file=sys.stderr)
         return 130
     if summary["accuracy_before"] is None:  # eval.size=0
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ from lora_rl import distributed, grpo
 from lora_rl.backends import adapter_lora, make_backend, require_backend
 from lora_rl.batching import TokenBatch, encode, make_batch
 from lora_rl.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
-from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, read_yaml
+from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, load_config, read_yaml
 from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
 from lora_rl.metrics import MetricsLog, Timer, json_safe, peak_memory
 from lora_rl.models import load_model, resolve_model_path
@@ -324,28 +325,81 @@ def run_summary(config: Config, *, steps_done: int, eval_problems: int, before: 
     })
 
 
-def _prepare_run_dir(config: Config, resume: bool) -> Path:
+def _saved_settings(saved: Path) -> dict:
+    """The saved run's config as sections of settings, with today's defaults for settings added since it
+    was written (they did not exist, so the run used what is now their default)."""
+    try:
+        return config_to_dict(load_config(saved))
+    except ConfigError:  # a setting since removed or renamed: compare what the file holds
+        return read_yaml(saved)
+
+
+def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
     run_dir = Path(config.run.output_dir)
     saved = run_dir / "config.yaml"
+    if resume and not saved.exists():
+        raise ConfigError(f"--resume: run.output_dir={str(run_dir)!r} holds no run to resume (no config.yaml there): "
+                          "check the path, or drop --resume to start a new run")
     if saved.exists():
         if not resume:
             raise ConfigError(f"run.output_dir={str(run_dir)!r} already holds a run (config.yaml): pass --resume to "
                               "continue it, or choose another run.output_dir")
-        was, now = read_yaml(saved), config_to_dict(config)
-        # A resumed run may run longer or quieter; anything else would silently change the experiment.
-        for key in ("steps", "progress"):
-            was["run"].pop(key, None)
+        was, now = _saved_settings(saved), config_to_dict(config)
+        # A resumed run may run longer or quieter, and its folder may have moved; anything else would
+        # silently change the experiment.
+        for key in ("steps", "progress", "output_dir"):
+            was.get("run", {}).pop(key, None)
             now["run"].pop(key, None)
-        if was != now:
-            changed = sorted(f"{s}.{k}" for s in now for k in now[s] if was.get(s, {}).get(k) != now[s][k])
-            raise ConfigError(f"--resume with a config that differs from the saved run in {changed}: resume with "
-                              f"the same settings (see {saved}) or start a new run.output_dir")
+        changed = [f"{section}.{key}: {was.get(section, {}).get(key, '(not set)')!r} -> "
+                   f"{now.get(section, {}).get(key, '(not set)')!r}"
+                   for section in sorted(set(was) | set(now))
+                   for key in sorted(set(was.get(section, {})) | set(now.get(section, {})))
+                   if was.get(section, {}).get(key) != now.get(section, {}).get(key)]
+        if changed:
+            raise ConfigError(f"--resume with a config that differs from the saved run ({'; '.join(changed)}): resume "
+                              f"with the same settings (see {saved}) or start a new run.output_dir")
+        checkpoints = list_checkpoints(run_dir)
+        if checkpoints:
+            meta = _checkpoint_meta(checkpoints[-1])
+            if meta["step"] > config.run.steps:
+                raise ConfigError(f"--resume with run.steps={config.run.steps}, below the newest checkpoint "
+                                  f"({checkpoints[-1]}, step {meta['step']}): resume with run.steps={meta['step']} "
+                                  "or more")
+            if meta.get("world_size", world) != world:
+                raise ConfigError(f"--resume on {world} process(es), but {checkpoints[-1]} was written by "
+                                  f"{meta['world_size']}: its state is sharded that way; resume with "
+                                  f"--nproc {meta['world_size']}")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not a lora-rl run folder: "
                           "choose an empty or new folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, dump_config(config))
     return run_dir
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        int(meta["step"])
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(_unreadable(path, err)) from None
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    return (f"checkpoint {path} cannot be read ({type(err).__name__}: {err}): it was damaged after it was written. "
+            "Delete that folder to resume from the checkpoint before it, or start a new run.output_dir")
+
+
+def _load_checkpoint(checkpoints: list[Path], backend) -> tuple[dict, dict]:
+    """The newest checkpoint, with a damaged or missing file a ConfigError naming the folder. A checkpoint only
+    appears once complete, so damage came later (a disk, a copy, a hand); the older ones are left for the user."""
+    try:
+        return load_checkpoint(checkpoints[-1], backend)
+    except ConfigError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise ConfigError(_unreadable(checkpoints[-1], err)) from None
 
 
 def train(config: Config, *, resume: bool = False,
@@ -370,7 +424,7 @@ def train(config: Config, *, resume: bool = False,
     error = None
     if d.main:
         try:
-            _prepare_run_dir(config, resume)
+            _prepare_run_dir(config, resume, d.world)
         except ConfigError as err:
             error = str(err)
     error = distributed.broadcast_object(error)
@@ -406,7 +460,7 @@ def train(config: Config, *, resume: bool = False,
         start_step, meta = 0, {}
         checkpoints = list_checkpoints(run_dir) if resume else []
         if checkpoints:
-            state, meta = load_checkpoint(checkpoints[-1], backend)
+            state, meta = _load_checkpoint(checkpoints, backend)
             torch.set_rng_state(state["torch_rng"])
             start_step = meta["step"]
         publish(engine, backend, meta.get("version", 0))  # the initial adapter, or the resumed one
@@ -494,7 +548,7 @@ def train(config: Config, *, resume: bool = False,
                 if last or stop or (every and (step + 1) % every == 0):
                     save_checkpoint(run_dir, step + 1, backend, {"torch_rng": torch.get_rng_state()},
                                     {"version": step + 1, "data_position": (step + 1) * rp.prompts_per_step,
-                                     "eval_before": before},
+                                     "eval_before": before, "world_size": d.world},
                                     keep=config.run.keep_checkpoints)
                 if stop:
                     step += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_an_existing_run_is_never_overwritten(warm_model_dir, tmp_path):
     before = (out / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match=r"already holds a run \(config.yaml\): pass --resume"):
         train(_config(warm_model_dir, out, "run.steps=1", "eval.size=0"))
-    with pytest.raises(ConfigError, match=r"differs from the saved run in \['lora.lora_rank'\]"):
+    with pytest.raises(ConfigError, match=r"differs from the saved run \(lora.lora_rank: 8 -> 16\)"):
         train(_config(warm_model_dir, out, "run.steps=2", "eval.size=0", "lora.lora_rank=16"), resume=True)
     assert (out / "metrics.jsonl").read_text() == before
     other = tmp_path / "other"
@@ -89,6 +90,46 @@ def test_an_existing_run_is_never_overwritten(warm_model_dir, tmp_path):
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"is not a lora-rl run folder"):
         train(_config(warm_model_dir, other, "run.steps=1"))
+
+
+def test_resume_refuses_what_it_cannot_continue(warm_model_dir, tmp_path):
+    import shutil
+
+    import torch
+
+    out = tmp_path / "run"
+    common = ("run.checkpoint_every=1", "eval.size=0")
+    train(_config(warm_model_dir, out, "run.steps=2", *common))
+    with pytest.raises(ConfigError, match=r"holds no run to resume \(no config.yaml there\)"):
+        train(_config(warm_model_dir, tmp_path / "typo", "run.steps=2", *common), resume=True)
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(ConfigError, match=r"run.steps=1, below the newest checkpoint .*step_000002, step 2\): resume "
+                                          r"with run.steps=2 or more"):
+        train(_config(warm_model_dir, out, "run.steps=1", *common), resume=True)
+    # The folder may be spelled otherwise, or moved: the run is the one whose config.yaml is there.
+    assert train(_config(warm_model_dir, f"{out}/", "run.steps=2", *common), resume=True)["steps_done"] == 2
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    newest = moved / "checkpoints" / "step_000002"
+    meta = json.loads((newest / "meta.json").read_text())
+    (newest / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    with pytest.raises(ConfigError, match=r"--resume on 1 process\(es\), but .*step_000002 was written by 2: .*resume "
+                                          r"with --nproc 2"):
+        train(_config(warm_model_dir, moved, "run.steps=3", *common), resume=True)
+    (newest / "meta.json").write_text(json.dumps(meta))
+    state = torch.load(newest / "backend" / "state.pt", weights_only=True)
+    name = next(iter(state["trainable"]))
+    torch.save({**state, "trainable": {**state["trainable"], name: torch.zeros(3, 3)}}, newest / "backend" / "state.pt")
+    with pytest.raises(ConfigError, match=rf"holds {re.escape(name)} of shape \[3, 3\], but this model's is .*not the "
+                                          r"one the run trained"):
+        train(_config(warm_model_dir, moved, "run.steps=3", *common), resume=True)
+    (newest / "state.pt").write_bytes(b"garbage")
+    (newest / "backend" / "state.pt").unlink()
+    with pytest.raises(ConfigError, match=r"checkpoint .*step_000002 cannot be read .*Delete that folder to resume "
+                                          r"from the checkpoint before it"):
+        train(_config(warm_model_dir, moved, "run.steps=3", *common), resume=True)
+    shutil.rmtree(newest)  # as the message says: the step-1 checkpoint carries on
+    assert train(_config(warm_model_dir, moved, "run.steps=3", *common), resume=True)["steps_done"] == 3
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(warm_model_dir, tmp_path, monkeypatch, capsys):

@@ -273,6 +273,14 @@ class FSDP2Engine:
             return
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         named = dict(self.model.named_parameters())
+        for name, tensor in state["trainable"].items():
+            # The run's config is checked against the saved one, but model.path is a folder whose contents
+            # can change; copy_ would fail with a bare broadcast error (or, for equal sizes, not at all).
+            have = tuple(named[name].shape) if name in named else None
+            if have != tuple(tensor.shape):
+                raise ConfigError(f"checkpoint {folder.parent} holds {name} of shape {list(tensor.shape)}, but this "
+                                  f"model's is {list(have) if have else 'missing'}: the model in model.path is not "
+                                  "the one the run trained. Restore that model folder, or start a new run.output_dir")
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
                 named[name].copy_(tensor)
