@@ -4,6 +4,7 @@ executes headless under papermill on a tiny model."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_every_notebook_runs_headless(random_model_dir, tmp_path):
     folder = tmp_path / "sweep" / "points" / point.id
     folder.mkdir(parents=True)
     (folder / "result.json").write_text(result.read_text())
+    shutil.copytree(tmp_path / "point" / "run", folder / "run")  # where the sweep keeps the point's run
     (folder / "status.json").write_text(json.dumps({"status": "ok", "reason": "", "seconds": 1.0}))
     collect(spec)
     compare = _papermill("04_compare.ipynb", tmp_path, {"results": str(tmp_path / "sweep")})
