@@ -365,10 +365,15 @@ def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
                 raise ConfigError(f"--resume with run.steps={config.run.steps}, below the newest checkpoint "
                                   f"({checkpoints[-1]}, step {meta['step']}): resume with run.steps={meta['step']} "
                                   "or more")
-            if meta.get("world_size", world) != world:
-                raise ConfigError(f"--resume on {world} process(es), but {checkpoints[-1]} was written by "
-                                  f"{meta['world_size']}: its state is sharded that way; resume with "
-                                  f"--nproc {meta['world_size']}")
+            # FSDP2 saves one state.pt from one process and torch.distributed.checkpoint shards (which it can
+            # reshard to another count) from several; each layout loads only the way it was written.
+            sharded = (checkpoints[-1] / "backend" / ".metadata").is_file()
+            if config.backend.name == "fsdp2" and sharded != (world > 1):
+                saved_by = meta.get("world_size", "several" if sharded else 1)
+                fix = f"--nproc {saved_by}" if sharded else "one process (no --nproc)"
+                raise ConfigError(f"--resume on {world} process(es), but {checkpoints[-1]} was written by {saved_by}: "
+                                  f"FSDP2 saves {'sharded' if sharded else 'unsharded'} state then, which loads only "
+                                  f"that way. Resume with {fix}")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not a lora-rl run folder: "
                           "choose an empty or new folder")

@@ -113,9 +113,11 @@ def test_resume_refuses_what_it_cannot_continue(warm_model_dir, tmp_path):
     newest = moved / "checkpoints" / "step_000002"
     meta = json.loads((newest / "meta.json").read_text())
     (newest / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
-    with pytest.raises(ConfigError, match=r"--resume on 1 process\(es\), but .*step_000002 was written by 2: .*resume "
-                                          r"with --nproc 2"):
+    (newest / "backend" / ".metadata").write_bytes(b"")  # the layout of a checkpoint two processes wrote
+    with pytest.raises(ConfigError, match=r"--resume on 1 process\(es\), but .*step_000002 was written by 2: FSDP2 "
+                                          r"saves sharded state then.*Resume with --nproc 2"):
         train(_config(warm_model_dir, moved, "run.steps=3", *common), resume=True)
+    (newest / "backend" / ".metadata").unlink()
     (newest / "meta.json").write_text(json.dumps(meta))
     state = torch.load(newest / "backend" / "state.pt", weights_only=True)
     name = next(iter(state["trainable"]))
