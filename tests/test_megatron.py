@@ -172,6 +172,14 @@ def test_checkpoint_resume_restores_adapter_and_optimizer(family_dir, tmp_path):
     assert first.optimizer.state_dict()["state"].keys() == second.optimizer.state_dict()["state"].keys()
     with pytest.raises(ConfigError, match="resume with the backend.tensor_parallel it was saved with"):
         second.load_state(tmp_path / "elsewhere")
+    # A checkpoint whose adapter does not fit this model (the model folder changed under the run).
+    (saved,) = (tmp_path / "ckpt").glob("megatron-tp*.pt")
+    state = torch.load(saved, weights_only=True)
+    name = next(iter(state["trainable"]))
+    torch.save({**state, "trainable": {**state["trainable"], name: torch.zeros(3, 3)}}, saved)
+    with pytest.raises(ConfigError, match=r"holds .* of shape \[3, 3\], but this model's is .*not the one the run "
+                                          r"trained"):
+        second.load_state(tmp_path / "ckpt")
 
 
 _STEP = ("train.micro_batch_size=2", "grpo.minibatches=2", "rollout.prompts_per_step=2", "rollout.group_size=4",

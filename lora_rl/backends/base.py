@@ -43,3 +43,17 @@ class TrainEngine(Protocol):
         """Collective: adapter + optimizer state for a checkpoint (sharded where the backend shards)."""
 
     def load_state(self, folder: Path) -> None: ...
+
+
+def check_saved_shapes(named: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], folder: Path) -> None:
+    """Each saved trainable tensor must fit the model's. The run's config is checked against the saved one,
+    but model.path is a folder whose contents can change; copy_ would fail with a bare broadcast error (or,
+    for equal sizes, not at all)."""
+    from lora_rl.config import ConfigError
+
+    for name, tensor in saved.items():
+        have = tuple(named[name].shape) if name in named else None
+        if have != tuple(tensor.shape):
+            raise ConfigError(f"checkpoint {folder.parent} holds {name} of shape {list(tensor.shape)}, but this "
+                              f"model's is {list(have) if have else 'missing'}: the model in model.path is not "
+                              "the one the run trained. Restore that model folder, or start a new run.output_dir")

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from lora_rl import distributed
+from lora_rl.backends.base import check_saved_shapes
 from lora_rl.batching import TokenBatch, token_logprobs
 from lora_rl.config import Config, ConfigError
 from lora_rl.cuda_graphs import GraphedLayers
@@ -273,14 +274,7 @@ class FSDP2Engine:
             return
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         named = dict(self.model.named_parameters())
-        for name, tensor in state["trainable"].items():
-            # The run's config is checked against the saved one, but model.path is a folder whose contents
-            # can change; copy_ would fail with a bare broadcast error (or, for equal sizes, not at all).
-            have = tuple(named[name].shape) if name in named else None
-            if have != tuple(tensor.shape):
-                raise ConfigError(f"checkpoint {folder.parent} holds {name} of shape {list(tensor.shape)}, but this "
-                                  f"model's is {list(have) if have else 'missing'}: the model in model.path is not "
-                                  "the one the run trained. Restore that model folder, or start a new run.output_dir")
+        check_saved_shapes(named, state["trainable"], folder)
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
                 named[name].copy_(tensor)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from lora_rl import distributed
 from lora_rl.backends import megatron_compat
+from lora_rl.backends.base import check_saved_shapes
 from lora_rl.batching import TokenBatch, logits_to_logprobs
 from lora_rl.config import Config, ConfigError
 from lora_rl.lora import megatron_target_names, save_adapter
@@ -239,6 +240,7 @@ class MegatronEngine:
                               "backend.tensor_parallel it was saved with")
         state = torch.load(path, map_location="cpu", weights_only=True)
         named = dict(self.megatron.named_parameters())
+        check_saved_shapes(named, state["trainable"], folder)
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
                 named[name].copy_(tensor)
