@@ -4,7 +4,11 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
 
   weights      base weights in the model dtype, sharded over the devices by FSDP2, plus the two
                decoder layers FSDP2 keeps gathered (the one computing and the one prefetched);
-               with CPU offload only the gathered layers sit on the device
+               with CPU offload only the gathered layers sit on the device; with
+               backend.reshard_after_forward=false every layer stays gathered from its forward to its
+               backward, so at the peak the whole model is gathered besides the shards. Megatron (as
+               `train` runs it: tensor_parallel=1, data parallel over processes) holds the whole model
+               on every process, and its adapters, their gradients and AdamW's state too
   trainable    LoRA (or all) parameters and their gradients in the model dtype (lora-rl keeps adapters
                in the model dtype), and AdamW's two moments, sharded; with a 16-bit model and
                train.master_weights (the default) the moments are float32 and a float32 master copy
@@ -20,8 +24,12 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
                layer's input, plus one layer recomputed
   logits       plain: [tokens, vocab] in the model dtype, upcast to float32 (16-bit models), log-softmax
                and its gradient: 14 bytes per element in bf16, 12 in float32 - at small scale the
-               largest term; chunked (the default, train.chunked_logprobs): one slice of at most
-               2^26 elements at a time
+               largest term; chunked (the default, train.chunked_logprobs, FSDP2 only): one slice of
+               at most 2^26 elements at a time. Megatron always forms the plain logits
+
+The micro-batch is what the update really runs: train.micro_batch_size, at most a minibatch
+(each rank's share of the batch over grpo.minibatches). Megatron's fused layers count as their
+Hugging Face members (a q_proj target adapts q, k and v: `backends.adapter_lora`).
 
 The GPU anchors of FIELD_NOTES section 6 and CPU runs in tests/test_estimate.py check it; the README
 states the error. It ignores allocator fragmentation and the CUDA context (~0.5 GiB outside torch).
@@ -40,6 +48,8 @@ _ACT_HIDDEN, _ACT_MLP = 10, 4  # saved vectors per token per eager layer (see th
 # float32 upcast of 16-bit logits (a float32 model's logits are used as they are).
 _LOGIT_EXTRA_BYTES, _UPCAST_BYTES = 8, 4
 _MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Layouts that fuse some of them into one linear (Phi-3): one adapter on the fused layer.
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,13 +80,15 @@ class ModelShape:
                    tied=bool(getattr(cfg, "tie_word_embeddings", False)))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer."""
+        """(in, out) of each linear layer of one decoder layer, and of the fused layers some layouts have."""
         h, q, kv, i = self.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate_size
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h), "qkv_proj": (h, q + 2 * kv),
+                "gate_up_proj": (h, 2 * i)}
 
     def layer_params(self) -> int:
-        return sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden_size  # + two norms
+        shapes = self.linear_shapes()
+        return sum(a * b for a, b in (shapes[name] for name in _MODULES)) + 2 * self.hidden_size  # + two norms
 
     def total_params(self) -> int:
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tied else 2)
@@ -85,11 +97,16 @@ class ModelShape:
 
 def _targets(target_modules) -> tuple[str, ...]:
     targets = _MODULES if "all-linear" in target_modules else tuple(target_modules)
-    unknown = [t for t in targets if t not in _MODULES]
+    unknown = [t for t in targets if t not in _MODULES and t not in _FUSED]
     if unknown:
         raise ConfigError(f"lora.target_modules: {unknown} are not decoder linear layers the estimator knows "
-                          f"({list(_MODULES)})")
+                          f"({list(_MODULES) + list(_FUSED)})")
     return targets
+
+
+def _members(targets) -> set[str]:
+    """The separate layers the targets cover (a fused layer covers its members)."""
+    return {member for t in targets for member in _FUSED.get(t, (t,))}
 
 
 def lora_params(shape: ModelShape, rank: int, target_modules) -> int:
@@ -111,7 +128,7 @@ def saved_per_token(shape: ModelShape, *, compiled: bool, memory_budget: float =
     adapters = adapter_rank * len(targets)
     if memory_budget < 1.0:  # norm outputs and silu(gate)*up recomputed in the backward
         return 2 * h + 2 * q + 2 * kv + 2 * i + adapters
-    mlp_fused = fused_mlp and adapter_rank and {"gate_proj", "up_proj", "down_proj"} <= set(targets)
+    mlp_fused = fused_mlp and adapter_rank and {"gate_proj", "up_proj", "down_proj"} <= _members(targets)
     return 4 * h + 2 * q + 2 * kv + (2 if mlp_fused else 3) * i + adapters
 
 
@@ -134,10 +151,13 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
                     activation_checkpointing: bool = False, cpu_offload: bool = False,
                     chunked_logprobs: bool = True, master_weights: bool = True, compiled: bool = False,
                     memory_budget: float = BackendConfig().compile_memory_budget,
-                    fused_mlp: bool = True) -> MemoryEstimate:
+                    fused_mlp: bool = True, backend: str = "fsdp2",
+                    reshard_after_forward: bool = True) -> MemoryEstimate:
     """Peak memory per device of one GRPO update (see the module docstring for the terms).
     compiled: the decoder layers run through torch.compile (backend.compile on GPUs), with
-    memory_budget as backend.compile_memory_budget (the same default)."""
+    memory_budget as backend.compile_memory_budget (the same default). backend: "fsdp2" or "megatron"."""
+    if backend not in ("fsdp2", "megatron"):
+        raise ConfigError(f"backend={backend!r}: the estimator models fsdp2 and megatron")
     if dtype not in _BYTES:
         raise ConfigError(f"dtype={dtype!r} is not one of {list(_BYTES)}")
     if devices < 1 or micro_batch_size < 1 or seq_len < 1:
@@ -146,15 +166,23 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
         raise ConfigError(f"memory_budget={memory_budget!r} must be in (0, 1], as backend.compile_memory_budget")
     b = _BYTES[dtype]
     total = shape.total_params()
-    gathered = (2 * shape.layer_params() if devices > 1 or cpu_offload else 0) * b
-    resident = 0 if cpu_offload else total * b / devices
+    megatron = backend == "megatron"
+    shards = 1 if megatron else devices  # Megatron's data-parallel replicas each hold everything
+    sharded = devices > 1 or cpu_offload
+    if megatron:
+        gathered = 0
+    elif sharded and not reshard_after_forward:
+        gathered = total * b  # every layer gathered from its forward to its backward
+    else:
+        gathered = (2 * shape.layer_params() if sharded else 0) * b
+    resident = 0 if cpu_offload and not megatron else total * b / shards
     weights = resident + gathered
     trainable = lora_params(shape, rank, target_modules) if use_lora else total
     # parameters (base ones already counted for full fine-tuning) + gradients + AdamW's state: two
     # moments, plus a float32 master copy for 16-bit weights under train.master_weights (lora_rl/optim.py)
     state = 12 if master_weights and b < 4 else 2 * b
-    trainable_bytes = trainable * (b * ((1 if use_lora else 0) + 1) + state) / devices
-    if cpu_offload:
+    trainable_bytes = trainable * (b * ((1 if use_lora else 0) + 1) + state) / shards
+    if cpu_offload and not megatron:
         trainable_bytes = 0.0  # shards, gradients and optimizer state live in CPU memory
     tokens = micro_batch_size * seq_len
     per_layer = tokens * b * saved_per_token(shape, compiled=compiled, memory_budget=memory_budget,
@@ -165,7 +193,7 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
     else:
         activations = shape.layers * per_layer
     elements = tokens * shape.vocab_size
-    if chunked_logprobs:  # one checkpointed slice lives at a time (lora_rl.batching._CHUNK_ELEMENTS)
+    if chunked_logprobs and not megatron:  # one checkpointed slice lives at a time (lora_rl.batching._CHUNK_ELEMENTS)
         from lora_rl.batching import _CHUNK_ELEMENTS
 
         elements = min(elements, _CHUNK_ELEMENTS)
@@ -179,28 +207,48 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
 def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1,
                         use_lora: bool | None = None) -> MemoryEstimate:
     """The estimate for a run config: its model, LoRA settings, backend options and micro-batch.
-    use_lora: override the config's (False: the same run training every weight)."""
+    use_lora: override the config's (False: the same run training every weight; Megatron trains
+    adapters only, so that is the run on FSDP2)."""
     from lora_rl.models import model_config
 
     shape = ModelShape.from_config(model_config(config.model.path))
     if seq_len is None:  # prompt budget as long as the completion budget: a rough default
         seq_len = 2 * config.rollout.max_new_tokens
-    batch = config.rollout.prompts_per_step * config.rollout.group_size // max(devices, 1)
-    return estimate_memory(shape, use_lora=config.lora.use_lora if use_lora is None else use_lora,
-                           rank=config.lora.lora_rank,
-                           target_modules=config.lora.target_modules, devices=devices,
-                           micro_batch_size=min(config.train.micro_batch_size, max(batch, 1)), seq_len=seq_len,
-                           **training_options(config))
+    use_lora = config.lora.use_lora if use_lora is None else use_lora
+    backend = config.backend.name if use_lora else "fsdp2"
+    return estimate_memory(shape, use_lora=use_lora, rank=config.lora.lora_rank, seq_len=seq_len,
+                           **training_options(config, backend=backend, devices=devices))
 
 
-def training_options(config, backend: str | None = None) -> dict:
-    """The `estimate_memory` settings a run config fixes besides the model, the adapter and the batch:
-    dtype, backend and training options. backend: the backend's name, if not the config's (the panel's
-    choice). `lora-rl estimate` and the LoRA panel both take them from here."""
-    return dict(dtype=config.model.dtype, activation_checkpointing=config.backend.activation_checkpointing,
+def training_options(config, backend: str | None = None, *, devices: int = 1, group_size: int | None = None,
+                     target_modules=None) -> dict:
+    """The `estimate_memory` settings a run config fixes besides the model, the rank and the sequence
+    length: targets, devices, micro-batch, dtype, backend and training options. backend, group_size,
+    target_modules: the panel's choices, if not the config's. `lora-rl estimate` and the LoRA panel
+    both take them from here."""
+    import dataclasses
+
+    from lora_rl.backends import adapter_lora
+    from lora_rl.lora import hf_target_names
+
+    backend = backend or config.backend.name
+    if target_modules is not None:
+        config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, target_modules=tuple(target_modules)))
+    if backend == "megatron":  # Megatron adapts fused layers whole: count what it trains
+        config = dataclasses.replace(config, backend=dataclasses.replace(config.backend, name="megatron"))
+        target_modules = adapter_lora(config).target_modules
+    else:  # FSDP2 reads Megatron names (linear_qkv, ...) as the layers they fuse
+        target_modules = hf_target_names(config.lora.target_modules)
+    # Each rank's share of the batch, split into minibatches before the micro-batches (trainer.grpo_update).
+    batch = config.rollout.prompts_per_step * (group_size or config.rollout.group_size) // max(devices, 1)
+    minibatch = batch // config.grpo.minibatches
+    return dict(target_modules=tuple(target_modules), devices=devices,
+                micro_batch_size=max(1, min(config.train.micro_batch_size, minibatch)),
+                dtype=config.model.dtype, activation_checkpointing=config.backend.activation_checkpointing,
                 cpu_offload=config.backend.cpu_offload, chunked_logprobs=config.train.chunked_logprobs,
                 master_weights=config.train.master_weights,
                 # the FSDP2 backend compiles its layers on GPUs (the estimate is for a GPU run)
-                compiled=config.backend.compile and (backend or config.backend.name) == "fsdp2",
+                compiled=config.backend.compile and backend == "fsdp2",
                 memory_budget=config.backend.compile_memory_budget,
-                fused_mlp=config.train.fused_lora and config.train.fused_mlp)
+                fused_mlp=config.train.fused_lora and config.train.fused_mlp, backend=backend,
+                reshard_after_forward=config.backend.reshard_after_forward)

@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lora_rl.config import ConfigError, LoRAConfig, load_config
-from lora_rl.estimate import ModelShape, estimate_for_config, estimate_memory, lora_params, saved_per_token
+from lora_rl.estimate import (ModelShape, estimate_for_config, estimate_memory, lora_params, saved_per_token,
+                              training_options)
 from lora_rl.lora import inject_lora, trainable_parameters
 from lora_rl.models import model_config
 
@@ -221,3 +222,56 @@ def test_the_72b_recipes_fit_80gb_cards_with_lora_and_full_finetuning_does_not(g
     # Full fine-tuning holds bf16 weights and gradients plus float32 masters and moments (16 bytes a
     # parameter): ~280 GiB a card on 4, ~146 on 8. (With pure bf16 AdamW, 8 cards would squeeze it in.)
     assert float(full_line.split("over by ")[1]) > (200 if gpus == 4 else 60)
+
+
+def test_megatron_holds_the_whole_model_per_process_and_forms_plain_logits():
+    """train() runs Megatron with tensor_parallel=1, data parallel: every process holds the whole base
+    model, its adapters and their optimizer state, and Megatron's log-probs go through full logits."""
+    recipe = "examples/qwen2.5_72b_lora_4gpu.yaml"  # Qwen2.5-72B's shape, bf16
+    fsdp2 = estimate_for_config(load_config(recipe), devices=4, seq_len=1024)
+    megatron = estimate_for_config(load_config(recipe, ["backend.name=megatron", "rollout.engine=vllm"]), devices=4,
+                                   seq_len=1024)
+    assert megatron.weights_gib == pytest.approx(megatron.total_params * 2 / 2 ** 30)
+    assert megatron.weights_gib > 3 * fsdp2.weights_gib
+    plain = estimate_for_config(load_config(recipe, ["train.chunked_logprobs=false"]), devices=4, seq_len=1024)
+    assert megatron.logits_gib == plain.logits_gib > fsdp2.logits_gib
+    assert megatron.trainable_gib == pytest.approx(4 * fsdp2.trainable_gib)
+
+
+def test_megatron_targets_count_what_megatron_trains():
+    """A q_proj target adapts Megatron's fused linear_qkv (q, k and v); Megatron names are counted too."""
+    shape = ModelShape.from_config(model_config("tiny-arith"))
+    qv = ["model.path=tiny-arith", "lora.lora_rank=8", "lora.target_modules=[q_proj,v_proj]"]
+    assert estimate_for_config(load_config(None, qv)).trainable_params == lora_params(shape, 8, ["q_proj", "v_proj"])
+    assert estimate_for_config(load_config(None, [*qv, "backend.name=megatron", "rollout.engine=vllm"])).trainable_params == \
+        lora_params(shape, 8, ["q_proj", "k_proj", "v_proj"])
+    names = ["model.path=tiny-arith", "lora.lora_rank=8", "lora.target_modules=[linear_qkv,linear_fc1]"]
+    assert estimate_for_config(load_config(None, [*names, "backend.name=megatron", "rollout.engine=vllm"])).trainable_params == \
+        lora_params(shape, 8, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
+
+
+def test_the_micro_batch_is_at_most_a_minibatch():
+    """grpo.minibatches splits each rank's batch before the micro-batches (trainer.grpo_update)."""
+    one = load_config("examples/quickstart.yaml", ["train.micro_batch_size=64"])
+    four = load_config("examples/quickstart.yaml", ["train.micro_batch_size=64", "grpo.minibatches=4"])
+    batch = one.rollout.prompts_per_step * one.rollout.group_size
+    assert training_options(one)["micro_batch_size"] == min(64, batch)
+    assert training_options(four)["micro_batch_size"] == min(64, batch // 4)
+    assert estimate_for_config(four).activations_gib < estimate_for_config(one).activations_gib
+
+
+def test_no_reshard_after_forward_keeps_the_whole_model_gathered():
+    base = dict(dtype="bfloat16", devices=4, seq_len=1024)
+    resharded = estimate_memory(QWEN_7B, **base)
+    kept = estimate_memory(QWEN_7B, reshard_after_forward=False, **base)
+    assert kept.weights_gib == pytest.approx(resharded.weights_gib - 2 * QWEN_7B.layer_params() * 2 / 2 ** 30
+                                             + QWEN_7B.total_params() * 2 / 2 ** 30)
+
+
+def test_fused_layouts_names_are_counted_with_their_fused_shapes():
+    """Phi-3 fuses q, k, v (qkv_proj) and gate, up (gate_up_proj): one adapter on each fused layer."""
+    h, r = QWEN_7B.hidden_size, 8
+    qkv_out = (QWEN_7B.heads + 2 * QWEN_7B.kv_heads) * QWEN_7B.head_dim
+    assert lora_params(QWEN_7B, r, ["qkv_proj"]) == QWEN_7B.layers * r * (h + qkv_out)
+    assert lora_params(QWEN_7B, r, ["gate_up_proj", "down_proj"]) == \
+        QWEN_7B.layers * r * (h + 2 * QWEN_7B.intermediate_size + QWEN_7B.intermediate_size + h)

@@ -97,3 +97,28 @@ def test_the_recipe_s_rank_and_training_options_are_kept(random_model_dir, tmp_p
     assert panel.rank.value == 12 and panel.config().lora.lora_rank == 12
     cli = estimate_for_config(panel.config())
     assert panel.estimate()[0].total_gib == pytest.approx(cli.total_gib)
+
+
+def test_opening_the_panel_keeps_the_recipes_targets(tmp_path):
+    recipe = tmp_path / "qv.yaml"
+    recipe.write_text(open("examples/quickstart.yaml").read().replace("target_modules: [all-linear]",
+                                                                      "target_modules: [q_proj, v_proj]"))
+    p = LoRAPanel(str(recipe), output_root=str(tmp_path))
+    assert p.targets.value == ("q_proj", "v_proj")
+    assert p.config().lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_a_fused_layout_target_shows_an_estimate(tmp_path):
+    """Phi-3 names its layers qkv_proj and gate_up_proj; picking one the panel offers must not raise."""
+    from transformers import Phi3Config
+
+    model = tmp_path / "phi3"
+    Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+               intermediate_size=128, vocab_size=1000, pad_token_id=0).save_pretrained(model)
+    p = LoRAPanel("examples/quickstart.yaml", output_root=str(tmp_path))
+    p.model.options = [*p.model.options, str(model)]
+    p.model.value = str(model)
+    assert "qkv_proj" in p.targets.options
+    p.targets.value = ["qkv_proj"]
+    assert p.estimate()[0].trainable_params == 2 * p.rank.value * (64 + 3 * 64)
+    assert "no memory estimate" not in p.info.value

@@ -9,6 +9,7 @@ same message), and Run calls the same `lora_rl.trainer.train`. The logic is plai
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from pathlib import Path
@@ -98,10 +99,19 @@ class LoRAPanel:
     # --- what the controls mean ------------------------------------------------------------------------
 
     def _refresh_targets(self) -> None:
-        names = linear_module_names(meta_model(self.model.value))
-        self.targets.options = ["all-linear", *names]
-        self.targets.value = ["all-linear"]
-        self._shape = ModelShape.from_config(model_config(self.model.value))
+        """The chosen model's linear layers as choices. The recipe's own targets stay chosen while its
+        model is (opening the panel changes nothing by itself); another model starts from all-linear."""
+        meta = meta_model(self.model.value)
+        names = linear_module_names(meta)
+        self._total_params = sum(p.numel() for p in meta.parameters())
+        base = load_config(self.recipe)
+        keep = base.lora.target_modules if self.model.value == base.model.path else ()
+        self.targets.options = list(dict.fromkeys(["all-linear", *names, *keep]))
+        self.targets.value = list(keep) if keep else ["all-linear"]
+        try:
+            self._shape, self._no_shape = ModelShape.from_config(model_config(self.model.value)), None
+        except ConfigError as err:  # a layout the estimator does not model (GPT-2): the panel still runs it
+            self._shape, self._no_shape = None, err
 
     def overrides(self) -> list[str]:
         return [f"model.path={self.model.value}", f"task.name={self.task.value}",
@@ -138,37 +148,59 @@ class LoRAPanel:
         return ["all-linear"] if not chosen or "all-linear" in chosen else chosen
 
     def estimate(self):
+        """(this choice, full fine-tuning) as `lora-rl estimate` counts them; full fine-tuning runs on
+        FSDP2 whatever the backend (Megatron trains adapters only)."""
+        if self._shape is None:
+            raise self._no_shape
         base = load_config(self.recipe)
         seq_len = self.seq_len or 2 * base.rollout.max_new_tokens
-        batch = base.rollout.prompts_per_step * self.group_size.value // self.devices.value
-        common = dict(rank=self.rank.value, target_modules=self._targets(), devices=self.devices.value,
-                      micro_batch_size=max(1, min(base.train.micro_batch_size, batch)), seq_len=seq_len,
-                      **training_options(base, backend=self.backend.value))
-        return (estimate_memory(self._shape, use_lora=self.use_lora.value, **common),
-                estimate_memory(self._shape, use_lora=False, **common))
+        common = dict(group_size=self.group_size.value, devices=self.devices.value, target_modules=self._targets())
+        chosen = training_options(base, backend=self.backend.value if self.use_lora.value else "fsdp2", **common)
+        return (estimate_memory(self._shape, use_lora=self.use_lora.value, rank=self.rank.value, seq_len=seq_len,
+                                **chosen),
+                estimate_memory(self._shape, use_lora=False, rank=self.rank.value, seq_len=seq_len,
+                                **training_options(base, backend="fsdp2", **common)))
 
     def refresh(self) -> None:
-        chosen, full = self.estimate()
-        adapter = lora_params(self._shape, self.rank.value, self._targets())
-        dtype_bytes = _BYTES.get(load_config(self.recipe).model.dtype, 4)
         why = self.why_not_runnable()
+        try:
+            chosen, full = self.estimate()
+        except ConfigError as err:  # a layout or choice the estimator does not model: Run may still work
+            chosen = full = None
+            estimate = f"<span class='why'>no memory estimate: {html.escape(str(err))}</span>"
+        if chosen is not None:
+            estimate = (
+                f"predicted peak memory per GPU ({self.devices.value} GPU): "
+                f"<b><span class='estimate'>{_fmt_gib(chosen.total_gib)}</span></b>"
+                f" {'(LoRA)' if self.use_lora.value else '(full fine-tuning)'}; full fine-tuning {_fmt_gib(full.total_gib)}"
+                f"<br><small>weights {_fmt_gib(chosen.weights_gib)} + trainable state {_fmt_gib(chosen.trainable_gib)} + "
+                f"activations {_fmt_gib(chosen.activations_gib)} + logits {_fmt_gib(chosen.logits_gib)}</small>")
+        # The adapter the backend really trains (Megatron widens q_proj to q, k and v), LoRA on or off.
+        lora = chosen if chosen is not None and self.use_lora.value else None
+        adapter = lora.trainable_params if lora else self._adapter_params()
+        dtype_bytes = _BYTES.get(load_config(self.recipe).model.dtype, 4)
+        total = self._total_params
         self.info.value = (
-            f"<b>{self.model.value}</b>: {_fmt_count(self._shape.total_params())} parameters<br>"
+            f"<b>{self.model.value}</b>: {_fmt_count(total)} parameters<br>"
             f"trainable (LoRA r={self.rank.value}, alpha/r={self.alpha.value / self.rank.value:.2f}): "
-            f"<b><span class='trainable'>{_fmt_count(adapter)}</span></b> "
-            f"({100 * adapter / self._shape.total_params():.2f}%)<br>"
-            f"adapter size: <b>{adapter * dtype_bytes / 1e6:.2f} MB</b><br>"
-            f"predicted peak memory per GPU ({self.devices.value} GPU): "
-            f"<b><span class='estimate'>{_fmt_gib(chosen.total_gib)}</span></b>"
-            f" {'(LoRA)' if self.use_lora.value else '(full fine-tuning)'}; full fine-tuning {_fmt_gib(full.total_gib)}"
-            f"<br><small>weights {_fmt_gib(chosen.weights_gib)} + trainable state {_fmt_gib(chosen.trainable_gib)} + "
-            f"activations {_fmt_gib(chosen.activations_gib)} + logits {_fmt_gib(chosen.logits_gib)}"
-            "</small><br>"
+            + (f"<b><span class='trainable'>{_fmt_count(adapter)}</span></b> ({100 * adapter / total:.2f}%)<br>"
+               f"adapter size: <b>{adapter * dtype_bytes / 1e6:.2f} MB</b><br>" if adapter is not None else "n/a<br>")
+            + f"{estimate}<br>"
             f"{self.backend.value} + {self.engine.value}: "
             + ("<span style='color:green'>supported</span>" if not why else
-               f"<span style='color:#b00' class='why'>cannot run: {why}</span>"))
+               f"<span style='color:#b00' class='why'>cannot run: {html.escape(why)}</span>"))
         self.run_button.disabled = bool(why) or self._running
         self.run_button.tooltip = why or "train with these settings"
+
+    def _adapter_params(self) -> int | None:
+        if self._shape is None:
+            return None
+        try:
+            options = training_options(load_config(self.recipe), backend=self.backend.value,
+                                       target_modules=self._targets())
+            return lora_params(self._shape, self.rank.value, options["target_modules"])
+        except ConfigError:
+            return None
 
     # --- running ---------------------------------------------------------------------------------------
 
