@@ -418,6 +418,13 @@ def train(config: Config, *, resume: bool = False,
     if config.rollout.prompts_per_step % d.world:
         raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} does not split over {d.world} "
                           f"processes: use a multiple of {d.world}")
+    # Each process splits its own share into the minibatches (grpo_update): the share must divide, or
+    # the update takes more optimizer steps than asked (or a share smaller than the count, none at all).
+    share = config.rollout.prompts_per_step // d.world * config.rollout.group_size
+    if d.world > 1 and share % config.grpo.minibatches:
+        raise ConfigError(f"grpo.minibatches={config.grpo.minibatches} does not divide each process's share of the "
+                          f"rollout batch, {share} sequences (rollout.prompts_per_step / {d.world} processes x "
+                          f"rollout.group_size): pick a divisor of {share}, or change prompts_per_step")
     # The data first: a missing or malformed dataset must fail before the run folder is created.
     task = config.task
     train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,

@@ -181,3 +181,20 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(warm_model_dir, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps_done"] == steps
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("prompts", [6, 2])
+def test_minibatches_must_divide_each_processs_share(random_model_dir, tmp_path, monkeypatch, prompts):
+    """grpo_update splits each process's share: 6 prompts x 2 over 2 processes is 6 rows a process, which
+    4 minibatches would split into 6 optimizer steps (2 prompts: none at all), though 12 divides by 4."""
+    import torch
+
+    from lora_rl import distributed, trainer
+
+    monkeypatch.setattr(trainer.distributed, "init", lambda: distributed.Dist(rank=0, world=2, device=torch.device("cpu")))
+    config = _config(random_model_dir, tmp_path / "run", f"rollout.prompts_per_step={prompts}",
+                     "rollout.group_size=2", "grpo.minibatches=4")
+    with pytest.raises(ConfigError, match=r"grpo.minibatches=4 does not divide each process's share .* "
+                                          rf"{prompts // 2 * 2} sequences"):
+        train(config)
+    assert not (tmp_path / "run").exists()
