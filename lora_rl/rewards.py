@@ -6,7 +6,8 @@ reference answer and 0.0 otherwise; they never raise on odd model output.
 
 Extraction (``extract_answer``) tries, in order:
 
-1. the text after the LAST ``#### `` marker (the GSM8K answer format);
+1. the text after the LAST ``#### `` marker (the GSM8K answer format), up to the line's end;
+   an equation there ("#### 38-43=-5") answers with what follows its last "=";
 2. the content of the LAST ``\\boxed{...}``;
 3. the LAST number anywhere in the text. This is a lenient fallback: a model
    that writes "so the answer is 42" without the marker still gets credit,
@@ -89,6 +90,8 @@ def _last_marker_answer(text: str) -> str | None:
     # The answer is the rest of that line; models often keep writing after it.
     rest = text[index + len(_MARKER) :].lstrip("# \t")
     line = rest.split("\n", 1)[0].strip()
+    if "=" in line:  # "#### 38-43=-5" or "#### 2 * 12 = 24": the result is what follows the last "="
+        line = line.rsplit("=", 1)[1].strip()
     if not line:
         return None
     as_number = normalize_answer(line)
@@ -152,6 +155,7 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
     """
     if not isinstance(text, str):
         return None
+    text = text.replace("\u2212", "-")  # a typeset minus sign ("#### −5") is still a sign
     extractors = (_last_marker_answer, _last_boxed_answer) if strict else (
         _last_marker_answer, _last_boxed_answer, _last_number)
     for extractor in extractors:

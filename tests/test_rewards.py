@@ -8,7 +8,7 @@ import time
 import pytest
 
 from lora_rl import rewards, tasks
-from lora_rl.rewards import REWARDS, extract_answer, get_reward, has_final_answer
+from lora_rl.rewards import REWARDS, extract_answer, get_reward, gsm8k_reward, has_final_answer, strict_reward
 
 
 def _gsm8k_test_rows():
@@ -159,3 +159,15 @@ def test_math_verify_is_not_needed_for_numbers(monkeypatch):
 
     monkeypatch.setattr(rewards, "_symbolic_equal", boom)
     assert get_reward("gsm8k")("#### 1,234", "1234") == 1.0
+
+
+@pytest.mark.parametrize("reward", [gsm8k_reward, strict_reward])
+@pytest.mark.parametrize("completion, right, wrong", [
+    ("#### 38-43=-5", "-5", "38"),  # an equation on the answer line: its result counts, not its first operand
+    ("2 * 12 = 24\n#### 2 * 12 = 24", "24", "2"),
+    ("#### 5 + 3 = 8", "8", "5"),
+    ("#### \u22125", "-5", "5"),  # a typeset minus sign
+])
+def test_the_answer_line_scores_its_result(reward, completion, right, wrong):
+    assert reward(completion, right) == 1.0
+    assert reward(completion, wrong) == 0.0
