@@ -201,6 +201,10 @@ def _gsm8k_reference(answer: str, path: pathlib.Path, line_number: int) -> str:
     reference = answer.rsplit("####", 1)[1].strip().replace(",", "")
     if not reference:
         raise ConfigError(f"{path}:{line_number}: nothing after '####'; fix or drop this row")
+    if not any(c.isdigit() for c in reference):  # "five", "N/A": no completion could ever match it
+        raise ConfigError(f"{path}:{line_number}: the answer after '####' is {reference!r}, which holds no number; "
+                          "the rewards compare numbers (or math such as \\frac{1}{2}): write it as a number, or drop "
+                          "this row")
     return reference
 
 
@@ -216,8 +220,13 @@ def load_gsm8k(data_dir: str | os.PathLike[str], split: str, limit: int | None =
     if not path.is_file():
         raise ConfigError(f"GSM8K file {str(path)!r} does not exist: {hint}")
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is named with its line number
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not part of the row
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"{path}:{line_number}: not UTF-8 text (byte {error.start} of the line): save the "
+                                  "file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -226,14 +235,19 @@ def load_gsm8k(data_dir: str | os.PathLike[str], split: str, limit: int | None =
                 raise ConfigError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
             if not isinstance(row, dict) or "question" not in row or "answer" not in row:
                 raise ConfigError(f"{path}:{line_number}: row needs 'question' and 'answer' fields")
-            answer = str(row["answer"])
+            for field in ("question", "answer"):
+                if not isinstance(row[field], str) or not row[field].strip():
+                    raise ConfigError(f"{path}:{line_number}: '{field}' is {row[field]!r}; it must be non-empty text: "
+                                      "fix or drop this row")
             problems.append(
                 Problem(
-                    question=str(row["question"]),
-                    reference=_gsm8k_reference(answer, path, line_number),
-                    solution=answer,
+                    question=row["question"],
+                    reference=_gsm8k_reference(row["answer"], path, line_number),
+                    solution=row["answer"],
                 )
             )
+    if not problems:  # training would have nothing to sample, evaluation nothing to score
+        raise ConfigError(f"GSM8K file {str(path)!r} holds no rows: add problems, one JSON object a line")
     return problems if limit is None else problems[:limit]
 
 

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from lora_rl import tasks
+from lora_rl.config import ConfigError
 from lora_rl.rewards import extract_answer, get_reward
 from lora_rl.tasks import Problem, format_prompt, load_gsm8k, load_problems, make_arithmetic
 
@@ -209,6 +210,29 @@ def test_gsm8k_bad_json_names_file_and_line(tmp_path):
     (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{oops\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"test\.jsonl:2: not valid JSON"):
         load_gsm8k(tmp_path, "test")
+
+
+_GOOD = b'{"question": "q", "answer": "1\\n#### 1"}\n'
+
+
+@pytest.mark.parametrize("second, needle", [
+    ('{"question": "Caf\xe9?", "answer": "#### 3"}\n'.encode("latin-1"), r"train\.jsonl:2: not UTF-8 text"),
+    (b'{"question": "How many?", "answer": "#### five"}\n', r"train\.jsonl:2: the answer after '####' is 'five'"),
+    (b'{"question": null, "answer": "#### 7"}\n', r"train\.jsonl:2: 'question' is None"),
+    (b'{"question": "q", "answer": 7}\n', r"train\.jsonl:2: 'answer' is 7"),
+])
+def test_gsm8k_bad_rows_name_file_line_and_fix(tmp_path, second, needle):
+    (tmp_path / "train.jsonl").write_bytes(_GOOD + second)
+    with pytest.raises(ConfigError, match=needle):
+        load_gsm8k(tmp_path, "train")
+
+
+def test_gsm8k_empty_file_is_refused_and_a_byte_order_mark_is_not(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b"\n\n")
+    with pytest.raises(ConfigError, match=r"train\.jsonl' holds no rows"):
+        load_gsm8k(tmp_path, "train")
+    (tmp_path / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + _GOOD)
+    assert [p.reference for p in load_gsm8k(tmp_path, "test")] == ["1"]
 
 
 # --------------------------------------------------------------------------- prompts
