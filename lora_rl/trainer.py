@@ -430,7 +430,12 @@ def train(config: Config, *, resume: bool = False,
     train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
                                    data_dir=task.data_dir or None)
     eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
-                                  data_dir=task.data_dir or None, limit=config.eval.size)[d.rank::d.world]
+                                  data_dir=task.data_dir or None, limit=config.eval.size)
+    if config.eval.size and len(eval_problems) < d.world:
+        # Every process scores a share, and under FSDP2 every process must decode in step with the others.
+        raise ConfigError(f"eval.size={config.eval.size} gives {len(eval_problems)} test problems for {d.world} "
+                          f"processes, each of which scores a share: use eval.size >= {d.world}, or 0 for no evaluation")
+    eval_problems = eval_problems[d.rank::d.world]
     reward_fn = get_reward(task.reward or task.name)
     # Rank 0 checks and creates the run folder; every rank raises the same error if it fails.
     error = None

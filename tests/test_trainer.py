@@ -198,3 +198,15 @@ def test_minibatches_must_divide_each_processs_share(random_model_dir, tmp_path,
                                           rf"{prompts // 2 * 2} sequences"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_set_smaller_than_the_process_count_is_refused(random_model_dir, tmp_path, monkeypatch):
+    """Each process scores a share of the eval set: with 1 problem for 2 processes one share is empty."""
+    import torch
+
+    from lora_rl import distributed, trainer
+
+    monkeypatch.setattr(trainer.distributed, "init", lambda: distributed.Dist(rank=1, world=2, device=torch.device("cpu")))
+    with pytest.raises(ConfigError, match=r"eval.size=1 gives 1 test problems for 2 processes.*eval.size >= 2"):
+        train(_config(random_model_dir, tmp_path / "run", "eval.size=1"))
+    assert not (tmp_path / "run").exists()
