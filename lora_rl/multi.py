@@ -19,9 +19,11 @@ What the K adapters share, per step:
 - one reference pass (the base model, adapters off) serves all K.
 
 How it departs from a single run: the update runs the model in eval mode, because peft refuses
-per-row adapters in training mode; training mode only switches on LoRA dropout and activation
-checkpointing, so packed jobs refuse both. A packed job writes no checkpoints (no `--resume`): its
-adapters are saved at the end. Timings and tokens/s in each adapter's metrics are the whole job's.
+per-row adapters in training mode; training mode only switches on dropout (LoRA's or the base model's
+own) and activation checkpointing, so packed jobs refuse them. Adapters train on the FSDP2 backend's
+Hugging Face model only (`backend.name=fsdp2`). A packed job writes no checkpoints (no `--resume`): its
+adapters are saved at the end, and an adapter whose updates stay non-finite for `train.max_bad_updates`
+steps stops the whole job. Timings and tokens/s in each adapter's metrics are the whole job's.
 
 An adapter of a packed job follows the trajectory of its single run with the same settings and seed
 up to float rounding (different batch padding, and the sampler's merged or low-rank weights);
@@ -88,6 +90,12 @@ def check_packable(configs: list[Config]) -> None:
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"run.output_dir must differ between the adapters of one job, got {dirs}")
     c = configs[0]
+    if c.backend.name != "fsdp2":
+        # The job builds no backend: it trains peft adapters on the HF model, as the FSDP2 backend does.
+        # Another backend's run would adapt other modules (Megatron: q_proj means the fused q, k and v).
+        raise ConfigError(f"backend.name={c.backend.name!r} in a multi-LoRA job: packed adapters train on the "
+                          "FSDP2 backend's Hugging Face model only. Set backend.name=fsdp2, or run these points "
+                          "as separate jobs")
     if not c.lora.use_lora:
         raise ConfigError("lora.use_lora=false in a multi-LoRA job: it trains adapters over one frozen base; run full "
                           "fine-tuning as a job of its own")
@@ -309,11 +317,60 @@ def _verify(engine, policy: MultiLoRAPolicy, requests, completions, configs: lis
     return delivery
 
 
+def _check_run_dirs(configs: list[Config]) -> None:
+    """Refuse the job unless every adapter's run folder is new or empty. All are checked before any is
+    created: a job refused for one folder must leave the others as they were, so that a retry once that
+    folder is fixed is not refused for the folders the refused job made."""
+    for c in configs:
+        run_dir = Path(c.run.output_dir)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not an empty folder: a multi-LoRA "
+                              "job starts every adapter's run in a new or empty folder (it cannot resume a run). "
+                              "Choose another run.output_dir for that adapter, or empty that folder")
+
+
+def _check_model_dropout(model: torch.nn.Module, config: Config) -> None:
+    """Refuse a base model that drops out in training: a packed update runs in eval mode, where its dropout
+    is off, so its adapters would not follow their single runs (lora.lora_dropout is refused the same way)."""
+    if not has_dropout(model):
+        return
+    settings = {key: value for key, value in model.config.to_dict().items()
+                if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and value > 0}
+    found = f"{settings} in its config.json" if settings else "nn.Dropout layers with p > 0"
+    raise ConfigError(f"model.path={config.model.path!r} has dropout of its own ({found}): per-row adapters run in "
+                      "eval mode, where that dropout is off, so the packed adapters would not follow their single "
+                      "runs. Set its dropout settings to 0 in the model's config.json, or run these points as "
+                      "separate jobs")
+
+
+def _count_bad_updates(bad_updates: list[int], stats: list[dict[str, float]], configs: list[Config],
+                       step: int) -> None:
+    """Count each adapter's non-finite updates in a row (an adapter's NaN/inf skips only its own optimizer
+    step), warning as `trainer.train` does; raise once one adapter reaches train.max_bad_updates.
+
+    The whole job stops then, not just that adapter: a sweep records a pack by the job's one exit status, so
+    a job that went on without it would have to report per-point outcomes the sweep cannot read. Every
+    adapter's run folder keeps its config.yaml and metrics.jsonl of the steps done; no adapter is saved."""
+    for k, c in enumerate(configs):
+        bad_updates[k] = bad_updates[k] + 1 if stats[k]["skipped_updates"] else 0
+        if bad_updates[k]:
+            print(f"lora-rl: warning: step {step + 1}: {c.run.output_dir}: non-finite loss or gradient, update "
+                  f"skipped ({bad_updates[k]} in a row)", file=sys.stderr)
+        if bad_updates[k] >= c.train.max_bad_updates:
+            raise TrainingError(
+                f"{bad_updates[k]} updates in a row of the adapter of run.output_dir={c.run.output_dir!r} had a "
+                f"NaN/inf loss or gradient (steps {step + 2 - bad_updates[k]}-{step + 1}, train.max_bad_updates="
+                f"{c.train.max_bad_updates}): lower its train.lr, keep train.max_grad_norm > 0, or use "
+                "model.dtype=float32. The multi-LoRA job stopped with it: every adapter's metrics.jsonl holds the "
+                "steps done, and no adapter was saved")
+
+
 def train_multi(configs: list[Config]) -> list[dict]:
     """Train one adapter per config in one job over one base model; one summary per config (also written
     to each run folder's summary.json, as `trainer.train` writes it)."""
     wall_start = time.perf_counter()
     check_packable(configs)
+    _check_run_dirs(configs)
     config = configs[0]  # the shared sections
     require_engine(config.rollout.engine)
     d = distributed.init()
@@ -328,9 +385,11 @@ def train_multi(configs: list[Config]) -> list[dict]:
     resolve_model_path(config.model.path, progress=config.run.progress)
     model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=config.run.progress)
     model.to(d.device)
+    _check_model_dropout(model, config)
     for c in configs:
         check_model(model, c.lora)
     total_params = sum(p.numel() for p in model.parameters())
+    # Every check has passed (folders included, in _check_run_dirs): only now is any folder created.
     run_dirs = [_prepare_run_dir(c, resume=False) for c in configs]
     policy = MultiLoRAPolicy(model, configs, d.device)
     K = len(configs)
@@ -341,6 +400,7 @@ def train_multi(configs: list[Config]) -> list[dict]:
         _publish(engine, policy, 0, base_dir)
         before = _evaluate(engine, policy, tokenizer, eval_sets, reward_fn, config)
         prompt_cache: list[dict[int, list[int]]] = [{} for _ in configs]
+        bad_updates = [0] * K  # each adapter's non-finite updates in a row, as trainer.train counts a run's
         for step in range(config.run.steps):
             timer = Timer()
             requests, indices = _requests(configs, policy, train_sets, prompt_cache, tokenizer, step)
@@ -355,6 +415,7 @@ def train_multi(configs: list[Config]) -> list[dict]:
             batch, behaviour, owners = _update_batch(requests, completions, tokenizer.pad_token_id)
             with timer.phase("update"):
                 stats = multi_update(policy, batch, owners, behaviour, advantages, configs)
+            _count_bad_updates(bad_updates, stats, configs, step)
             with timer.phase("sync"):
                 synced = _publish(engine, policy, step + 1, base_dir)
             with timer.phase("verify"):

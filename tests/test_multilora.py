@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -197,6 +198,8 @@ def test_configs_differing_outside_lora_settings_are_refused(tmp_path, overrides
     (["lora.lora_dropout=0.1"], r"lora.lora_dropout=0.1 in a multi-LoRA job"),
     (["backend.activation_checkpointing=true"], r"activation_checkpointing=true in a multi-LoRA job"),
     (["rollout.engine=vllm-server"], r"rollout.engine='vllm-server' in a multi-LoRA job"),
+    (["backend.name=megatron", "rollout.engine=vllm"],
+     r"backend.name='megatron' in a multi-LoRA job: .* Set backend.name=fsdp2"),
 ])
 def test_settings_a_packed_job_cannot_honour_are_refused(tmp_path, overrides, needle):
     from lora_rl.multi import check_packable
@@ -205,6 +208,76 @@ def test_settings_a_packed_job_cannot_honour_are_refused(tmp_path, overrides, ne
         check_packable([_config("m", tmp_path / "a", *overrides), _config("m", tmp_path / "b", *overrides)])
     with pytest.raises(ConfigError, match=r"run.output_dir must differ"):
         check_packable([_config("m", tmp_path / "a"), _config("m", tmp_path / "a")])
+
+
+def test_sweep_runs_points_of_a_refused_pack_alone(tmp_path):
+    """A Megatron point trains fused modules the packed (Hugging Face) job cannot: the sweep runs each alone."""
+    from lora_rl.sweep import SweepSpec, expand, plan_packs
+
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "overrides": ["backend.name=megatron", "rollout.engine=vllm"],
+                                "grid": {"lora.lora_rank": [4, 8]}})
+    points = expand(spec)
+    packs, alone, notes = plan_packs(spec, points)
+    assert packs == [] and alone == points
+    assert all("not packable (backend.name='megatron' in a multi-LoRA job" in note for note in notes), notes
+
+
+def test_a_base_model_with_dropout_is_refused(random_model_dir, tmp_path):
+    """A packed update runs in eval mode: the model's own dropout would be off where its solo run has it on."""
+    from lora_rl.multi import train_multi
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(random_model_dir, model_dir)
+    settings = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**settings, "attention_dropout": 0.3}))
+    configs = [_config(model_dir, tmp_path / "a", "run.seed=1"), _config(model_dir, tmp_path / "b", "run.seed=2")]
+    with pytest.raises(ConfigError, match=r"model.path='.*' has dropout of its own \(\{'attention_dropout': 0.3\} "
+                                          r"in its config.json\).* Set its dropout settings to 0"):
+        train_multi(configs)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_taken_run_folder_refuses_the_job_before_any_folder_is_made(random_model_dir, tmp_path):
+    """Every folder is checked before any is created: after the user frees the taken one, a retry runs."""
+    from lora_rl.multi import train_multi
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("the user's")
+    configs = [_config(random_model_dir, tmp_path / name, f"run.seed={k}", "run.steps=1", "eval.size=0")
+               for k, name in enumerate("ab")]
+    with pytest.raises(ConfigError, match=r"run.output_dir='.*b' exists and is not") as err:
+        train_multi(configs)
+    assert "--resume" not in str(err.value)  # a packed job cannot resume
+    assert not (tmp_path / "a").exists()
+    shutil.rmtree(tmp_path / "b")
+    assert [s["steps_done"] for s in train_multi(configs)] == [1, 1]
+
+
+def test_non_finite_updates_of_one_adapter_stop_the_job(random_model_dir, tmp_path, monkeypatch, capsys):
+    """train.max_bad_updates as in a single run, counted per adapter: the error names the adapter's run folder,
+    and every adapter's folder keeps the metrics of the steps done."""
+    from lora_rl import multi
+    from lora_rl.trainer import TrainingError
+
+    real = multi.micro_loss
+
+    def poisoned(*args):  # a NaN loss for the adapter of seed 2 only
+        loss = real(*args)
+        return loss * float("nan") if args[6].run.seed == 2 else loss
+
+    monkeypatch.setattr(multi, "micro_loss", poisoned)
+    configs = [_config(random_model_dir, tmp_path / name, f"run.seed={k + 1}", "run.steps=4", "eval.size=0",
+                       "train.max_bad_updates=2") for k, name in enumerate("ab")]
+    with pytest.raises(TrainingError, match=r"2 updates in a row of the adapter of run.output_dir='.*b' had a "
+                                            r"NaN/inf loss or gradient \(steps 1-2, train.max_bad_updates=2\): "
+                                            r"lower its train.lr"):
+        multi.train_multi(configs)
+    assert capsys.readouterr().err.count("update skipped") == 2
+    for name in "ab":
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["skipped_updates"] for r in records] == [int(name == "b")]  # step 1; step 2 stopped the job
+        assert not (tmp_path / name / "adapter").exists()
 
 
 def test_sweep_pack_gives_the_table_of_separate_runs(tmp_path, random_model_dir):
