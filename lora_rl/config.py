@@ -10,8 +10,9 @@ The LoRA section uses AReaL's vocabulary (`use_lora`, `lora_rank`, `lora_alpha`,
 from __future__ import annotations
 
 import dataclasses
-import os
 import difflib
+import json
+import os
 import math
 import types
 import typing
@@ -437,6 +438,29 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         section = getattr(config, f.name)
         out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
     return out
+
+
+def override(key: str, value: Any) -> str:
+    """The `section.key=value` text that `apply_overrides` reads back as `value` itself. Plain text where
+    YAML reads it back the same (what users type, and what sweep point ids hash); JSON's quoted form,
+    which YAML reads as written, where it would not: a path with " #" (a comment to YAML), the strings
+    "null" or "yes", a list item with a comma."""
+    if isinstance(value, (list, tuple)):
+        text = "[" + ",".join(str(v) for v in value) + "]"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    else:
+        text = str(value)
+    expected = list(value) if isinstance(value, tuple) else value
+    try:
+        same = (yaml.safe_load(text) if text else "") == expected
+    except yaml.YAMLError:
+        same = False
+    if not same and isinstance(value, (str, list, tuple)):  # numbers: the config reads "1e-05" as a float
+        text = json.dumps(expected)
+    return f"{key}={text}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from lora_rl import distributed, grpo
 from lora_rl.backends.fsdp2 import compile_layers
 from lora_rl.batching import encode, make_batch, token_logprobs
 from lora_rl.checkpoint import atomic_write_text
-from lora_rl.config import Config, ConfigError, config_to_dict
+from lora_rl.config import Config, ConfigError, config_to_dict, override
 from lora_rl.fused_lora import load_native
 from lora_rl.lora import (adapter_rows, adapters_off, check_model, inject_adapters, install_rows_forward,
                           row_segments, save_adapter)
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     (path,) = sys.argv[1:] if argv is None else argv
     pack = json.loads(Path(path).read_text())
     members = pack["members"]
-    configs = [load_config(pack["recipe"] or None, [*m["overrides"], f"run.output_dir={m['output_dir']}",
+    configs = [load_config(pack["recipe"] or None, [*m["overrides"], override("run.output_dir", m["output_dir"]),
                                                      "run.progress=false"]) for m in members]
     summaries = train_multi(configs)
     for config, summary, member in zip(configs, summaries, members, strict=True):

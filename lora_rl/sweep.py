@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from lora_rl.config import ConfigError, config_to_dict, load_config, read_yaml, read_yaml_text
+from lora_rl.config import ConfigError, config_to_dict, load_config, override, read_yaml, read_yaml_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_NOTEBOOK = REPO_ROOT / "notebooks" / "03_run.ipynb"
@@ -109,14 +109,6 @@ def load_spec(path: str | Path) -> SweepSpec:
     return SweepSpec.from_dict(raw)  # paths in a sweep file are relative to where lora-rl runs
 
 
-def _override(key: str, value) -> str:
-    if isinstance(value, (list, tuple)):
-        return f"{key}=[{','.join(str(v) for v in value)}]"
-    if value is None:
-        return f"{key}=null"
-    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-
-
 @dataclass(frozen=True, slots=True)
 class Point:
     id: str
@@ -134,7 +126,7 @@ def expand(spec: SweepSpec) -> list[Point]:
     shared = [yaml.safe_dump(read_yaml(spec.recipe), sort_keys=True), *spec.overrides]
     out, seen = [], set()
     for values in combos:
-        own = tuple(_override(k, v) for k, v in values.items())
+        own = tuple(override(k, v) for k, v in values.items())
         digest = hashlib.sha1("\n".join([*shared, *own]).encode()).hexdigest()[:8]
         shown = lambda v: "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
         readable = "-".join(f"{k.split('.')[-1]}={shown(v)}" for k, v in values.items())
@@ -172,7 +164,7 @@ def run_recipe(recipe: str, overrides: list[str], *, output_dir: str, result_pat
     This is what `notebooks/03_run.ipynb` calls: the notebook, the sweep and a user's script share it."""
     from lora_rl.trainer import train
 
-    config = load_config(recipe or None, [*overrides, f"run.output_dir={output_dir}", f"run.progress={progress}"])
+    config = load_config(recipe or None, [*overrides, override("run.output_dir", output_dir), f"run.progress={progress}"])
     return write_result(config, train(config), result_path)
 
 
@@ -454,7 +446,7 @@ def collect(spec: SweepSpec):
             row.update({k: v for k, v in result["summary"].items() if k not in ("run_dir", "model", "task")})
             row.update(result["metrics"])
         else:  # a failed point: its config is still known
-            config = load_config(spec.recipe, [*point.overrides, f"run.output_dir={folder / 'run'}"])
+            config = load_config(spec.recipe, [*point.overrides, override("run.output_dir", str(folder / "run"))])
             for section, values in config_to_dict(config).items():
                 for key, value in values.items():
                     row[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value

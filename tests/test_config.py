@@ -138,3 +138,27 @@ def test_files_that_are_not_a_mapping_of_sections_are_refused_by_name(tmp_path):
 def test_non_finite_numbers_are_refused(override):
     with pytest.raises(ConfigError, match="must be a finite number"):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.path", "/data/my model #2"),  # " #" starts a YAML comment
+    ("task.reward", "null"), ("rollout.api_key_env", "yes"), ("run.output_dir", "runs/a: b"),
+    ("lora.target_modules", ["q_proj", "v_proj"]), ("lora.target_modules", ("q,proj",)), ("train.lr", 1e-05),
+    ("lora.use_lora", False), ("task.reward", ""), ("lora.lora_rank", 8),
+])
+def test_override_text_reads_back_as_the_value(key, value):
+    from lora_rl.config import apply_overrides, override
+
+    section, name = key.split(".")
+    read = apply_overrides({}, [override(key, value)])[section][name]
+    assert read == (list(value) if isinstance(value, tuple) else value) or float(read) == value
+
+
+def test_override_keeps_the_plain_form_where_yaml_reads_it_back():
+    """Sweep point ids hash these texts: plain values must keep the form they always had."""
+    from lora_rl.config import override
+
+    assert override("lora.target_modules", ["q_proj", "v_proj"]) == "lora.target_modules=[q_proj,v_proj]"
+    assert override("lora.use_lora", False) == "lora.use_lora=false"
+    assert override("model.path", "/data/m") == "model.path=/data/m"
+    assert override("model.path", "/data/my model #2") == 'model.path="/data/my model #2"'

@@ -152,3 +152,17 @@ def test_a_timeout_kills_what_the_point_started_in_other_sessions(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the point's child {child} outlived the timeout")
+
+
+def test_point_values_reach_the_config_as_written(tmp_path):
+    """A value YAML would read otherwise (" #" is a comment) reaches the point's config as written, as
+    does a sweep folder with " #" in its name (run_recipe's run.output_dir)."""
+    from lora_rl.config import load_config, override
+
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep #2"),
+                                "points": [{"model.path": "/data/my model #2"}]})
+    (point,) = expand(spec)
+    folder = f"{spec.output_dir}/points/{point.id}/run"
+    config = load_config(spec.recipe, [*point.overrides, override("run.output_dir", folder)])
+    assert config.model.path == "/data/my model #2"
+    assert config.run.output_dir == folder

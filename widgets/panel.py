@@ -17,7 +17,7 @@ from pathlib import Path
 import ipywidgets as w
 
 from lora_rl.backends import BUILT as BUILT_BACKENDS
-from lora_rl.config import ConfigError, load_config
+from lora_rl.config import ConfigError, load_config, override
 from lora_rl.estimate import ModelShape, estimate_memory, lora_params, training_options
 from lora_rl.lora import check_config, linear_module_names
 from lora_rl.models import BUILTINS, meta_model, model_config
@@ -114,16 +114,17 @@ class LoRAPanel:
             self._shape, self._no_shape = None, err
 
     def overrides(self) -> list[str]:
-        return [f"model.path={self.model.value}", f"task.name={self.task.value}",
-                f"lora.use_lora={str(self.use_lora.value).lower()}", f"lora.lora_rank={self.rank.value}",
-                f"lora.lora_alpha={self.alpha.value}", f"lora.target_modules=[{','.join(self.targets.value)}]",
-                f"backend.name={self.backend.value}", f"rollout.engine={self.engine.value}",
-                f"run.steps={self.steps.value}", f"rollout.group_size={self.group_size.value}",
-                f"train.lr={self.lr.value}"]
+        # override(): a model folder with " #" in its name must reach the config as it is, not cut at a comment.
+        return [override("model.path", self.model.value), override("task.name", self.task.value),
+                override("lora.use_lora", self.use_lora.value), override("lora.lora_rank", self.rank.value),
+                override("lora.lora_alpha", self.alpha.value), override("lora.target_modules", list(self.targets.value)),
+                override("backend.name", self.backend.value), override("rollout.engine", self.engine.value),
+                override("run.steps", self.steps.value), override("rollout.group_size", self.group_size.value),
+                override("train.lr", self.lr.value)]
 
     def config(self, output_dir: str = "runs/panel"):
         """The Config these choices make; raises ConfigError exactly as `lora-rl train` would."""
-        return load_config(self.recipe, [*self.overrides(), f"run.output_dir={output_dir}"])
+        return load_config(self.recipe, [*self.overrides(), override("run.output_dir", output_dir)])
 
     def why_not_runnable(self) -> str:
         """Empty when Run may start; else the reason, as the library words it."""
@@ -214,7 +215,7 @@ class LoRAPanel:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         output_dir = next(str(d) for n in range(1000)
                           if not (d := Path(self.output_root) / f"panel-{stamp}{f'-{n}' if n else ''}").exists())
-        config = load_config(self.recipe, [*self.overrides(), f"run.output_dir={output_dir}", "run.progress=false"])
+        config = load_config(self.recipe, [*self.overrides(), override("run.output_dir", output_dir), "run.progress=false"])
         self._stop.clear()
         self.summary, self.error = None, None
         self.progress.max, self.progress.value = config.run.steps, 0
