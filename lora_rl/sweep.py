@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -216,22 +217,64 @@ def _fresh_folder(spec: SweepSpec, point: Point) -> Path:
     return folder
 
 
+class _Running:
+    """The points' processes running now, so that an interrupt of the sweep (Ctrl-C, a notebook's stop)
+    kills them: each runs in a session of its own, where the terminal's SIGINT does not reach it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pids: set[int] = set()
+        self.interrupted = threading.Event()
+
+    def start(self, command: list[str], **kwargs) -> subprocess.Popen | None:
+        with self.lock:  # no new point once interrupted
+            if self.interrupted.is_set():
+                return None
+            process = subprocess.Popen(command, **kwargs)
+            self.pids.add(process.pid)
+            return process
+
+    def finished(self, process: subprocess.Popen) -> None:
+        with self.lock:
+            self.pids.discard(process.pid)
+
+    def interrupt(self) -> None:
+        with self.lock:
+            self.interrupted.set()
+            pids = list(self.pids)
+        for pid in pids:
+            _kill_tree(pid)
+
+
+_RUNNING = _Running()
+
+
+class _Interrupted(Exception):
+    """A point stopped by an interrupt of the sweep: it gets no status, so the next run starts it again."""
+
+
 def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -> tuple[str, int | None]:
     """Run `command` in a process group of its own, output to `log_path`; ("ok" | "timeout", exit code).
     Whatever it leaves behind (a kernel orphaned by a killed papermill, a vLLM server, torchrun ranks) is
-    killed with it."""
+    killed with it. Raises _Interrupted if the sweep was interrupted before or while it ran."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env=env)
+        process = _RUNNING.start(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env=env)
+        if process is None:
+            raise _Interrupted
         try:
             code = process.wait(timeout=timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            return "ok", code
         except subprocess.TimeoutExpired:
             _kill_tree(process.pid)
             process.wait()
-            return "timeout", None
+            code = None
+        finally:
+            _RUNNING.finished(process)
+        if _RUNNING.interrupted.is_set():
+            raise _Interrupted
+        return ("ok", code) if code is not None else ("timeout", None)
 
 
 def _kill_tree(pid: int) -> None:
@@ -273,6 +316,8 @@ def _write_status(folder: Path, point: Point, status: str, reason: str, seconds:
 def run_point(spec: SweepSpec, point: Point) -> dict:
     """Run one point in processes of its own; returns and writes its status. Never raises for the point's
     own failure: a crash or a timeout is recorded with its reason."""
+    if _RUNNING.interrupted.is_set():  # before _fresh_folder: an interrupted sweep removes nothing more
+        raise _Interrupted
     folder = _fresh_folder(spec, point)
     start = time.perf_counter()
     log_path = folder / "papermill.log"
@@ -285,6 +330,8 @@ def run_pack(spec: SweepSpec, pack: tuple[Point, ...]) -> list[dict]:
     """Run points that differ only in LoRA settings as one multi-LoRA job (`python -m lora_rl.multi`) over one
     base model; each point still gets its own run folder, result.json and status.json. The job may take the
     sweep's per-point timeout once per point."""
+    if _RUNNING.interrupted.is_set():
+        raise _Interrupted
     folders = [_fresh_folder(spec, point) for point in pack]
     job = Path(spec.output_dir) / "packs" / f"pack-{hashlib.sha1(' '.join(p.id for p in pack).encode()).hexdigest()[:8]}"
     job.mkdir(parents=True, exist_ok=True)
@@ -399,8 +446,19 @@ def _spec_dict(spec: SweepSpec) -> dict:
 
 def _run_with_processes(spec: SweepSpec, jobs: list):
     # Threads only wait here: every point runs in processes of its own (papermill and its kernel).
-    with ThreadPoolExecutor(spec.parallel) as pool:
-        yield from pool.map(lambda job: run_job(spec, job), jobs)
+    _RUNNING.interrupted.clear()
+    pool = ThreadPoolExecutor(spec.parallel)
+    futures = [pool.submit(run_job, spec, job) for job in jobs]
+    try:
+        for future in futures:
+            yield future.result()
+    except KeyboardInterrupt:
+        # Stop every running point now (their processes are out of the terminal's reach) and start no
+        # other; the interrupted points get no status.json, so the next run starts them again.
+        _RUNNING.interrupt()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _run_with_ray(spec: SweepSpec, jobs: list):

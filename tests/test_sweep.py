@@ -166,3 +166,56 @@ def test_point_values_reach_the_config_as_written(tmp_path):
     config = load_config(spec.recipe, [*point.overrides, override("run.output_dir", folder)])
     assert config.model.path == "/data/my model #2"
     assert config.run.output_dir == folder
+
+
+def _gone(pid: int) -> bool:
+    import os
+    import time
+
+    for _ in range(50):  # SIGKILL is delivered asynchronously; a killed process may linger as a zombie briefly
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(") ")[1].startswith("Z"):
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_an_interrupt_stops_the_running_point_and_starts_no_other(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt in the main thread): the running point's processes, which run in sessions
+    of their own out of the terminal's reach, are killed at once; the point gets no status (the next run
+    starts it again) and the next point is never started."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from lora_rl import sweep
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)")
+    monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [sys.executable, "-c", script])
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4, 8]}, "parallel": 1, "timeout": 300})
+    first, second = expand(spec)
+
+    def press_ctrl_c():
+        while not pid_file.exists() or not pid_file.read_text():
+            time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGINT)  # what Ctrl-C delivers
+
+    main = threading.get_ident()
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        list(sweep._run_with_processes(spec, [first, second]))
+    assert time.perf_counter() - start < 60
+    assert _gone(int(pid_file.read_text())), "the point's child outlived the interrupt"
+    points = tmp_path / "sweep" / "points"
+    assert not (points / first.id / "status.json").exists()
+    assert not (points / second.id).exists()
