@@ -119,3 +119,24 @@ def scripted_server():
     yield start
     for server in servers:
         server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def peft_model(vllm_model_dir):
+    """The vLLM-sized tiny model with a rank-8 adapter: what the HTTP engines' tests publish."""
+    from lora_rl.config import LoRAConfig
+    from lora_rl.lora import inject_lora
+    from lora_rl.models import load_model
+
+    model, _, _ = load_model(str(vllm_model_dir))
+    return inject_lora(model, LoRAConfig(lora_rank=8, lora_alpha=16))
+
+
+def vllm_server_engine(url, tmp_path, peft_model, model_dir, *overrides):
+    """A vllm-server engine attached to `url` (a scripted server in the tests), its run folder tmp_path."""
+    from lora_rl.config import load_config
+    from lora_rl.rollout.vllm_server import VLLMServerEngine
+
+    config = load_config(None, ["rollout.engine=vllm-server", f"rollout.server_url={url}",
+                                "rollout.request_timeout=1", *overrides])
+    return VLLMServerEngine(base_model_dir=model_dir, model=peft_model, config=config, run_dir=tmp_path)

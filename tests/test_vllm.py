@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import vllm_server_engine as _server_engine
+
 from lora_rl.config import ConfigError, LoRAConfig, load_config
 from lora_rl.lora import inject_lora, save_adapter
 from lora_rl.models import load_model
@@ -91,18 +93,6 @@ def test_validate_checks_the_model_against_vllm(random_model_dir, tmp_path):
 # --- server failures, against a scripted HTTP server on 127.0.0.1 ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def peft_model(vllm_model_dir):
-    model, _, _ = load_model(str(vllm_model_dir))
-    return inject_lora(model, LoRAConfig(lora_rank=8, lora_alpha=16))
-
-
-def _server_engine(url, tmp_path, peft_model, vllm_model_dir, *overrides):
-    from lora_rl.rollout.vllm_server import VLLMServerEngine
-
-    config = load_config(None, ["rollout.engine=vllm-server", f"rollout.server_url={url}",
-                                "rollout.request_timeout=1", *overrides])
-    return VLLMServerEngine(base_model_dir=vllm_model_dir, model=peft_model, config=config, run_dir=tmp_path)
 
 
 _HEALTHY = {"/health": [(200, "")], "/v1/models": [(200, {"data": []})]}

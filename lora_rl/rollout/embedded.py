@@ -9,6 +9,7 @@ sampling temperature - exactly what the trainer recomputes - without keeping [st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -59,6 +60,14 @@ def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id:
                 (first.max_new_tokens, first.temperature, first.top_p):
             raise ValueError("requests sampled in one batch must share max_new_tokens, temperature and top_p")
     rows = [p for r in requests for p in r.prompts for _ in range(r.params.n)]
+    if not rows:  # nothing to sample on this process (an empty share of the eval set)
+        if distributed.active():
+            # The other processes' sampling meets this one's at every collective (FSDP2's forwards, the
+            # all-finished check): one padding row decodes greedily in step with them, and is dropped.
+            sample_groups(model, [AdapterRequest(adapter=None, prompts=[[pad_id]],
+                                                 params=dataclasses.replace(first, n=1, temperature=0.0))],
+                          eos_id=eos_id, pad_id=pad_id, versions=[0], cuda_graphs=cuda_graphs)
+        return [[] for _ in requests]
     bounds = list(itertools.accumulate((len(r.prompts) * r.params.n for r in requests), initial=0))
     named = any(r.adapter is not None for r in requests)
     segments = [(r.adapter, len(r.prompts) * r.params.n) for r in requests]

@@ -188,6 +188,7 @@ class SGLangEngine(ServerEngine):
 
     def _relaunch(self) -> None:
         """A fresh server loads the live versions at start-up; draining ones are gone with the old server."""
+        self._stop_server()  # what is left of the dead one (its workers) holds memory the new one needs
         for old in self.retiring:
             self.versions.delete(old)
         self.retiring.clear()
@@ -290,16 +291,23 @@ class SGLangEngine(ServerEngine):
                                              for j in range(params.n)]}
                         for i, p in enumerate(prompts)]
             answers = self._recovering(lambda: self._ask_all("/generate", payloads))
-        out = []
-        for i, answer in enumerate(answers):
-            for sample in answer:
-                triples = sample["meta_info"]["output_token_logprobs"]
-                # The triples carry each sampled id with its log-prob, so ids and log-probs always align.
-                out.append(Completion(prompt_index=i, token_ids=[int(t[1]) for t in triples],
-                                      logprobs=[float(t[0]) for t in triples],
-                                      finish_reason=_finish_reason(sample["meta_info"].get("finish_reason")),
-                                      version=version))
-        return out
+        return [c for i, answer in enumerate(answers) for c in self._samples(answer, i, params.n, version)]
+
+    def _samples(self, answer, prompt_index: int, n: int, version: int) -> list[Completion]:
+        """The n samples of one prompt (SGLang answers a batch of n inputs with a list of n). Anything else is an
+        error: fewer samples would pair the next prompt's samples with this one (GRPO groups by position)."""
+        expected = f"a list of {n} samples with meta_info.output_token_logprobs"
+        if not isinstance(answer, list) or len(answer) != n:
+            raise self._unexpected("/generate", answer, expected)
+        try:
+            # The triples carry each sampled id with its log-prob, so ids and log-probs always align.
+            return [Completion(prompt_index=prompt_index,
+                               token_ids=[int(t[1]) for t in sample["meta_info"]["output_token_logprobs"]],
+                               logprobs=[float(t[0]) for t in sample["meta_info"]["output_token_logprobs"]],
+                               finish_reason=_finish_reason(sample["meta_info"].get("finish_reason")),
+                               version=version) for sample in answer]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            raise self._unexpected("/generate", answer, expected) from None
 
     def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[float]]:
         with self._using() as version:
@@ -309,11 +317,15 @@ class SGLangEngine(ServerEngine):
             answers = self._recovering(lambda: self._ask_all("/generate", payloads))
         out = []
         for answer, seq, start in zip(answers, sequences, prompt_lengths, strict=True):
-            triples = answer["meta_info"]["input_token_logprobs"]  # one per token from logprob_start_len on
-            if [int(t[1]) for t in triples] != seq[start:]:
+            try:
+                triples = answer["meta_info"]["input_token_logprobs"]  # one per token from logprob_start_len on
+                ids, logprobs = [int(t[1]) for t in triples], [float(t[0]) for t in triples]
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise self._unexpected("/generate", answer, "meta_info.input_token_logprobs") from None
+            if ids != seq[start:]:
                 raise RolloutError(f"sglang at {self.url}: input_token_logprobs do not match the scored tokens "
                                    f"({len(triples)} entries for {len(seq) - start} tokens)")
-            out.append([float(t[0]) for t in triples])
+            out.append(logprobs)
         return out
 
     def close(self) -> None:

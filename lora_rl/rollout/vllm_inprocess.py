@@ -7,6 +7,7 @@ engine must guard its entry point with `if __name__ == "__main__":` (vLLM spawns
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -77,26 +78,36 @@ class VLLMEngine:
             raise RolloutError(f"vllm: version {version} must be written to {versions.path(version)} first "
                                "(engine.adapter_path)")
         engine = self.llm.llm_engine
-        if not engine.add_lora(self._request(version, adapter)):
-            raise RolloutError(f"vllm: loading adapter {versions.name(version)} from {adapter_dir} failed")
+        with self._alive():
+            if not engine.add_lora(self._request(version, adapter)):
+                raise RolloutError(f"vllm: loading adapter {versions.name(version)} from {adapter_dir} failed")
         self.current[adapter] = version
         if adapter is None:
             self.version = version
         for old in versions.loaded(version):
-            engine.remove_lora(versions.lora_id(old))  # unload first: vLLM may re-read a registered folder
+            with self._alive():
+                engine.remove_lora(versions.lora_id(old))  # unload first: vLLM may re-read a registered folder
             versions.delete(old)
         return SyncStats(bytes=folder_bytes(Path(adapter_dir)), seconds=time.perf_counter() - start)
 
-    def _run(self, requests, sampling, lora_request=None):
+    @contextlib.contextmanager
+    def _alive(self):
+        """A call into vLLM's engine, whose death (its engine process crashed: OOM, segfault) is a RolloutError."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            return self.llm.generate(requests, sampling, lora_request=lora_request or self._request(self.version),
-                                     use_tqdm=False)
+            yield
         except EngineDeadError as err:
             raise RolloutError(f"the in-process vLLM engine died ({err}); its log is above. An in-process engine "
                                "cannot be restarted: rollout.engine=vllm-server can (rollout.on_server_failure)") \
                 from None
+
+    def _run(self, requests, sampling, lora_request=None):
+        if not requests:  # a rank with nothing to sample (an empty share of the eval set)
+            return []
+        with self._alive():
+            return self.llm.generate(requests, sampling, lora_request=lora_request or self._request(self.version),
+                                     use_tqdm=False)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         requests = [{"prompt_token_ids": p} for p in prompts]
@@ -131,17 +142,18 @@ class VLLMEngine:
         return out
 
     def close(self) -> None:
-        engine = getattr(self, "llm", None)
-        if engine is None:
+        if getattr(self, "llm", None) is None:
             return
+        # vLLM's engine process is stopped (now, not at interpreter exit) before the folders go, so nothing reads
+        # them any more and no adapter needs unloading first: an engine that died could not unload, and its
+        # error would replace the one the run is ending with.
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
         for versions in self.adapter_versions.values():
-            for version in list(versions.live):
-                engine.llm_engine.remove_lora(versions.lora_id(version))
+            for version in versions.live:
                 versions.delete(version)
             versions.live.clear()
         self.versions.remove_root()
-        self.llm.llm_engine.engine_core.shutdown()  # stop vLLM's engine process now, not at interpreter exit
-        del self.llm
 
 
 def _completions(outputs, version: int) -> list[Completion]:

@@ -56,8 +56,15 @@ class VLLMServerEngine(ServerEngine):
 
     def _served_adapters(self) -> dict[str, str]:
         """name -> folder of every adapter the server holds (GET /v1/models lists them with their path)."""
-        models = self._call("GET", self.url + "/v1/models", None)
-        return {m["id"]: m.get("root", "") for m in models.get("data", []) if m.get("parent")}
+        try:
+            models = self._call("GET", self.url + "/v1/models", None)
+        except HTTPFailure as err:
+            raise RolloutError(f"vllm-server at {self.url}: GET /v1/models failed ({err}); see "
+                               f"{getattr(self, 'log_path', 'the server log')}") from None
+        try:
+            return {m["id"]: m.get("root", "") for m in models["data"] if m.get("parent")}
+        except (KeyError, TypeError, AttributeError):
+            raise self._unexpected("/v1/models", models, "vLLM's list of models") from None
 
     def _forget_stale_adapters(self) -> None:
         """An attached server may still hold adapters of an earlier run in this folder (a crash, a resume):
@@ -65,7 +72,11 @@ class VLLMServerEngine(ServerEngine):
         root = str(self.versions.root.resolve())
         for name, path in self._served_adapters().items():
             if path.startswith(root):
-                self._post("/v1/unload_lora_adapter", {"lora_name": name})
+                try:
+                    self._post("/v1/unload_lora_adapter", {"lora_name": name})
+                except HTTPFailure as err:
+                    raise RolloutError(f"vllm-server at {self.url}: unloading {name}, left loaded from {path} by an "
+                                       f"earlier run, failed ({err}); unload it, or restart the server") from None
         if self.versions.root.exists():
             for old in self.versions.root.iterdir():
                 shutil.rmtree(old, ignore_errors=True)
@@ -98,13 +109,22 @@ class VLLMServerEngine(ServerEngine):
                      **({} if greedy else {"seed": params.seed * 1_000 + i})}
                     for i, p in enumerate(prompts)]
         answers = self._recovering(lambda: self._ask_all("/v1/completions", payloads))
-        out = []
-        for i, answer in enumerate(answers):
-            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-                out.append(Completion(prompt_index=i, token_ids=list(choice["token_ids"]),
-                                      logprobs=list(choice["logprobs"]["token_logprobs"]),
-                                      finish_reason="length" if choice["finish_reason"] == "length" else "stop",
-                                      version=self.version))
+        return [c for i, answer in enumerate(answers) for c in self._choices(answer, i, params.n)]
+
+    def _choices(self, answer, prompt_index: int, n: int) -> list[Completion]:
+        """The n samples of one prompt. Anything else is an error: fewer choices would pair the next prompt's
+        samples with this one (GRPO groups by position), and vLLM before 0.10.2 ignores return_token_ids."""
+        expected = f"{n} choices with token_ids and logprobs (vLLM >= 0.10.2)"
+        try:
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            out = [Completion(prompt_index=prompt_index, token_ids=[int(t) for t in c["token_ids"]],
+                              logprobs=[float(x) for x in c["logprobs"]["token_logprobs"]],
+                              finish_reason="length" if c["finish_reason"] == "length" else "stop",
+                              version=self.version) for c in choices]
+        except (KeyError, TypeError, ValueError):
+            raise self._unexpected("/v1/completions", answer, expected) from None
+        if [c["index"] for c in choices] != list(range(n)) or any(len(c.token_ids) != len(c.logprobs) for c in out):
+            raise self._unexpected("/v1/completions", answer, expected)
         return out
 
     def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[float]]:
@@ -115,6 +135,10 @@ class VLLMServerEngine(ServerEngine):
                               "temperature": 1.0, "prompt_logprobs": 0}) for s in sequences])
         out = []
         for answer, seq, start in zip(answers, sequences, prompt_lengths, strict=True):
-            positions = answer["choices"][0]["prompt_logprobs"]
-            out.append([positions[t][str(tok)]["logprob"] for t, tok in enumerate(seq) if t >= start])
+            try:
+                positions = answer["choices"][0]["prompt_logprobs"]
+                out.append([float(positions[t][str(tok)]["logprob"]) for t, tok in enumerate(seq) if t >= start])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise self._unexpected("/v1/completions", answer,
+                                       "choices[0].prompt_logprobs with the log-prob of every prompt token") from None
         return out
