@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -73,24 +73,36 @@ class SweepSpec:
         if not raw.get("grid") and not raw.get("points"):
             raise ConfigError("sweep: give a 'grid' (key: [values]) or a list of 'points' (key: value maps)")
         grid = raw.get("grid") or {}
+        if not isinstance(grid, dict):
+            raise ConfigError(f"sweep: grid={grid!r} must map keys to lists of values, e.g. grid: "
+                              "{lora.lora_rank: [8, 16]}")
         for key, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep: grid.{key}={values!r} must be a non-empty list of values")
+        points = raw.get("points") or []
+        if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+            raise ConfigError(f"sweep: points={points!r} must be a list of key: value maps, e.g. points: "
+                              "[{lora.lora_rank: 4}, {lora.use_lora: false}]")
+        overrides = raw.get("overrides") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"sweep: overrides={overrides!r} must be a list of section.key=value strings, e.g. "
+                              "overrides: [run.steps=20]")
         if raw.get("executor", "processes") not in ("processes", "ray"):
             raise ConfigError(f"sweep: executor={raw['executor']!r} must be processes or ray")
-        if int(raw.get("parallel", 1)) < 1:
-            raise ConfigError(f"sweep: parallel={raw['parallel']!r} must be at least 1")
-        if float(raw.get("timeout", 3600)) <= 0:
-            raise ConfigError(f"sweep: timeout={raw['timeout']!r} must be positive (seconds per point)")
+        parallel, timeout = raw.get("parallel", 1), raw.get("timeout", 3600)
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise ConfigError(f"sweep: parallel={parallel!r} must be a whole number of at least 1 (points at a time)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"sweep: timeout={timeout!r} must be a positive number of seconds per point, e.g. "
+                              "timeout: 1800")
         # Absolute paths from here on: papermill runs each point's notebook in the repository's root, and
         # the results table's run folders must still be found from wherever the plots are drawn.
         resolve = lambda p: str(Path(p) if Path(p).is_absolute() else (base_dir / p).resolve())  # noqa: E731
         # A recipe not found from here stays relative: `read_yaml` then looks for it in the repository.
         recipe = resolve(raw["recipe"]) if (base_dir / raw["recipe"]).is_file() else raw["recipe"]
         return cls(recipe=recipe, output_dir=resolve(raw["output_dir"]),
-                   overrides=tuple(raw.get("overrides") or ()), grid=dict(grid),
-                   points=tuple(raw.get("points") or ()), parallel=int(raw.get("parallel", 1)),
-                   timeout=float(raw.get("timeout", 3600)), executor=raw.get("executor", "processes"),
+                   overrides=tuple(overrides), grid=dict(grid), points=tuple(points), parallel=parallel,
+                   timeout=float(timeout), executor=raw.get("executor", "processes"),
                    ray_address=raw.get("ray_address", ""),
                    notebook=resolve(raw["notebook"]) if raw.get("notebook") else "")
 
@@ -146,13 +158,28 @@ def validate(spec: SweepSpec) -> list[Point]:
     point whose data is missing fails on its own and is recorded as failed); a bad point names itself."""
     from lora_rl.lora import check_config
 
-    points = expand(spec)
-    for point in points:
+    points = []
+    for point in expand(spec):
         try:
-            check_config(load_config(spec.recipe, [*point.overrides, "run.output_dir=validate"]), data=False)
+            config = load_config(spec.recipe, [*point.overrides, "run.output_dir=validate"])
+            check_config(config, data=False)
         except ConfigError as err:
             raise ConfigError(f"sweep point {point.id} ({point.values}): {err}") from None
+        points.append(replace(point, overrides=(*point.overrides, *_absolute_paths(config))))
     return points
+
+
+def _absolute_paths(config) -> list[str]:
+    """Overrides making the config's relative folders absolute, as found from here: validation found them
+    from this working directory, but papermill runs each point in the repository's root. Appended to the
+    point's overrides after its id was made, so the id does not depend on where the sweep runs."""
+    from lora_rl.models import BUILTINS
+
+    out = []
+    for key, value in (("model.path", config.model.path), ("task.data_dir", config.task.data_dir)):
+        if value and value not in BUILTINS and not Path(value).is_absolute() and Path(value).exists():
+            out.append(override(key, str(Path(value).resolve())))
+    return out
 
 
 # --- one point --------------------------------------------------------------------------------------------

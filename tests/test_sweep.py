@@ -57,6 +57,14 @@ def test_validation_checks_each_point_against_the_model(tmp_path, random_model_d
      "executor='slurm' must be processes or ray"),
     ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "paralel": 2},
      "unknown keys ['paralel']"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "parallel": "two"},
+     "parallel='two' must be a whole number"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "timeout": "30m"},
+     "timeout='30m' must be a positive number of seconds"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": [{"a.b": [1]}]}, "must map keys to lists"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "points": ["a.b=1"]}, "must be a list of key: value maps"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "overrides": "run.steps=2"},
+     "overrides='run.steps=2' must be a list of section.key=value strings"),
 ])
 def test_bad_sweep_files_are_refused(raw, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
@@ -219,3 +227,21 @@ def test_an_interrupt_stops_the_running_point_and_starts_no_other(tmp_path, monk
     points = tmp_path / "sweep" / "points"
     assert not (points / first.id / "status.json").exists()
     assert not (points / second.id).exists()
+
+
+def test_relative_folders_reach_the_points_as_validation_found_them(tmp_path, random_model_dir, monkeypatch):
+    """Validation finds model.path from here; papermill runs each point in the repository's root, so the
+    point gets the folder made absolute (its id unchanged)."""
+    import os
+
+    from lora_rl.config import load_config
+
+    os.symlink(random_model_dir, tmp_path / "mymodel")
+    monkeypatch.chdir(tmp_path)
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "overrides": ["model.path=mymodel"], "grid": {"lora.lora_rank": [4]}})
+    (point,) = validate(spec)
+    assert point.id == expand(spec)[0].id
+    monkeypatch.chdir(tmp_path.parent)  # as the point's notebook runs: somewhere else
+    config = load_config(spec.recipe, list(point.overrides))
+    assert config.model.path == str((tmp_path / "mymodel").resolve())
