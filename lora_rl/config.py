@@ -509,6 +509,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (or start from defaults), apply overrides, validate."""
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides or []):
+        # papermill's `-p overrides lora.lora_rank=8` passes a string, which would be read a character at a time
+        raise ConfigError(f"overrides={overrides!r} must be a list of section.key=value strings, e.g. "
+                          "['lora.lora_rank=8']; from papermill: -y 'overrides: [lora.lora_rank=8]'")
     data = read_yaml(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
 

@@ -162,3 +162,9 @@ def test_override_keeps_the_plain_form_where_yaml_reads_it_back():
     assert override("lora.use_lora", False) == "lora.use_lora=false"
     assert override("model.path", "/data/m") == "model.path=/data/m"
     assert override("model.path", "/data/my model #2") == 'model.path="/data/my model #2"'
+
+
+def test_overrides_given_as_one_string_are_refused():
+    """papermill's `-p overrides lora.lora_rank=8` hands the notebook a string, not a list."""
+    with pytest.raises(ConfigError, match=r"overrides='lora.lora_rank=8' must be a list of section.key=value strings"):
+        load_config(None, "lora.lora_rank=8")

@@ -95,3 +95,21 @@ def test_papermill_reads_every_parameter(name):
     (cell,) = [c for c in book.cells if "parameters" in c.metadata.get("tags", [])]
     names = [p.name for p in PythonTranslator.inspect(cell)]
     assert names == [line.split(":")[0].split("=")[0].strip() for line in cell.source.splitlines()]
+
+
+def test_compare_notebook_on_a_sweep_where_no_point_finished(tmp_path):
+    """No metric columns at all: the table shows them empty and the notes name the failed point."""
+    from lora_rl.sweep import SweepSpec, collect, expand
+
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "points": [{"lora.lora_rank": 8}]})
+    (point,) = expand(spec)
+    folder = tmp_path / "sweep" / "points" / point.id
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"status": "failed", "reason": "ConfigError: boom", "seconds": 1.0}))
+    collect(spec)
+    compare = _papermill("04_compare.ipynb", tmp_path, {"results": str(tmp_path / "sweep")})
+    assert "KeyError" not in compare.stderr, compare.stderr[-3000:]
+    executed = nbformat.read(tmp_path / "04_compare.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert "boom" in printed
