@@ -7,6 +7,7 @@ positions: column t holds log p(token[t+1] | tokens[..t]), so every tensor about
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,17 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entr
     # use_cache=False throughout: scoring needs no KV cache, and building one costs copies and memory
     # and makes torch.compile recompile each decoder layer (the cache's per-layer state is guarded).
     vocab = model.get_output_embeddings().weight.shape[0]
-    if chunked and batch.input_ids.numel() * vocab > _CHUNK_ELEMENTS:  # one slice would hold it all: no gain
-        return _chunked_token_logprobs(model, batch, temperature, with_entropy, compiled)
+    sliceable = not getattr(model, "_lora_rl_transforms_logits", False)
+    if chunked and sliceable and batch.input_ids.numel() * vocab > _CHUNK_ELEMENTS:  # one slice would hold it all
+        try:
+            return _chunked_token_logprobs(model, batch, temperature, with_entropy, compiled)
+        except _TransformedLogits:
+            # Gemma's softcapping, Granite's and Cohere's scaling act on the head's output, which the sliced
+            # head replaces: from now on this model's log-probs go through its own plain forward.
+            model._lora_rl_transforms_logits = True
+            print(f"lora-rl: warning: {type(model).__name__} transforms its logits after the output head, which "
+                  "train.chunked_logprobs cannot slice: its log-probs use the full logits (more memory)",
+                  file=sys.stderr)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # [B, T, V]
     return logits_to_logprobs(logits, batch.input_ids, temperature, with_entropy)
 
@@ -254,9 +264,17 @@ def _chunked_token_logprobs(model, batch: TokenBatch, temperature: float, with_e
         return torch.stack([logp, entropy], dim=-1).reshape(b, t, 2)
 
     # The head's own forward is swapped for this call only: the model then returns [B, T, 2] "logits".
-    head.forward = forward
+    head.forward = lambda hidden: returned.append(forward(hidden)) or returned[-1]
+    returned = []
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]  # [B, T-1, 2]
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # [B, T, 2]
     finally:
         del head.forward
+    if not returned or (out is not returned[-1] and not torch.equal(out, returned[-1])):
+        raise _TransformedLogits  # the model changed what the head returned: these are not log-probs
+    out = out[:, :-1]
     return out[..., 0], (out[..., 1].detach() if with_entropy else None)
+
+
+class _TransformedLogits(Exception):
+    """The model transforms its head's output (softcapping, scaling), which the sliced head cannot see."""

@@ -747,3 +747,38 @@ def test_compiled_fused_mlp_launches_its_kernels_from_the_compiled_graph(monkeyp
         want = run(mlp, n)
         for a, b in zip(got, want):
             assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+def _transforming_models():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    torch.manual_seed(0)
+    return [Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=16, final_logit_softcapping=3.0)),
+            GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=8.0))]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["gemma2-softcapping", "granite-scaling"])
+def test_models_that_transform_their_logits_get_their_own_log_probs(index, monkeypatch, capsys):
+    """Gemma's softcapping and Granite's scaling act on the head's output, which the sliced head replaces: the
+    log-probs (and their gradient) must still be the model's, as the sampler sees them."""
+    import torch.nn.functional as F
+
+    from lora_rl import batching
+    from lora_rl.batching import make_batch, token_logprobs
+
+    model = _transforming_models()[index]
+    g = torch.Generator().manual_seed(1)
+    batch = make_batch([torch.randint(1, 256, (5,), generator=g).tolist() for _ in range(4)],
+                       [torch.randint(1, 256, (6,), generator=g).tolist() for _ in range(4)], 0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    truth = F.log_softmax(logits[:, :-1].float() / 0.7, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    monkeypatch.setattr(batching, "_CHUNK_ELEMENTS", 256 * 8)  # as a real vocabulary would slice
+    mask = batch.completion_mask.bool()
+    for _ in range(2):  # the first call finds out, the second goes straight to the model's own forward
+        logp, _ = token_logprobs(model, batch, 0.7, chunked=True)
+        assert torch.allclose(logp[mask], truth[mask], atol=1e-5)
+    assert capsys.readouterr().err.count("transforms its logits") == 1
+    (logp[mask].sum()).backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
