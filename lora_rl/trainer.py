@@ -260,15 +260,16 @@ def eval_scores(completions, problems, tokenizer, reward_fn) -> dict[str, float]
 
 
 def _step_record(rewards, texts, completions, batch, stats) -> dict:
-    """Per-step numbers over all ranks: sums are all-reduced, rank-local averages are averaged."""
-    world = distributed.world_size()
+    """Per-step numbers over all ranks: sums are all-reduced; the update's per-token means (each rank's over its
+    own completion tokens) are weighted by those tokens, which gives the mean one process would compute."""
+    valid = float(batch.completion_mask.sum())
     sums = distributed.all_sum(torch.tensor([
         float(rewards.sum()), float((rewards ** 2).sum()), float((rewards >= 1.0).sum()),
         float(sum(map(has_final_answer, texts))), float(len(completions)),
         float(sum(len(c.token_ids) for c in completions)),
-        float(sum(c.finish_reason == "length" for c in completions)), float(batch.attention_mask.sum()),
+        float(sum(c.finish_reason == "length" for c in completions)), float(batch.attention_mask.sum()), valid,
     ], dtype=torch.float64)).tolist()
-    total, squares, correct, formatted, n, generated, truncated, tokens = sums
+    total, squares, correct, formatted, n, generated, truncated, tokens, all_valid = sums
     mean = total / n
     record = {
         "reward_mean": mean, "reward_std": max(squares / n - mean ** 2, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5,
@@ -280,8 +281,8 @@ def _step_record(rewards, texts, completions, batch, stats) -> dict:
             record[key] = value
         elif key == "loss":  # each rank's loss is its share of one global token mean
             record[key] = float(distributed.all_sum(torch.tensor(value, dtype=torch.float64)))
-        else:
-            record[key] = float(distributed.all_sum(torch.tensor(value, dtype=torch.float64))) / world
+        else:  # kl, entropy, logprob_diff, clip and importance-cap fractions: token means
+            record[key] = float(distributed.all_sum(torch.tensor(value * valid, dtype=torch.float64))) / max(all_valid, 1)
     return record, generated, tokens
 
 
@@ -435,7 +436,7 @@ def train(config: Config, *, resume: bool = False,
         # Every process scores a share, and under FSDP2 every process must decode in step with the others.
         raise ConfigError(f"eval.size={config.eval.size} gives {len(eval_problems)} test problems for {d.world} "
                           f"processes, each of which scores a share: use eval.size >= {d.world}, or 0 for no evaluation")
-    eval_problems = eval_problems[d.rank::d.world]
+    eval_total, eval_problems = len(eval_problems), eval_problems[d.rank::d.world]
     reward_fn = get_reward(task.reward or task.name)
     # Rank 0 checks and creates the run folder; every rank raises the same error if it fails.
     error = None
@@ -578,7 +579,7 @@ def train(config: Config, *, resume: bool = False,
         adapter_dir = None
         if config.lora.use_lora:
             adapter_dir = backend.save_adapter(run_dir / "adapter")
-        summary = run_summary(config, steps_done=step, eval_problems=min(config.eval.size, len(eval_problems) * d.world),
+        summary = run_summary(config, steps_done=step, eval_problems=eval_total if config.eval.size else 0,
                               before=before, after=after, wall_start=wall_start, total_params=total_params,
                               n_trainable=n_trainable, n_adapter_bytes=n_adapter_bytes, adapter_dir=adapter_dir)
         if d.main:

@@ -210,3 +210,44 @@ def test_an_eval_set_smaller_than_the_process_count_is_refused(random_model_dir,
     with pytest.raises(ConfigError, match=r"eval.size=1 gives 1 test problems for 2 processes.*eval.size >= 2"):
         train(_config(random_model_dir, tmp_path / "run", "eval.size=1"))
     assert not (tmp_path / "run").exists()
+
+
+def _record_worker(rank: int, world: int, port: int, out_path) -> None:
+    """Rank 0 has 4 valid completion tokens with entropy 1.0, rank 1 has 12 with entropy 3.0."""
+    import os
+
+    import torch
+
+    from lora_rl import distributed
+    from lora_rl.batching import make_batch
+    from lora_rl.rollout import Completion
+    from lora_rl.trainer import _step_record
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    distributed.init()
+    try:
+        length = 4 if rank == 0 else 12
+        completions = [Completion(prompt_index=0, token_ids=[5] * length, logprobs=[0.0] * length,
+                                  finish_reason="stop", version=0)]
+        batch = make_batch([[1, 2]], [c.token_ids for c in completions], 0)
+        stats = {"entropy": 1.0 if rank == 0 else 3.0, "loss": 0.0, "grad_norm": 1.0, "skipped_updates": 0}
+        record, _, _ = _step_record(torch.tensor([1.0]), ["#### 5"], completions, batch, stats)
+        if rank == 0:
+            torch.save(record, out_path)
+    finally:
+        distributed.shutdown()
+
+
+def test_per_token_metrics_weigh_each_process_by_its_tokens(tmp_path):
+    """Entropy, KL, clip fractions... are token means: over 2 processes they must be the mean one process
+    computes on the same tokens ((4 x 1 + 12 x 3) / 16 = 2.5), not the mean of the ranks' means (2.0)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_record_worker, args=(2, port, tmp_path / "record.pt"), nprocs=2, join=True)
+    assert torch.load(tmp_path / "record.pt")["entropy"] == pytest.approx(2.5)
