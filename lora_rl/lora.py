@@ -464,7 +464,10 @@ def merge_adapter(model: PeftModel) -> nn.Module:
 
 
 def merge_to_folder(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Load base + adapter, merge, and save a standard HF model folder (with the base's tokenizer)."""
+    """Load base + adapter, merge, and save a standard HF model folder (with the base's tokenizer).
+
+    Every input is checked before the base model is loaded (minutes for a large one). The folder is
+    written beside `out_dir` and renamed into place, so a failed merge leaves no half-written model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -474,14 +477,32 @@ def merge_to_folder(adapter_dir: str | Path, out_dir: str | Path) -> Path:
                           "such as runs/quickstart/adapter")
     if out_dir.exists():
         raise ConfigError(f"output folder {str(out_dir)!r} already exists: choose a new folder for the merged model")
-    base_path = json.loads(config_path.read_text())["base_model_name_or_path"]
+    try:
+        adapter_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_path} is not valid JSON ({err}): fix the file, or pass the adapter folder "
+                          "as training wrote it") from None
+    # `merge` takes no base model argument, so the adapter must name its base. peft writes null here for
+    # an adapter of a model built from a config rather than loaded from a folder.
+    base_path = adapter_config.get("base_model_name_or_path")
+    if not isinstance(base_path, str) or not base_path:
+        value = json.dumps(base_path) if "base_model_name_or_path" in adapter_config else "missing"
+        raise ConfigError(f"{config_path}: base_model_name_or_path is {value}, so the base model to merge into is "
+                          "unknown: set it to the folder (with config.json) of the model the adapter was trained on")
     if not (Path(base_path) / "config.json").is_file():
         raise ConfigError(f"the adapter's base model folder {base_path!r} is missing: restore it or edit "
                           f"base_model_name_or_path in {config_path}")
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
-    merged = merge_adapter(load_adapter(base, adapter_dir))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # The temporary folder is made now, beside `out_dir`: `merge adapter new/dir/model` makes the missing
+    # parent folders, and an unwritable place is refused before the model is loaded, not after.
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as err:
+        raise ConfigError(f"cannot write the merged model in {str(out_dir.parent)!r} ({err.strerror or err}): "
+                          "choose an output folder in a writable place") from None
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+        merged = merge_adapter(load_adapter(base, adapter_dir))
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
         os.replace(tmp, out_dir)

@@ -145,6 +145,11 @@ def _build_atomically(final: Path, build) -> Path:
     return final
 
 
+def _smollm2_dir() -> Path:
+    """Where `smollm2-135m` is exported on first use."""
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
 def resolve_model_path(path: str, progress: bool = True) -> Path:
     """A folder holding a standard HF model + tokenizer, building a built-in model on first use."""
     if path in BUILTIN_TINY:
@@ -154,7 +159,7 @@ def resolve_model_path(path: str, progress: bool = True) -> Path:
     if path == "smollm2-135m":
         from lora_rl.pretrained import export_smollm2
 
-        return export_smollm2(cache_dir() / "models" / "smollm2-135m-instruct")
+        return export_smollm2(_smollm2_dir())
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.path={path!r} is neither a built-in model ({', '.join(BUILTINS)}) nor a folder "
@@ -167,9 +172,12 @@ def model_config(path: str):
     if path in BUILTIN_TINY:
         return _tiny_config(BUILTIN_TINY[path], BUILTIN_TINY[path].vocab_size)
     if path == "smollm2-135m":
-        from lora_rl.pretrained import smollm2_config
+        from lora_rl.pretrained import require_gguf, smollm2_config
 
-        return smollm2_config()
+        config = smollm2_config()
+        if not (_smollm2_dir() / "config.json").is_file():  # training will export it first, which needs gguf
+            require_gguf()
+        return config
     folder = resolve_model_path(path)
     try:
         return AutoConfig.from_pretrained(str(folder))

