@@ -48,6 +48,9 @@ _ACT_HIDDEN, _ACT_MLP = 10, 4  # saved vectors per token per eager layer (see th
 # float32 upcast of 16-bit logits (a float32 model's logits are used as they are).
 _LOGIT_EXTRA_BYTES, _UPCAST_BYTES = 8, 4
 _MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Decoders whose MLP has no gate (up, activation, down): the estimator's gate/up/down count does not fit.
+_UNGATED = ("gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi", "starcoder2", "mpt",
+            "codegen")
 # Layouts that fuse some of them into one linear (Phi-3): one adapter on the fused layer.
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -67,6 +70,9 @@ class ModelShape:
     def from_config(cls, cfg) -> ModelShape:
         if getattr(cfg, "num_local_experts", 0) or getattr(cfg, "num_experts", 0):
             raise ConfigError("the memory estimator covers dense models only (this config has experts)")
+        if getattr(cfg, "model_type", "") in _UNGATED:  # one up and one down projection: a quarter fewer weights
+            raise ConfigError(f"the memory estimator covers Llama/Qwen-style decoders (gate, up and down MLPs); "
+                              f"this {type(cfg).__name__} has a two-layer MLP")
         needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
         missing = [name for name in needed if getattr(cfg, name, None) is None]
         if missing:  # e.g. GPT-2 names its sizes n_embd, n_layer, ...: a layout the estimator does not model

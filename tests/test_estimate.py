@@ -275,3 +275,13 @@ def test_fused_layouts_names_are_counted_with_their_fused_shapes():
     assert lora_params(QWEN_7B, r, ["qkv_proj"]) == QWEN_7B.layers * r * (h + qkv_out)
     assert lora_params(QWEN_7B, r, ["gate_up_proj", "down_proj"]) == \
         QWEN_7B.layers * r * (h + 2 * QWEN_7B.intermediate_size + QWEN_7B.intermediate_size + h)
+
+
+def test_a_decoder_without_a_gated_mlp_is_refused():
+    """GPT-NeoX has hidden_size, intermediate_size... but a two-layer MLP: counting gate, up and down
+    would put its parameters 25% high."""
+    from transformers import GPTNeoXConfig
+
+    with pytest.raises(ConfigError, match="GPTNeoXConfig has a two-layer MLP"):
+        ModelShape.from_config(GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=256, vocab_size=1000))
