@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="device memory in GiB: say whether each variant fits, and by how much not")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
-            p.add_argument("--nproc", type=int, default=1,
+            p.add_argument("--nproc", type=_positive(int), default=1,
                            help="processes (FSDP2 ranks; one per GPU on a GPU machine); starts torchrun for you")
     p = sub.add_parser("merge", help="fold a PEFT adapter into its base model and save a plain HF model folder")
     p.add_argument("adapter", help="adapter folder (its adapter_config.json names the base model folder)")

@@ -63,6 +63,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             _fail(self.SECTION, "output_dir", self.output_dir, "is empty: name a folder for the run, e.g. runs/my-run")
+        # "~/runs/x" after `run.output_dir=` or in YAML reaches no shell: without this it makes a folder named "~"
+        object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))
+        if not -2 ** 31 <= self.seed < 2 ** 31:  # seeds are combined with step and sample numbers in 64 bits
+            _fail(self.SECTION, "seed", self.seed, "is out of range: choose a seed between -2**31 and 2**31 - 1")
         for name in ("steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 _fail(self.SECTION, name, getattr(self, name), "must be at least 1")
@@ -228,6 +232,7 @@ class TaskConfig:
             _fail(self.SECTION, "name", self.name, "is not a task: choose arithmetic or gsm8k")
         if not 1 <= self.difficulty <= 5:
             _fail(self.SECTION, "difficulty", self.difficulty, "is out of range: choose 1..5")
+        object.__setattr__(self, "data_dir", os.path.expanduser(self.data_dir))  # "~/data/gsm8k": no shell expands it
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")

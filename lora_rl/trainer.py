@@ -335,22 +335,31 @@ def _saved_settings(saved: Path) -> dict:
         return read_yaml(saved)
 
 
+_RESUME_MAY_CHANGE = (("run", "steps"), ("run", "progress"), ("run", "output_dir"), ("run", "checkpoint_every"),
+                      ("run", "keep_checkpoints"), ("rollout", "server_url"), ("rollout", "api_key_env"),
+                      ("rollout", "request_timeout"), ("rollout", "startup_timeout"))
+
+
 def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
     run_dir = Path(config.run.output_dir)
     saved = run_dir / "config.yaml"
     if resume and not saved.exists():
         raise ConfigError(f"--resume: run.output_dir={str(run_dir)!r} holds no run to resume (no config.yaml there): "
                           "check the path, or drop --resume to start a new run")
-    if saved.exists():
+    # A run that stopped before its first step (a backend, an engine or a server refused it after config.yaml
+    # was written) holds nothing to continue: a new start, with any settings, takes its folder over.
+    started = any((run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", "adapter", "summary.json"))
+    if saved.exists() and started:
         if not resume:
             raise ConfigError(f"run.output_dir={str(run_dir)!r} already holds a run (config.yaml): pass --resume to "
                               "continue it, or choose another run.output_dir")
         was, now = _saved_settings(saved), config_to_dict(config)
-        # A resumed run may run longer or quieter, and its folder may have moved; anything else would
-        # silently change the experiment.
-        for key in ("steps", "progress", "output_dir"):
-            was.get("run", {}).pop(key, None)
-            now["run"].pop(key, None)
+        # A resumed run may run longer or quieter, its folder may have moved, and how it checkpoints and
+        # reaches its server may change (a new server address after a crash); anything else would silently
+        # change the experiment.
+        for section, key in _RESUME_MAY_CHANGE:
+            was.get(section, {}).pop(key, None)
+            now[section].pop(key, None)
         changed = [f"{section}.{key}: {was.get(section, {}).get(key, '(not set)')!r} -> "
                    f"{now.get(section, {}).get(key, '(not set)')!r}"
                    for section in sorted(set(was) | set(now))
@@ -375,10 +384,14 @@ def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
                 raise ConfigError(f"--resume on {world} process(es), but {checkpoints[-1]} was written by {saved_by}: "
                                   f"FSDP2 saves {'sharded' if sharded else 'unsharded'} state then, which loads only "
                                   f"that way. Resume with {fix}")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and not saved.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not a lora-rl run folder: "
                           "choose an empty or new folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder of the path should be, or no permission
+        raise ConfigError(f"run.output_dir={str(run_dir)!r} cannot be made ({err.strerror or err}): choose a folder "
+                          "in a writable place") from None
     atomic_write_text(saved, dump_config(config))
     return run_dir
 

@@ -113,3 +113,12 @@ def test_estimate_covers_every_example_and_labels_a_full_fine_tuning_config(caps
     with pytest.raises(SystemExit):
         main(["estimate", megatron, "--devices", "0"])
     assert "--devices: '0' must be above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_nproc_below_one_is_refused(count, capsys):
+    from lora_rl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "examples/quickstart.yaml", "--nproc", count])
+    assert exit_.value.code == 2 and f"--nproc: '{count}' must be above 0" in capsys.readouterr().err

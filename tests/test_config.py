@@ -168,3 +168,12 @@ def test_overrides_given_as_one_string_are_refused():
     """papermill's `-p overrides lora.lora_rank=8` hands the notebook a string, not a list."""
     with pytest.raises(ConfigError, match=r"overrides='lora.lora_rank=8' must be a list of section.key=value strings"):
         load_config(None, "lora.lora_rank=8")
+
+
+def test_seed_range_and_home_folders():
+    with pytest.raises(ConfigError, match=r"run.seed=100000000000000 is out of range"):
+        load_config(None, ["run.seed=100000000000000"])
+    assert load_config(None, ["run.seed=-1"]).run.seed == -1
+    config = load_config(None, ["run.output_dir=~/runs/x", "task.data_dir=~/gsm8k"])
+    assert not config.run.output_dir.startswith("~") and config.run.output_dir.endswith("/runs/x")
+    assert not config.task.data_dir.startswith("~")

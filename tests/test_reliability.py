@@ -90,6 +90,7 @@ def test_an_existing_run_is_refused_and_left_intact(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("run: {}\n")
+    (out / "metrics.jsonl").write_text("{}\n")  # a run that took a step (one that never did is taken over)
     assert main(["train", str(QUICKSTART), f"run.output_dir={out}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == "run: {}\n"

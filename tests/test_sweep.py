@@ -192,7 +192,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def test_an_interrupt_stops_the_running_point_and_starts_no_other(tmp_path, monkeypatch):
+def test_an_interrupt_stops_the_running_point_and_starts_no_other(tmp_path, monkeypatch, request):
     """Ctrl-C (KeyboardInterrupt in the main thread): the running point's processes, which run in sessions
     of their own out of the terminal's reach, are killed at once; the point gets no status (the next run
     starts it again) and the next point is never started."""
@@ -218,6 +218,10 @@ def test_an_interrupt_stops_the_running_point_and_starts_no_other(tmp_path, monk
         signal.pthread_kill(main, signal.SIGINT)  # what Ctrl-C delivers
 
     main = threading.get_ident()
+    # Python's own SIGINT handler, as a `lora-rl sweep` process has it: earlier tests in this process may have
+    # left another one installed (in the full suite one did, and the Ctrl-C never raised).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):

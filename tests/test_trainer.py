@@ -251,3 +251,35 @@ def test_per_token_metrics_weigh_each_process_by_its_tokens(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_record_worker, args=(2, port, tmp_path / "record.pt"), nprocs=2, join=True)
     assert torch.load(tmp_path / "record.pt")["entropy"] == pytest.approx(2.5)
+
+
+def test_a_run_that_never_started_gives_its_folder_to_a_new_start(tmp_path):
+    """A backend or engine that refuses the run after config.yaml is written leaves nothing to continue:
+    the fixed command takes the folder over; a run with a step logged still needs --resume."""
+    from lora_rl.config import dump_config
+    from lora_rl.trainer import _prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config(None, [f"run.output_dir={run}",
+                                                                    "backend.cpu_offload=true"])))
+    fixed = load_config(None, [f"run.output_dir={run}"])
+    _prepare_run_dir(fixed, resume=False)
+    assert load_config(str(run / "config.yaml")).backend.cpu_offload is False
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _prepare_run_dir(fixed, resume=False)
+    # How it checkpoints and reaches its server may change on resume; the experiment may not.
+    _prepare_run_dir(load_config(None, [f"run.output_dir={run}", "run.checkpoint_every=1",
+                                        "rollout.request_timeout=60"]), resume=True)
+    with pytest.raises(ConfigError, match=r"differs from the saved run \(lora.lora_rank"):
+        _prepare_run_dir(load_config(None, [f"run.output_dir={run}", "lora.lora_rank=4"]), resume=True)
+
+
+def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    from lora_rl.trainer import _prepare_run_dir
+
+    (tmp_path / "afile").write_text("x")
+    for path in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ConfigError, match=r"run.output_dir=.*(not a lora-rl run folder|cannot be made)"):
+            _prepare_run_dir(load_config(None, [f"run.output_dir={path}"]), resume=False)
