@@ -71,15 +71,66 @@ def _positive(kind):
     return parse
 
 
+# Under `--nproc` each rank leaves its error here and the launching process prints each distinct one once
+# (every rank raises the same ConfigError; torchrun's own report of the failure is a page of traceback).
+_ERRORS_ENV = "LORA_RL_ERROR_DIR"
+
+
+def _fail(err: BaseException, code: int) -> int:
+    folder = os.environ.get(_ERRORS_ENV)
+    if folder and "RANK" in os.environ and Path(folder).is_dir():
+        Path(folder, f"rank{os.environ['RANK']}.txt").write_text(str(err))
+    else:
+        print(f"lora-rl: error: {err}", file=sys.stderr)
+    return code
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run this same command under torchrun with `nproc` ranks on this machine."""
+    """Run this same command on `nproc` ranks on this machine: torchrun --standalone, started in this process
+    so that a failed rank ends in its own error and exit code (2 for a config error), not a launcher traceback."""
+    import logging
+    import tempfile
+    import uuid
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     rest = [a for a in argv if not a.startswith("--nproc")]
     if "--nproc" in argv:  # "--nproc N" form: drop the value too
         i = argv.index("--nproc")
         rest = argv[:i] + argv[i + 2:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "lora_rl.cli", *rest]
-    return subprocess.call(command)
+    args = torchrun.parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "lora_rl.cli", *rest])
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())  # --standalone
+    args.master_port = args.master_port or 29500
+    # The agent's warnings (OMP_NUM_THREADS set to 1 per rank, "sending closing signal") and its error log
+    # repeat what the ranks and this function say.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.run"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    launch_config, command, command_args = torchrun.config_from_args(args)
+    with tempfile.TemporaryDirectory(prefix="lora-rl-errors-") as errors:
+        os.environ[_ERRORS_ENV] = errors
+        try:
+            elastic_launch(launch_config, command)(*command_args)
+            return 0
+        except SignalException:  # Ctrl-C or SIGTERM: the agent has passed it on to the ranks and stopped them
+            print("lora-rl: interrupted", file=sys.stderr)
+            return 130
+        except ChildFailedError as err:
+            rank, failure = err.get_first_failure()
+            messages = dict.fromkeys(f.read_text() for f in sorted(Path(errors).glob("rank*.txt")))
+            for message in messages:
+                print(f"lora-rl: error: {message}", file=sys.stderr)
+            if failure.exitcode in (1, 2, 130) and (messages or failure.exitcode == 130):
+                return failure.exitcode
+            how = (f"exit code {failure.exitcode}" if failure.exitcode > 0 else
+                   f"signal {-failure.exitcode}" if failure.exitcode < 0 else "an error")
+            print(f"lora-rl: error: rank {rank} of {nproc} stopped with {how} (its output is above)", file=sys.stderr)
+            return failure.exitcode if failure.exitcode > 0 else 1
+        finally:
+            os.environ.pop(_ERRORS_ENV, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="tokens per sequence (default: twice rollout.max_new_tokens)")
             p.add_argument("--gib-per-device", type=_positive(float), default=None,
                            help="device memory in GiB: say whether each variant fits, and by how much not")
-        if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
+        if name in ("train", "validate"):
             p.add_argument("--nproc", type=_positive(int), default=1,
                            help="processes (FSDP2 ranks; one per GPU on a GPU machine); starts torchrun for you")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
     p = sub.add_parser("merge", help="fold a PEFT adapter into its base model and save a plain HF model folder")
     p.add_argument("adapter", help="adapter folder (its adapter_config.json names the base model folder)")
     p.add_argument("out", help="folder for the merged model (must not exist)")
@@ -147,14 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(" ".join(str(f) for f in files))
             return 0
         config = load_config(args.config, args.overrides)
-        validate(config, data=args.command == "validate")
+        launching = args.command == "train" and args.nproc > 1 and "RANK" not in os.environ
+        validate(config, data=args.command == "validate" or launching)
+        if args.command in ("train", "validate"):
+            from lora_rl.trainer import check_run_dir, check_world
+
+            check_world(config, args.nproc)
+            if launching:  # once here, before the ranks start, rather than once per rank
+                check_run_dir(config, args.resume, args.nproc)
         if args.command == "validate":
             print(f"{args.config}: ok")
             return 0
         if args.command == "estimate":
             print(_estimate_table(config, args.devices, args.seq_len, args.gib_per_device))
             return 0
-        if args.nproc > 1 and "RANK" not in os.environ:
+        if launching:
             return _torchrun(args.nproc, argv if argv is not None else sys.argv[1:])
         from lora_rl import distributed
         from lora_rl.trainer import train
@@ -168,17 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     except ConfigError as err:
-        print(f"lora-rl: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err, 2)
     except (TrainingError, RolloutError) as err:
-        print(f"lora-rl: error: {err}", file=sys.stderr)
-        return 1
+        return _fail(err, 1)
     except KeyboardInterrupt:
         print("lora-rl: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
     if summary["stopped_early"]:
-        again = ["lora-rl", "train", args.config, *args.overrides, *(["--nproc", str(args.nproc)] if args.nproc > 1 else []),
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # a rank of --nproc N: its own argv lost the option
+        again = ["lora-rl", "train", args.config, *args.overrides, *(["--nproc", str(world)] if world > 1 else []),
                  "--resume"]  # quoted: an override such as 'lora.target_modules=[q_proj, v_proj]' holds spaces
         print(f"\nstopped early after step {summary['steps_done']} with a checkpoint: continue with "
               f"{shlex.join(again)}", file=sys.stderr)

@@ -340,7 +340,8 @@ _RESUME_MAY_CHANGE = (("run", "steps"), ("run", "progress"), ("run", "output_dir
                       ("rollout", "request_timeout"), ("rollout", "startup_timeout"))
 
 
-def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
+def check_run_dir(config: Config, resume: bool, world: int = 1) -> None:
+    """Whether run.output_dir can take this run (new, or --resume with the same settings); writes nothing."""
     run_dir = Path(config.run.output_dir)
     saved = run_dir / "config.yaml"
     if resume and not saved.exists():
@@ -387,12 +388,17 @@ def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
     elif run_dir.exists() and not saved.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not a lora-rl run folder: "
                           "choose an empty or new folder")
+
+
+def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
+    check_run_dir(config, resume, world)
+    run_dir = Path(config.run.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where a folder of the path should be, or no permission
         raise ConfigError(f"run.output_dir={str(run_dir)!r} cannot be made ({err.strerror or err}): choose a folder "
                           "in a writable place") from None
-    atomic_write_text(saved, dump_config(config))
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
     return run_dir
 
 
@@ -421,6 +427,29 @@ def _load_checkpoint(checkpoints: list[Path], backend) -> tuple[dict, dict]:
         raise ConfigError(_unreadable(checkpoints[-1], err)) from None
 
 
+def check_world(config: Config, world: int) -> None:
+    """The settings that must fit the process count: `lora-rl train --nproc` checks them before it starts
+    torchrun (one clear error instead of one per rank under torchrun's report), and train again."""
+    if config.rollout.prompts_per_step % world:
+        raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} does not split over {world} "
+                          f"processes: use a multiple of {world}")
+    # Each process splits its own share into the minibatches (grpo_update): the share must divide, or
+    # the update takes more optimizer steps than asked (or a share smaller than the count, none at all).
+    share = config.rollout.prompts_per_step // world * config.rollout.group_size
+    if world > 1 and share % config.grpo.minibatches:
+        raise ConfigError(f"grpo.minibatches={config.grpo.minibatches} does not divide each process's share of the "
+                          f"rollout batch, {share} sequences (rollout.prompts_per_step / {world} processes x "
+                          f"rollout.group_size): pick a divisor of {share}, or change prompts_per_step")
+    if 0 < config.eval.size < world:
+        raise ConfigError(_eval_share_error(config.eval.size, config.eval.size, world))
+
+
+def _eval_share_error(size: int, problems: int, world: int) -> str:
+    # Every process scores a share, and under FSDP2 every process must decode in step with the others.
+    return (f"eval.size={size} gives {problems} test problems for {world} processes, each of which scores a share: "
+            f"use eval.size >= {world}, or 0 for no evaluation")
+
+
 def train(config: Config, *, resume: bool = False,
           on_step: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict:
@@ -429,26 +458,15 @@ def train(config: Config, *, resume: bool = False,
     require_backend(config.backend.name)
     require_engine(config.rollout.engine)
     d = distributed.init()
-    if config.rollout.prompts_per_step % d.world:
-        raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} does not split over {d.world} "
-                          f"processes: use a multiple of {d.world}")
-    # Each process splits its own share into the minibatches (grpo_update): the share must divide, or
-    # the update takes more optimizer steps than asked (or a share smaller than the count, none at all).
-    share = config.rollout.prompts_per_step // d.world * config.rollout.group_size
-    if d.world > 1 and share % config.grpo.minibatches:
-        raise ConfigError(f"grpo.minibatches={config.grpo.minibatches} does not divide each process's share of the "
-                          f"rollout batch, {share} sequences (rollout.prompts_per_step / {d.world} processes x "
-                          f"rollout.group_size): pick a divisor of {share}, or change prompts_per_step")
+    check_world(config, d.world)
     # The data first: a missing or malformed dataset must fail before the run folder is created.
     task = config.task
     train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
                                    data_dir=task.data_dir or None)
     eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
                                   data_dir=task.data_dir or None, limit=config.eval.size)
-    if config.eval.size and len(eval_problems) < d.world:
-        # Every process scores a share, and under FSDP2 every process must decode in step with the others.
-        raise ConfigError(f"eval.size={config.eval.size} gives {len(eval_problems)} test problems for {d.world} "
-                          f"processes, each of which scores a share: use eval.size >= {d.world}, or 0 for no evaluation")
+    if config.eval.size and len(eval_problems) < d.world:  # a test file shorter than eval.size
+        raise ConfigError(_eval_share_error(config.eval.size, len(eval_problems), d.world))
     eval_total, eval_problems = len(eval_problems), eval_problems[d.rank::d.world]
     reward_fn = get_reward(task.reward or task.name)
     # Rank 0 checks and creates the run folder; every rank raises the same error if it fails.

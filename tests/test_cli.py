@@ -122,3 +122,55 @@ def test_nproc_below_one_is_refused(count, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "examples/quickstart.yaml", "--nproc", count])
     assert exit_.value.code == 2 and f"--nproc: '{count}' must be above 0" in capsys.readouterr().err
+
+
+def test_nproc_settings_and_a_taken_folder_are_refused_before_any_rank_starts(tmp_path, capsys, monkeypatch):
+    """What does not fit the process count, and a run folder that holds a run, are one error from the
+    launching process with exit code 2; before, every rank printed it and torchrun added a page of traceback."""
+    import lora_rl.cli as cli
+
+    monkeypatch.setattr(cli, "_torchrun", lambda *args: pytest.fail("torchrun was started"))
+    quickstart = str(EXAMPLES[0].parent / "quickstart.yaml")
+    out = tmp_path / "run"
+    for overrides, message in [
+            (["rollout.prompts_per_step=3"], "rollout.prompts_per_step=3 does not split over 2 processes"),
+            (["eval.size=1"], "eval.size=1 gives 1 test problems for 2 processes"),
+            (["rollout.prompts_per_step=2", "rollout.group_size=3", "grpo.minibatches=2"],
+             "grpo.minibatches=2 does not divide each process's share of the rollout batch, 3 sequences")]:
+        for command in ("validate", "train"):
+            assert main([command, quickstart, f"run.output_dir={out}", *overrides, "--nproc", "2"]) == 2, overrides
+            assert message in capsys.readouterr().err
+        assert main(["validate", quickstart, *overrides]) == 0  # one process takes them
+    assert not out.exists()
+    out.mkdir()
+    (out / "config.yaml").write_text("run: {}\n")
+    (out / "metrics.jsonl").write_text("")
+    assert main(["train", quickstart, f"run.output_dir={out}", "--nproc", "2"]) == 2
+    assert "already holds a run (config.yaml): pass --resume" in capsys.readouterr().err
+
+
+def test_a_rank_error_under_nproc_is_printed_once_with_the_ranks_exit_code(tmp_path):
+    """An error the ranks find themselves (here: a test file with fewer problems than processes) is printed
+    once, and `lora-rl` exits with the ranks' code, 2, not torchrun's 1 and its report."""
+    row = '{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n'
+    (tmp_path / "train.jsonl").write_text(row * 4)
+    (tmp_path / "test.jsonl").write_text(row)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "lora_rl.cli", "train", str(EXAMPLES[0].parent / "quickstart.yaml"),
+                             "task.name=gsm8k", f"task.data_dir={tmp_path}", "eval.size=5", f"run.output_dir={out}",
+                             "run.progress=false", "--nproc", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("eval.size=5 gives 1 test problems for 2 processes") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert not out.exists()
+
+
+def test_the_resume_hint_of_a_rank_names_the_process_count(monkeypatch, capsys):
+    """A rank runs `lora-rl train` without --nproc (the launcher drops it): its hint takes the count from torchrun."""
+    import lora_rl.trainer
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(lora_rl.trainer, "train", lambda config, resume: {"stopped_early": True, "steps_done": 3})
+    assert main(["train", str(EXAMPLES[0].parent / "quickstart.yaml"), "run.steps=9"]) == 130
+    assert "continue with lora-rl train " in (err := capsys.readouterr().err) and "run.steps=9 --nproc 2 --resume" in err
