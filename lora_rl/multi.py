@@ -306,7 +306,9 @@ def _verify(engine, policy: MultiLoRAPolicy, requests, completions, configs: lis
     delivery = []
     for k, name in enumerate(policy.names):
         view = _OneAdapter(engine, policy, name)
-        diff = verify_delivery(view, view, requests[k].prompts, completions[k], config)
+        prompts = requests[k].prompts
+        diff = verify_delivery(view, view, [prompts[c.prompt_index] + c.token_ids for c in completions[k]],
+                               [len(prompts[c.prompt_index]) for c in completions[k]], config)
         if diff is not None and diff > sync_threshold(config):
             raise TrainingError(
                 f"step {step + 1}: after publishing version {step + 1} of {name} ({configs[k].run.output_dir}), "

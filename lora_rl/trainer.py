@@ -200,19 +200,19 @@ def publish(engine, backend, version: int):
     return engine.publish(version, path)
 
 
-def verify_delivery(engine, backend, prompts: list[list[int]], completions, config: Config) -> float | None:
-    """Re-score a few sampled sequences with the engine and the trainer under the version just published.
+def verify_delivery(engine, backend, sequences: list[list[int]], starts: list[int], config: Config) -> float | None:
+    """Re-score a few sequences with the engine and the trainer under the version just published.
 
-    Returns the mean |engine - trainer| log-prob over their completion tokens (at temperature 1), or None
-    when the engine shares the trainer's weights. Past the threshold the engine is serving some other
-    weights (a stale or half-loaded adapter) and training on its samples would be silently off-policy."""
-    probe = completions[:config.rollout.probe_size]
-    if not engine.needs_adapter or not probe:
+    Returns the mean |engine - trainer| log-prob over each sequence's tokens from its start on (at
+    temperature 1), or None when the engine shares the trainer's weights. Past the threshold the engine is
+    serving some other weights (a stale or half-loaded adapter, another base model) and training on its
+    samples would be silently off-policy. A collective under FSDP2: every rank calls it with a probe."""
+    sequences, starts = sequences[:config.rollout.probe_size], starts[:config.rollout.probe_size]
+    if not engine.needs_adapter or not sequences:
         return None
-    sequences = [prompts[c.prompt_index] + c.token_ids for c in probe]
-    starts = [len(prompts[c.prompt_index]) for c in probe]
     engine_logp = engine.score(sequences, starts)
-    batch = make_batch([prompts[c.prompt_index] for c in probe], [c.token_ids for c in probe], 0)
+    batch = make_batch([seq[:start] for seq, start in zip(sequences, starts, strict=True)],
+                       [seq[start:] for seq, start in zip(sequences, starts, strict=True)], 0)
     trainer_logp = backend.logprobs(batch, 1.0, with_grad=False)[0].double().cpu()
     total = count = 0.0
     for row, (start, values) in enumerate(zip(starts, engine_logp, strict=True)):
@@ -513,6 +513,22 @@ def train(config: Config, *, resume: bool = False,
             torch.set_rng_state(state["torch_rng"])
             start_step = meta["step"]
         publish(engine, backend, meta.get("version", 0))  # the initial adapter, or the resumed one
+        # Before any time goes into evaluation or sampling: the engine must score like the trainer under that
+        # version, or it serves other weights (an attached server started on another model, an adapter that
+        # did not load). The probe is this rank's first prompts of the next step, scored after their first token.
+        if start_step < config.run.steps:
+            probe = [encode(tokenizer, format_prompt(train_problems[i].question, tokenizer)) for i in
+                     prompt_indices(len(train_problems), config.rollout.prompts_per_step, start_step,
+                                    config.run.seed)[d.rank::d.world][:config.rollout.probe_size]]
+            first = verify_delivery(engine, backend, probe, [1] * len(probe), config)
+            if first is not None and first > sync_threshold(config):
+                raise TrainingError(
+                    f"before step {start_step + 1}: {engine.name} log-probs of training prompts differ from the "
+                    f"trainer's by {first:.2e} on average under version {meta.get('version', 0)} (limit "
+                    f"{sync_threshold(config):.0e}, rollout.max_sync_logprob_diff): the engine does not serve "
+                    f"model.path={config.model.path!r} with this adapter. A server given by rollout.server_url may "
+                    "have been started on another model or in another dtype, or the adapter did not load; check the "
+                    "engine's log")
         if d.main:
             log.truncate_after(start_step)
             if not checkpoints and log.path.exists():
@@ -569,7 +585,9 @@ def train(config: Config, *, resume: bool = False,
                 with timer.phase("sync"):
                     sync = publish(engine, backend, step + 1)
                 with timer.phase("verify"):
-                    delivery = verify_delivery(engine, backend, prompts, completions, config)
+                    delivery = verify_delivery(engine, backend, [prompts[c.prompt_index] + c.token_ids
+                                                                 for c in completions],
+                                               [len(prompts[c.prompt_index]) for c in completions], config)
                 if delivery is not None and delivery > sync_threshold(config):
                     raise TrainingError(
                         f"step {step + 1}: after publishing version {step + 1}, {engine.name} log-probs differ from the "

