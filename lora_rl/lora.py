@@ -264,10 +264,11 @@ def _stack_merged(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _stack_adapters(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = layer.get_base_layer().weight  # [out, in]
+    base = layer.get_base_layer()
+    in_features, out_features = linear_shape(base)  # not weight.shape: GPT-2's Conv1D stores it [in, out]
     rank = max((layer.lora_A[n].weight.shape[0] for n in names if n in layer.lora_A), default=1)
-    a_t = weight.new_zeros(len(names), weight.shape[1], rank)
-    b_t = weight.new_zeros(len(names), rank, weight.shape[0])
+    a_t = base.weight.new_zeros(len(names), in_features, rank)
+    b_t = base.weight.new_zeros(len(names), rank, out_features)
     for k, name in enumerate(names):
         if name in layer.lora_A:
             r = layer.lora_A[name].weight.shape[0]

@@ -122,6 +122,28 @@ def test_stacked_sampling_forward_equals_the_segment_forward(merge):
         assert torch.allclose(stacked[3:], model(input_ids=x[3:]).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["low-rank", "merged-copies"])
+def test_stacked_sampling_forward_on_conv1d_linears(merge):
+    """GPT-2's linears are transformers' Conv1D, whose weight is stored [in, out]: the stacked adapters took
+    their shapes from the weight as if it were [out, in], and every packed rollout on GPT-2 crashed."""
+    from transformers import GPT2Config
+
+    from lora_rl.lora import adapter_rows
+
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=40, n_positions=16))
+    model = inject_adapters(gpt2, [("adapter0", LoRAConfig(lora_rank=4, lora_alpha=8), 1),
+                                   ("adapter1", LoRAConfig(lora_rank=8, target_modules=("c_attn",)), 2)]).eval()
+    _randomise_b(model)
+    x = torch.randint(0, 40, (6, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with adapter_rows(model, [("adapter0", 3), ("adapter1", 3)], merge=merge):
+            stacked = model(input_ids=x).logits
+        for name, rows in (("adapter0", slice(0, 3)), ("adapter1", slice(3, 6))):
+            model.base_model.set_adapter(name)
+            assert torch.allclose(stacked[rows], model(input_ids=x[rows]).logits, atol=1e-5), name
+
+
 def test_grouped_sampling_draws_what_each_request_draws_alone():
     from lora_rl.rollout.embedded import sample_groups
 
