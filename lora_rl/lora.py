@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,6 +97,16 @@ def resolve_targets(model: nn.Module, lora: LoRAConfig) -> str | list[str]:
         return "all-linear"
     targets = hf_target_names(lora.target_modules)
     missing = [t for t in targets if t not in available]
+    # The head and the embedding are layers, left out on purpose: say so rather than call the name wrong.
+    ends = {name.rsplit(".", 1)[-1]: role for module, role in
+            ((model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None, "output head"),
+             (model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None, "input embedding"))
+            if module is not None for name, m in model.named_modules() if m is module}
+    excluded = [t for t in missing if t in ends]
+    if excluded:
+        raise ConfigError(f"lora.target_modules={list(lora.target_modules)}: {excluded} is the model's "
+                          f"{ends[excluded[0]]}, which lora-rl does not adapt (the rollout engines serve LoRA on the "
+                          f"decoder layers' linears only); adapt those instead: {available} (or [all-linear])")
     if missing:
         raise ConfigError(f"lora.target_modules={list(lora.target_modules)}: {missing} match no linear layer in this "
                           f"model; its linear layers are {available} (or use [all-linear])")
@@ -106,7 +117,29 @@ def check_model(model: nn.Module, lora: LoRAConfig) -> None:
     """Every model-dependent check, for `lora-rl validate` and before training."""
     check_dense(model.config)
     if lora.use_lora:
-        resolve_targets(model, lora)
+        targets = resolve_targets(model, lora)
+        _warn_rank_above_layers(model, lora, targets)
+
+
+def _warn_rank_above_layers(model: nn.Module, lora: LoRAConfig, targets: str | list[str]) -> None:
+    """A rank above an adapted layer's smaller side is allowed (peft takes it) but buys nothing: B A cannot
+    have a rank above min(in, out), so the extra rows only add parameters and, through lora_alpha /
+    lora_rank, scale the update down. Tiny test models meet this with the usual ranks, hence a warning."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    smallest = None
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is None or module is output or (targets != "all-linear" and name.rsplit(".", 1)[-1] not in targets):
+            continue
+        if smallest is None or min(shape) < min(smallest[1]):
+            smallest = (name, shape)
+    if smallest is not None and lora.lora_rank > min(smallest[1]):
+        name, (fan_in, fan_out) = smallest
+        warnings.warn(f"lora-rl: lora.lora_rank={lora.lora_rank} is above the smaller side of an adapted layer ({name}: "
+                      f"{fan_in} in, {fan_out} out): its update cannot have a rank above {min(fan_in, fan_out)}, "
+                      f"so the extra rank only adds parameters and scales the update down (lora_alpha / lora_rank). "
+                      f"Use lora.lora_rank <= {min(fan_in, fan_out)}, or leave that layer out of lora.target_modules",
+                      UserWarning, stacklevel=2)
 
 
 def check_config(config, *, data: bool = True) -> None:

@@ -130,3 +130,26 @@ def test_gpt2_conv1d_layers_are_targets_and_its_adapter_merges(tmp_path):
     save_adapter(model, tmp_path / "adapter", tmp_path / "gpt2")
     assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(_model(tmp_path / "merged")(TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rank_above_an_adapted_layers_smaller_side_is_warned_about(random_model_dir):
+    """The tiny model's k_proj and v_proj are 64 in, 32 out: rank 48 cannot be reached there, so the extra
+    rank only adds parameters and shrinks the update through lora_alpha / lora_rank."""
+    import warnings
+
+    from lora_rl.lora import check_model
+
+    model = _model(random_model_dir)
+    with pytest.warns(UserWarning, match=r"lora.lora_rank=48 is above the smaller side of an adapted layer "
+                                         r"\(model.layers.0.self_attn.k_proj: 64 in, 32 out\).*lora_rank <= 32"):
+        check_model(model, LoRAConfig(lora_rank=48))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_model(model, LoRAConfig(lora_rank=32))
+        check_model(model, LoRAConfig(lora_rank=48, target_modules=("q_proj", "o_proj")))  # 64 x 64 layers
+
+
+def test_the_output_head_or_embedding_as_a_target_is_named_as_such(random_model_dir):
+    for target, role in (("lm_head", "output head"), ("embed_tokens", "input embedding")):
+        with pytest.raises(ConfigError, match=rf"\['{target}'\] is the model's {role}, which lora-rl does not adapt"):
+            inject_lora(_model(random_model_dir), LoRAConfig(target_modules=("q_proj", target)))

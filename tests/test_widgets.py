@@ -122,3 +122,13 @@ def test_a_fused_layout_target_shows_an_estimate(tmp_path):
     p.targets.value = ["qkv_proj"]
     assert p.estimate()[0].trainable_params == 2 * p.rank.value * (64 + 3 * 64)
     assert "no memory estimate" not in p.info.value
+
+
+def test_a_library_warning_shows_in_the_panel(panel):
+    """A rank above the tiny model's k_proj width (32) is allowed but pointless: the panel says so where the
+    user looks (a callback's stderr is lost in JupyterLab)."""
+    panel.rank.value = 64
+    assert "class='warning'>lora-rl: lora.lora_rank=64 is above the smaller side" in panel.info.value
+    assert not panel.run_button.disabled
+    panel.rank.value = 16
+    assert "class='warning'" not in panel.info.value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import ipywidgets as w
@@ -163,7 +164,11 @@ class LoRAPanel:
                                 **training_options(base, backend="fsdp2", **common)))
 
     def refresh(self) -> None:
-        why = self.why_not_runnable()
+        with warnings.catch_warnings(record=True) as caught:  # shown in the panel: a callback's stderr is lost
+            warnings.simplefilter("always")
+            why = self.why_not_runnable()
+        notes = "".join(f"<br><span style='color:#a60' class='warning'>{html.escape(str(c.message))}</span>"
+                        for c in caught if str(c.message).startswith("lora-rl: "))
         try:
             chosen, full = self.estimate()
         except ConfigError as err:  # a layout or choice the estimator does not model: Run may still work
@@ -189,7 +194,7 @@ class LoRAPanel:
             + f"{estimate}<br>"
             f"{self.backend.value} + {self.engine.value}: "
             + ("<span style='color:green'>supported</span>" if not why else
-               f"<span style='color:#b00' class='why'>cannot run: {html.escape(why)}</span>"))
+               f"<span style='color:#b00' class='why'>cannot run: {html.escape(why)}</span>") + notes)
         self.run_button.disabled = bool(why) or self._running
         self.run_button.tooltip = why or "train with these settings"
 
