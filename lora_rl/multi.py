@@ -105,6 +105,11 @@ def check_packable(configs: list[Config]) -> None:
     if c.backend.activation_checkpointing:
         raise ConfigError("backend.activation_checkpointing=true in a multi-LoRA job: per-row adapters run in eval "
                           "mode, where HF models do not checkpoint. Set it to false")
+    if c.backend.cuda_graphs:
+        # The packed update runs per-row adapters through each layer; it has no graphed layers to replay.
+        raise ConfigError("backend.cuda_graphs=true in a multi-LoRA job: the packed update does not replay CUDA "
+                          "graphs (its layers change with the rows' adapters). Set backend.cuda_graphs=false, or "
+                          "run these points as separate jobs")
     if c.rollout.engine not in PACKED_ENGINES:
         raise ConfigError(f"rollout.engine={c.rollout.engine!r} in a multi-LoRA job: use one of {list(PACKED_ENGINES)}")
 

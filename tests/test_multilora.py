@@ -220,6 +220,7 @@ def test_configs_differing_outside_lora_settings_are_refused(tmp_path, overrides
     (["lora.lora_dropout=0.1"], r"lora.lora_dropout=0.1 in a multi-LoRA job"),
     (["backend.activation_checkpointing=true"], r"activation_checkpointing=true in a multi-LoRA job"),
     (["rollout.engine=vllm-server"], r"rollout.engine='vllm-server' in a multi-LoRA job"),
+    (["backend.cuda_graphs=true"], r"backend.cuda_graphs=true in a multi-LoRA job: .* Set backend.cuda_graphs=false"),
     (["backend.name=megatron", "rollout.engine=vllm"],
      r"backend.name='megatron' in a multi-LoRA job: .* Set backend.name=fsdp2"),
 ])
