@@ -150,8 +150,11 @@ def check_config(config, *, data: bool = True) -> None:
     from lora_rl.models import meta_model
     from lora_rl.rewards import get_reward
 
+    from lora_rl.backends import check_backend_config
+
     model = meta_model(config.model.path)
     check_model(model, config.lora)
+    check_backend_config(config, model.config)
     if config.rollout.engine in ("vllm", "vllm-server"):
         from lora_rl.rollout.vllm_common import check_model_for_engine
 

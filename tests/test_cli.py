@@ -174,3 +174,40 @@ def test_the_resume_hint_of_a_rank_names_the_process_count(monkeypatch, capsys):
     monkeypatch.setattr(lora_rl.trainer, "train", lambda config, resume: {"stopped_early": True, "steps_done": 3})
     assert main(["train", str(EXAMPLES[0].parent / "quickstart.yaml"), "run.steps=9"]) == 130
     assert "continue with lora-rl train " in (err := capsys.readouterr().err) and "run.steps=9 --nproc 2 --resume" in err
+
+
+def test_validate_refuses_what_the_megatron_backend_cannot_train(tmp_path, capsys):
+    """These passed `validate` and failed in `train` after config.yaml was written and the model loaded:
+    a family megatron-bridge cannot convert (Mistral: a raw AttributeError), a Llama with biases, a
+    non-default RoPE, settings Megatron would ignore or refuse later."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from lora_rl.backends import check_backend_config
+
+    small = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    models = {"mistral": MistralConfig(**small), "llama-bias": LlamaConfig(**small, attention_bias=True),
+              "llama3-rope": LlamaConfig(**small, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                                   "factor": 8.0, "low_freq_factor": 1.0,
+                                                                   "high_freq_factor": 4.0,
+                                                                   "original_max_position_embeddings": 64}),
+              "qwen2": Qwen2Config(**small)}
+    for name, model_config in models.items():
+        (tmp_path / name).mkdir()
+        model_config.save_pretrained(tmp_path / name)
+    megatron = str(EXAMPLES[0].parent / "gsm8k_grpo_megatron_lora.yaml")
+    out = tmp_path / "run"
+    for overrides, message in [
+            ([f"model.path={tmp_path / 'mistral'}"], "is a 'mistral' model; the Megatron backend is verified for"),
+            ([f"model.path={tmp_path / 'llama-bias'}"], "is a Llama with attention_bias=true"),
+            ([f"model.path={tmp_path / 'llama3-rope'}"], "uses RoPE type 'llama3'"),
+            ([f"model.path={tmp_path / 'qwen2'}", "backend.tensor_parallel=2"], "tensor-parallel ranks need the same"),
+            ([f"model.path={tmp_path / 'qwen2'}", "backend.cpu_offload=true"], "backend.cpu_offload=true is an FSDP2"),
+            ([f"model.path={tmp_path / 'qwen2'}", "backend.cuda_graphs=true"], "backend.cuda_graphs=true is an FSDP2")]:
+        for command in ("validate", "train"):
+            assert main([command, megatron, f"run.output_dir={out}", *overrides]) == 2, overrides
+            assert message in capsys.readouterr().err, overrides
+    assert not out.exists()
+    qwen2 = load_config(megatron, [f"model.path={tmp_path / 'qwen2'}"])
+    check_backend_config(qwen2, Qwen2Config(**small))  # a verified family: no error
+    check_backend_config(load_config(megatron, ["backend.name=fsdp2", "rollout.engine=vllm"]), MistralConfig(**small))

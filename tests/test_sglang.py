@@ -415,3 +415,19 @@ def test_grpo_steps_with_sglang(sglang, sglang_model_dir, tmp_path, backend):
     assert not (out / "rollout_adapters").exists()
     if standin is not None:
         assert standin.adapters == {} and standin.max_loaded <= 3
+
+
+def test_a_megatron_pool_covers_the_fused_layers_it_trains():
+    """Megatron adapts q, k and v together for q_proj (and takes its own names): the pool is sized from the
+    adapter it will publish. Sized from lora.target_modules, validate passed and train refused the adapter
+    after the Megatron model was built; Megatron names were refused outright."""
+    from lora_rl.rollout.sglang_server import pool_modules
+
+    assert pool_modules(_config("backend.name=megatron", "lora.target_modules=[q_proj]")) == ("q_proj", "k_proj",
+                                                                                              "v_proj")
+    assert pool_modules(_config("backend.name=megatron", "lora.target_modules=[linear_qkv,linear_fc2]")) == (
+        "q_proj", "k_proj", "v_proj", "down_proj")
+    with pytest.raises(ConfigError, match=r"leaves out \['k_proj', 'v_proj'\], which lora.target_modules=\['q_proj'\] "
+                                          r"\(backend.name=megatron trains \['q_proj', 'k_proj', 'v_proj'\]"):
+        _config("backend.name=megatron", "lora.target_modules=[q_proj]", "rollout.lora_target_modules=[q_proj]")
+    assert pool_modules(_config("lora.target_modules=[q_proj]")) == ("q_proj",)  # FSDP2 trains what is asked

@@ -71,11 +71,7 @@ def _init_parallel(mc: megatron_compat.Megatron, tensor_parallel: int, seed: int
 def _rope_theta(hf_config) -> float:
     """RoPE's base as the HF config states it. transformers 5 moved it into `rope_parameters`, where
     megatron-bridge 0.3.1 does not look (it silently builds with 10000: SmolLM2's is 100000)."""
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    kind = rope.get("rope_type", "default")
-    if kind != "default":
-        raise ConfigError(f"the model uses RoPE type {kind!r}; the Megatron backend is verified for default RoPE only "
-                          "(Qwen2/2.5, Llama 2, SmolLM2): use backend.name=fsdp2 for this model")
+    rope = getattr(hf_config, "rope_parameters", None) or {}  # its type: backends.check_backend_config
     return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
@@ -99,10 +95,7 @@ def build_megatron(base_model_path: Path, config: Config) -> tuple[object, list[
     # The fused kernels behind these flags come from transformer-engine or apex.
     for flag in ("apply_rope_fusion", "gradient_accumulation_fusion", "masked_softmax_fusion", "persist_layer_norm"):
         setattr(provider, flag, False)
-    if config.backend.activation_checkpointing:
-        if not torch.cuda.is_available():
-            raise ConfigError("backend.activation_checkpointing=true with Megatron needs CUDA: megatron-core's "
-                              "recompute saves and restores CUDA RNG states. Set it to false on the CPU")
+    if config.backend.activation_checkpointing:  # CUDA only: backends.check_backend_config
         provider.recompute_granularity, provider.recompute_method, provider.recompute_num_layers = "full", "uniform", 1
     provider.finalize()
     lora = config.lora

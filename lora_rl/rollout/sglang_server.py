@@ -44,9 +44,20 @@ def pool_rank(config: Config) -> int:
     return config.rollout.max_lora_rank or config.lora.lora_rank
 
 
+def trained_modules(config: Config) -> tuple[str, ...]:
+    """The modules the adapter will hold, in HF names: lora.target_modules as the backend trains them
+    (Megatron adapts fused layers whole: q_proj brings k_proj and v_proj; linear_qkv is q, k and v)."""
+    from lora_rl.backends import adapter_lora
+    from lora_rl.lora import hf_target_names
+
+    targets = adapter_lora(config).target_modules
+    return tuple(targets) if {"all", "all-linear"} & set(targets) else hf_target_names(targets)
+
+
 def pool_modules(config: Config) -> tuple[str, ...]:
-    """--lora-target-modules: rollout.lora_target_modules, else lora.target_modules; all-linear becomes all."""
-    modules = config.rollout.lora_target_modules or config.lora.target_modules
+    """--lora-target-modules: rollout.lora_target_modules, else the modules the adapter holds; all-linear
+    becomes all."""
+    modules = config.rollout.lora_target_modules or trained_modules(config)
     return ("all",) if {"all", "all-linear"} & set(modules) else tuple(modules)
 
 
@@ -71,17 +82,20 @@ def check_sglang_config(config: Config) -> None:
         raise ConfigError(f"lora.lora_rank={lora.lora_rank} is above rollout.max_lora_rank={rollout.max_lora_rank}: "
                           "SGLang sizes its LoRA pool at start-up and would refuse every version. Raise "
                           "rollout.max_lora_rank or set it to 0 (the pool takes lora.lora_rank)")
-    for field, modules in (("lora.target_modules", lora.target_modules),
+    for field, modules in (("lora.target_modules", trained_modules(config)),
                            ("rollout.lora_target_modules", rollout.lora_target_modules)):
         bad = sorted(set(modules) - set(SGLANG_MODULES) - {"all", "all-linear"})
         if bad:
             raise ConfigError(f"{field}={list(modules)}: SGLang cannot serve LoRA on {bad}; its pool covers "
                               f"{list(SGLANG_MODULES)} (or all). Drop those modules or use [all-linear].")
-    missing = sorted(_covered(lora.target_modules) - _covered(pool_modules(config)))
+    missing = sorted(_covered(trained_modules(config)) - _covered(pool_modules(config)))
     if missing:
+        widened = (f" (backend.name={config.backend.name} trains {list(trained_modules(config))} for them)"
+                   if list(trained_modules(config)) != list(lora.target_modules) else "")
         raise ConfigError(f"rollout.lora_target_modules={list(rollout.lora_target_modules)} leaves out {missing}, which "
-                          f"lora.target_modules={list(lora.target_modules)} trains: SGLang would refuse the adapter. "
-                          "Add them, or leave rollout.lora_target_modules empty to size the pool from the adapter")
+                          f"lora.target_modules={list(lora.target_modules)}{widened} trains: SGLang would refuse the "
+                          "adapter. Add them, or leave rollout.lora_target_modules empty to size the pool from the "
+                          "adapter")
     if rollout.max_loaded_loras and rollout.max_loaded_loras < rollout.live_versions + 1:
         raise ConfigError(f"rollout.max_loaded_loras={rollout.max_loaded_loras} is below rollout.live_versions + 1 = "
                           f"{rollout.live_versions + 1}: the server must hold the window of versions plus the next "
