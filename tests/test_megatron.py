@@ -1,6 +1,6 @@
 """The Megatron backend (megatron-core + megatron-bridge LoRA) on the CPU, one gloo process.
 
-Tiny Qwen2 (q/k/v bias, tied embeddings) and Llama models built from config: Hugging Face and Megatron
+Tiny Qwen2 (q/k/v bias, tied embeddings), Llama and Qwen3 (q/k norms) models built from config: Hugging Face and Megatron
 score padded batches alike, LoRA starts as a no-op, the exported PEFT adapter reproduces Megatron+LoRA in
 HF+PEFT and in vLLM (inside `lora_rl.trainer.train`), GRPO updates raise expected reward, checkpoints resume
 exactly.
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from lora_rl.backends import adapter_lora, make_backend
 from lora_rl.batching import make_batch, token_logprobs
@@ -33,6 +34,10 @@ FAMILIES = {
     "llama": lambda: LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                  tie_word_embeddings=False, rope_theta=100000.0, rms_norm_eps=1e-5),
+    # Qwen3: q/k norms, an explicit head_dim, no q/k/v biases.
+    "qwen3": lambda: Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                                 tie_word_embeddings=True, rope_theta=50000.0, rms_norm_eps=1e-5),
 }
 
 
@@ -179,6 +184,12 @@ def test_checkpoint_resume_restores_adapter_and_optimizer(family_dir, tmp_path):
     torch.save({**state, "trainable": {**state["trainable"], name: torch.zeros(3, 3)}}, saved)
     with pytest.raises(ConfigError, match=r"holds .* of shape \[3, 3\], but this model's is .*not the one the run "
                                           r"trained"):
+        second.load_state(tmp_path / "ckpt")
+    # A model with more adapted tensors than the checkpoint (more layers): each saved tensor fits, and only
+    # the optimizer's state failed, reported as a damaged checkpoint.
+    torch.save({**state, "trainable": {k: v for k, v in state["trainable"].items() if k != name}}, saved)
+    with pytest.raises(ConfigError, match=rf"holds no {re.escape(name)} \(1 of this model's trainable tensors are "
+                                          r"not in it\): the model in model.path is not the one the run trained"):
         second.load_state(tmp_path / "ckpt")
 
 

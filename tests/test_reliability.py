@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
 from lora_rl.cli import main
-from lora_rl.config import LoRAConfig, load_config
+from lora_rl.config import ConfigError, LoRAConfig, load_config
 from lora_rl.lora import inject_lora, save_adapter
 from lora_rl.models import load_model
 
@@ -200,3 +200,18 @@ def test_a_killed_sweep_point_is_recorded_and_finished_points_are_kept(random_mo
     by_steps = {row["run.steps"]: row for row in table.to_dict("records")}
     assert by_steps[2]["status"] == "ok" and by_steps[2]["steps_done"] == 2
     assert by_steps[5000]["status"] == "failed" and by_steps[5000]["reason"] == "killed by signal SIGKILL"
+
+
+def test_a_checkpoint_without_some_trainable_tensors_is_a_changed_model_not_damage(tmp_path):
+    """A model folder that grew (more layers) takes every saved tensor; only the optimizer state failed then,
+    and the run blamed a damaged checkpoint (every checkpoint would have failed the same way)."""
+    import torch
+
+    from lora_rl.backends.base import check_saved_shapes
+
+    named = {"a": torch.nn.Parameter(torch.zeros(2)), "b": torch.nn.Parameter(torch.zeros(2)),
+             "frozen": torch.nn.Parameter(torch.zeros(2), requires_grad=False)}
+    check_saved_shapes(named, {"a": torch.ones(2), "b": torch.ones(2)}, tmp_path / "backend")
+    with pytest.raises(ConfigError, match=r"checkpoint .* holds no b \(1 of this model's trainable tensors are not in "
+                                          r"it\): the model in model.path is not the one the run trained"):
+        check_saved_shapes(named, {"a": torch.ones(2)}, tmp_path / "backend")

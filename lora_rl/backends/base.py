@@ -57,3 +57,10 @@ def check_saved_shapes(named: dict[str, torch.Tensor], saved: dict[str, torch.Te
             raise ConfigError(f"checkpoint {folder.parent} holds {name} of shape {list(tensor.shape)}, but this "
                               f"model's is {list(have) if have else 'missing'}: the model in model.path is not "
                               "the one the run trained. Restore that model folder, or start a new run.output_dir")
+    # The other way round too: a model with more layers (or adapted modules) takes every saved tensor, and
+    # only the optimizer's state then fails, as if the checkpoint were damaged.
+    unsaved = [name for name, param in named.items() if param.requires_grad and name not in saved]
+    if unsaved:
+        raise ConfigError(f"checkpoint {folder.parent} holds no {unsaved[0]} ({len(unsaved)} of this model's trainable "
+                          f"tensors are not in it): the model in model.path is not the one the run trained. Restore "
+                          "that model folder, or start a new run.output_dir")
