@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+import sys
 import os
 from dataclasses import dataclass
 
@@ -125,6 +126,9 @@ def release_groups() -> None:
     work was done ("terminate called without an active exception", about once in 60 two-process CPU
     test runs; never reproduced on demand). The engine may still hold the groups when shutdown()
     runs, so init() also registers this for exit time."""
+    megatron = sys.modules.get("lora_rl.backends.megatron")
+    if megatron is not None:  # Megatron's parallel state holds groups built on the destroyed WORLD group
+        megatron.release_parallel_state()
     lru_cache_type = type(functools.lru_cache(None)(int))
     for obj in gc.get_objects():  # the caches are private and vary by torch version: find them by module
         # type(), not isinstance(): the heap holds weak proxies, and those raise once their object is gone

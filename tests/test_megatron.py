@@ -313,3 +313,21 @@ def test_train_with_vllm_rollouts_serves_the_megatron_adapter(vllm_warm_model_di
         assert r["logprob_diff"] < 1e-4  # vLLM behaviour log-probs == Megatron's proximal ones (fp32)
     assert any(r["grad_norm"] > 0 for r in records)  # the adapter did move, so the check above had work to do
     assert summary["steps_done"] == 3 and (Path(summary["adapter_dir"]) / "adapter_model.safetensors").is_file()
+
+
+def test_shutdown_releases_megatrons_process_groups(family_dir):
+    """megatron-core's parallel state kept the groups built on the default group alive after
+    distributed.shutdown(), and with them their gloo threads (the likely cause of a rare abort at exit)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from lora_rl import distributed
+
+    engine = _engine(family_dir)
+    world = weakref.ref(dist.group.WORLD)
+    del engine
+    distributed.shutdown()
+    gc.collect()
+    assert world() is None

@@ -21,6 +21,7 @@ DDP wrapper: the adapter's gradients are summed over data-parallel ranks by hand
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import torch
@@ -66,6 +67,15 @@ def _init_parallel(mc: megatron_compat.Megatron, tensor_parallel: int, seed: int
     # Megatron keeps named RNG states for tensor-parallel regions; the inference tracker is the one that
     # works without CUDA graphs and on the CPU.
     mc.tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+def release_parallel_state() -> None:
+    """Forget Megatron's process groups (distributed.release_groups, after the default group is destroyed):
+    megatron-core's parallel_state and _BUILT_ON kept them, and with them their gloo threads, alive."""
+    mc = sys.modules.get("megatron.core.parallel_state")
+    if mc is not None and mc.model_parallel_is_initialized():
+        mc.destroy_model_parallel()
+    _BUILT_ON[0] = None
 
 
 def _rope_theta(hf_config) -> float:
