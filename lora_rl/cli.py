@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -115,9 +115,10 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         try:
             elastic_launch(launch_config, command)(*command_args)
             return 0
-        except SignalException:  # Ctrl-C or SIGTERM: the agent has passed it on to the ranks and stopped them
-            print("lora-rl: interrupted", file=sys.stderr)
-            return 130
+        except SignalException as err:  # Ctrl-C, SIGTERM: the agent has passed it on to the ranks and stopped them
+            print("lora-rl: interrupted" if err.sigval == signal.SIGINT else f"lora-rl: stopped by {err.sigval.name}",
+                  file=sys.stderr)
+            return 128 + int(err.sigval)
         except ChildFailedError as err:
             rank, failure = err.get_first_failure()
             messages = dict.fromkeys(f.read_text() for f in sorted(Path(errors).glob("rank*.txt")))

@@ -211,3 +211,37 @@ def test_validate_refuses_what_the_megatron_backend_cannot_train(tmp_path, capsy
     qwen2 = load_config(megatron, [f"model.path={tmp_path / 'qwen2'}"])
     check_backend_config(qwen2, Qwen2Config(**small))  # a verified family: no error
     check_backend_config(load_config(megatron, ["backend.name=fsdp2", "rollout.engine=vllm"]), MistralConfig(**small))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_nproc_run_stops_its_ranks_and_exits_143(warm_model_dir, tmp_path):
+    """torchrun's agent runs inside `lora-rl train --nproc`: a SIGTERM (Slurm, timeout) must reach the ranks
+    through it and leave none behind, and the exit code says which signal ended the run."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "lora_rl.cli", "train", str(EXAMPLES[0].parent / "quickstart.yaml"),
+                            f"model.path={warm_model_dir}", f"run.output_dir={out}", "run.steps=500", "eval.size=0",
+                            "run.progress=false", "run.checkpoint_every=0", "rollout.prompts_per_step=4",
+                            "rollout.group_size=4", "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "metrics.jsonl").exists():
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "slow"
+        time.sleep(0.1)
+    ranks = _children(run.pid)
+    assert len(ranks) == 2
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "lora-rl: stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]
+    assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                   for pid in ranks)
