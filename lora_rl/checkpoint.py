@@ -24,6 +24,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would follow the file into place
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -38,6 +39,21 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A temporary folder in `parent`, to be renamed into place once complete, with the permissions a
+    plain mkdir gives: mkdtemp makes it 0700, which followed the folder into place (an adapter, checkpoint
+    or merged model that another user's server or job could not read)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)  # os.umask sets a mask and returns the old one: the only way to read it
+    os.umask(umask)
+    return umask
+
+
 def save_checkpoint(run_dir: Path, step: int, backend, state: dict, meta: dict, keep: int) -> Path:
     """Collective. The backend writes its (possibly sharded) state into a temporary folder that
     rank 0 created; rank 0 adds `state.pt` (small tensors, e.g. RNG) and `meta.json`, then renames
@@ -46,7 +62,7 @@ def save_checkpoint(run_dir: Path, step: int, backend, state: dict, meta: dict, 
     tmp = None
     if distributed.is_main():
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+        tmp = str(temp_dir(final.parent, f".{final.name}.tmp-"))
     tmp = Path(distributed.broadcast_object(tmp))
     backend.save_state(tmp / "backend")
     distributed.barrier()

