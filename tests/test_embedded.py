@@ -59,7 +59,8 @@ def test_completions_stop_at_eos_and_report_why(random_model_dir):
     engine, _, prompts = _engine(random_model_dir)
     greedy = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
     first = engine.generate(prompts, greedy)
-    assert all(c.finish_reason == "length" and len(c.token_ids) == 6 for c in first if engine.eos_id not in c.token_ids)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 6 for c in first
+               if not set(engine.eos_id) & set(c.token_ids))
     # Declare a token greedy decoding emits for prompt 0 to be EOS: that row must stop at its first occurrence.
     engine.eos_id = first[0].token_ids[1]
     stop_at = first[0].token_ids.index(engine.eos_id) + 1
@@ -75,6 +76,77 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = _top_p_filter(probs, 0.7)  # 0.5 < 0.7, 0.5 + 0.3 crosses it: keep two tokens
     assert torch.equal(kept, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))
+    # A set that reaches p exactly is complete (as in Hugging Face and vLLM): the next token is not kept.
+    assert torch.equal(_top_p_filter(torch.tensor([[0.5, 0.25, 0.25]]), 0.5), torch.tensor([[0.5, 0.0, 0.0]]))
+    assert torch.equal(_top_p_filter(torch.tensor([[0.25] * 4]), 0.5), torch.tensor([[0.25, 0.25, 0.0, 0.0]]))
+
+
+def test_the_generation_configs_end_of_turn_ids_stop_a_completion(random_model_dir):
+    """An instruct model's end-of-turn token is often only in generation_config.eos_token_id (Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>): HF generate and vLLM stop there, and so must the embedded engine,
+    or completions run on to max_new_tokens with junk after the answer."""
+    engine, tokenizer, prompts = _engine(random_model_dir)
+    greedy = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
+    first = engine.generate(prompts, greedy)
+    end_of_turn = first[0].token_ids[1]
+    engine.model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    again = EmbeddedEngine(engine.model, tokenizer).generate(prompts, greedy)
+    assert again[0].token_ids == first[0].token_ids[:first[0].token_ids.index(end_of_turn) + 1]
+    assert again[0].finish_reason == "stop"
+
+
+def _tiny(config_class, **settings):
+    config = config_class(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0, **settings)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # larger weights: attention scores that a window or a soft cap changes
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    return model
+
+
+def test_a_sequence_past_a_sliding_window_is_refused():
+    """The sampler's mask spans the whole sequence: past a sliding window it would sample from another model
+    than the trainer scores (Mistral, Gemma 2/3, Qwen2 with use_sliding_window)."""
+    from transformers import MistralConfig, Qwen2Config
+
+    from lora_rl.rollout.base import RolloutError
+    from lora_rl.rollout.embedded import sample
+
+    model, prompts = _tiny(MistralConfig, sliding_window=8), [list(range(10, 14))]
+    with pytest.raises(RolloutError, match=r"reach 20 tokens .* past the model's sliding attention window of 8 "
+                                           r"tokens.*rollout.engine=vllm"):
+        sample(model, prompts, SamplingParams(n=1, max_new_tokens=16, seed=0), eos_id=2, pad_id=0)
+    inside = sample(model, prompts, SamplingParams(n=1, max_new_tokens=4, seed=0), eos_id=2, pad_id=0)
+    batch = make_batch(prompts, [inside[0].token_ids], 0)
+    with torch.no_grad():
+        trainer, _ = token_logprobs(model, batch, temperature=1.0)
+    torch.testing.assert_close(trainer[0, 3:3 + len(inside[0].token_ids)], torch.tensor(inside[0].logprobs),
+                               atol=2e-5, rtol=0)
+    qwen2 = _tiny(Qwen2Config, sliding_window=4, use_sliding_window=False)  # the window is off: no limit
+    sample(qwen2, prompts, SamplingParams(n=1, max_new_tokens=16, seed=0), eos_id=2, pad_id=0)
+
+
+def test_attention_soft_capping_applies_to_every_sampled_token():
+    """Gemma 2 soft-caps its attention logits; the grouped decode attention did not, so every token after
+    the first was sampled from another distribution than the trainer's (0.003-0.03 in log-prob here)."""
+    from transformers import Gemma2Config
+
+    from lora_rl.rollout.embedded import sample
+
+    model = _tiny(Gemma2Config, head_dim=16, sliding_window=4096, attn_logit_softcapping=0.05)
+    prompts = [list(range(10, 14)), list(range(20, 40))]
+    completions = sample(model, prompts, SamplingParams(n=1, max_new_tokens=10, seed=0), eos_id=2, pad_id=0)
+    batch = make_batch([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions], 0)
+    with torch.no_grad():
+        trainer, _ = token_logprobs(model, batch, temperature=1.0)
+    for row, c in enumerate(completions):
+        start = len(prompts[c.prompt_index]) - 1
+        torch.testing.assert_close(trainer[row, start:start + len(c.token_ids)], torch.tensor(c.logprobs),
+                                   atol=2e-5, rtol=0)
 
 
 @pytest.mark.gpu

@@ -24,18 +24,18 @@ from transformers.cache_utils import Cache
 from lora_rl import distributed
 from lora_rl.lora import adapter_rows
 from lora_rl.models import set_training
-from lora_rl.rollout.base import AdapterRequest, Completion, SamplingParams, SyncStats
+from lora_rl.rollout.base import AdapterRequest, Completion, RolloutError, SamplingParams, SyncStats
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail outside the smallest set of tokens whose mass reaches top_p; [B, V] -> [B, V]."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the token that crosses top_p
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the token that reaches top_p
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: int, pad_id: int,
+def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: int | tuple[int, ...], pad_id: int,
            version: int = 0, cuda_graphs: bool = False) -> list[Completion]:
     (completions,) = sample_groups(model, [AdapterRequest(adapter=None, prompts=prompts, params=params)],
                                    eos_id=eos_id, pad_id=pad_id, versions=[version], cuda_graphs=cuda_graphs)
@@ -43,7 +43,7 @@ def sample(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: i
 
 
 @torch.no_grad()
-def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int, pad_id: int,
+def sample_groups(model, requests: list[AdapterRequest], *, eos_id: int | tuple[int, ...], pad_id: int,
                   versions: list[int], cuda_graphs: bool = False) -> list[list[Completion]]:
     """Sample every request in one batch; a list of completions per request.
 
@@ -120,6 +120,31 @@ def _attention_bias(seen: torch.Tensor, queries: torch.Tensor, dtype: torch.dtyp
         ~visible, torch.finfo(dtype).min)[:, None]
 
 
+def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end a completion: the tokenizer's eos and every id of the model's generation config,
+    as Hugging Face's generate and vLLM stop (an instruct model's end-of-turn token is often only there:
+    Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _check_attention_span(config, length: int) -> None:
+    """The sampler passes its own mask over the whole sequence, so a model whose layers attend over a sliding
+    window would sample from another model than the trainer scores once a sequence passes the window:
+    refuse rather than train on mismatched log-probs."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    active = window is not None and getattr(config, "use_sliding_window", True) is not False and (
+        not layer_types or "sliding_attention" in layer_types)
+    if active and length > window:
+        raise RolloutError(f"this rollout's sequences reach {length} tokens (longest prompt + rollout.max_new_tokens), "
+                           f"past the model's sliding attention window of {window} tokens, which the embedded "
+                           "sampler does not apply: lower rollout.max_new_tokens or the prompt length, or use "
+                           "rollout.engine=vllm for this model")
+
+
 def _grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """sdpa for one new token per row against the whole KV cache, without copying the keys and values
     once per query head: transformers' sdpa path repeats them for grouped-query models whenever a mask is
@@ -179,12 +204,15 @@ def _decode_runner(forward, graphs: bool):
 _DONE_EVERY = 8  # tokens between checks that every row has finished (each check waits for the GPU)
 
 
-def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], bounds: list[int], *, eos_id: int,
-                 pad_id: int, versions: list[int], graphs: bool) -> list[list[Completion]]:
+def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], bounds: list[int], *,
+                 eos_id: int | tuple[int, ...], pad_id: int, versions: list[int], graphs: bool) -> list[list[Completion]]:
     first = requests[0].params
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
     batch, width, steps = len(rows), max(len(p) for p in rows), first.max_new_tokens
+    _check_attention_span(model.config, width + steps)
+    stop_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+    stops = torch.tensor(stop_ids, device=device)
     # Left-pad so every row's next token is at the last column; positions skip the padding. The KV cache
     # has a slot per prompt column and per generated token: generated token k sits at slot width + k.
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
@@ -210,7 +238,10 @@ def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], b
     cache.slots = torch.full((1,), width, dtype=torch.long, device=device)
 
     def forward():
-        with _attention_implementation(model, "lora_rl_decode"):
+        # A model that soft-caps its attention logits (Gemma 2) decodes with its own attention function, as
+        # it scores in training: the grouped decode attention has no soft-capping.
+        with (contextlib.nullcontext() if getattr(model.config, "attn_logit_softcapping", None)
+              else _attention_implementation(model, "lora_rl_decode")):
             return model(input_ids=token_in, attention_mask=bias_in, position_ids=position_in,
                          past_key_values=cache, use_cache=True).logits[:, -1]
 
@@ -233,7 +264,7 @@ def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], b
         # The behaviour log-prob is at the sampling temperature and before top-p, which is what
         # the trainer recomputes; with top_p < 1 the two differ slightly (documented in config).
         logps.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        done = done | (token == eos_id)
+        done = done | torch.isin(token, stops)
         if step + 1 == steps:
             break
         # Under FSDP2 every forward is a collective: stop only when every rank has finished.
@@ -255,9 +286,10 @@ def _sample_rows(model, requests: list[AdapterRequest], rows: list[list[int]], b
         completions = []
         for i in range(lo, hi):
             ids, lps = token_rows[i], logp_rows[i]
-            stop = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+            ended = next((k for k, t in enumerate(ids) if t in stop_ids), None)
+            stop = len(ids) if ended is None else ended + 1
             completions.append(Completion(prompt_index=(i - lo) // r.params.n, token_ids=ids[:stop],
-                                          logprobs=lps[:stop], finish_reason="stop" if eos_id in ids else "length",
+                                          logprobs=lps[:stop], finish_reason="length" if ended is None else "stop",
                                           version=version))
         out.append(completions)
     return out
@@ -274,7 +306,7 @@ class EmbeddedEngine:
         self.cuda_graphs = cuda_graphs
         # The backend's context for generating (FSDP2 gathers all shards once per rollout).
         self.generation_context = generation_context or contextlib.nullcontext
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.version = 0
         self.versions: dict[str, int] = {}  # per adapter, when the model holds several
