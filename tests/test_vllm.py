@@ -37,6 +37,8 @@ def _vllm_config(*overrides):
     (["lora.target_modules=[embed_tokens]"], "vLLM cannot serve LoRA on ['embed_tokens']"),
     (["lora.use_lora=false"], "never full weights"),
     (["rollout.server_url=http://127.0.0.1:8000"], "use rollout.engine=vllm-server to attach"),
+    (["rollout.temperature=2.5"], "rollout.temperature=2.5 is outside what vLLM samples at ([0.01, 2.0])"),
+    (["rollout.temperature=0.005"], "rollout.temperature=0.005 is outside"),
 ])
 def test_vllm_limits_are_config_errors(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -157,15 +159,54 @@ def test_window_unloads_before_deleting(scripted_server, tmp_path, peft_model, v
     assert not engine.versions.root.exists()
 
 
-def test_failing_generation_is_retried_then_a_clear_error(scripted_server, tmp_path, peft_model, vllm_model_dir):
-    url, script = scripted_server({**_HEALTHY, "/v1/load_lora_adapter": [(200, "ok")],
-                                   "/v1/completions": [(500, {"error": "engine dead"})]})
-    engine = _server_engine(url, tmp_path, peft_model, vllm_model_dir)
-    save_adapter(peft_model, engine.adapter_path(0), vllm_model_dir)
+def _serving_engine(scripted_server, tmp_path, peft_model, model_dir, completions):
+    """A vllm-server engine with version 0 published, attached to a server answering generation `completions`."""
+    url, script = scripted_server({**_HEALTHY, "/v1/load_lora_adapter": [(200, "ok")], "/v1/completions": completions})
+    engine = _server_engine(url, tmp_path, peft_model, model_dir)
+    save_adapter(peft_model, engine.adapter_path(0), model_dir)
     engine.publish(0, engine.adapter_path(0))
+    return engine, script
+
+
+def test_failing_generation_is_retried_then_a_clear_error(scripted_server, tmp_path, peft_model, vllm_model_dir):
+    engine, script = _serving_engine(scripted_server, tmp_path, peft_model, vllm_model_dir,
+                                     [(500, {"error": "engine dead"})])
     with pytest.raises(RolloutError, match=r"/v1/completions failed after 3 attempts \(HTTP 500"):
         engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
     assert [p for p, _ in script.calls].count("/v1/completions") == 3
+
+
+def test_a_refused_generation_is_sent_once_and_said_so(scripted_server, tmp_path, peft_model, vllm_model_dir):
+    engine, script = _serving_engine(scripted_server, tmp_path, peft_model, vllm_model_dir,
+                                     [(400, {"message": "temperature must be in [0, 2]"})])
+    with pytest.raises(RolloutError, match=r"/v1/completions failed \(refused, not retried\) \(HTTP 400"):
+        engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
+    assert [p for p, _ in script.calls].count("/v1/completions") == 1
+
+
+def _disjoint_sample_seeds(prompt_seeds: list[int], n: int) -> bool:
+    """vLLM seeds sample j of a request `seed + j` (vllm/v1/engine/parallel_sampling.py): no two samples of a
+    step may share a random stream."""
+    streams = [s + j for s in prompt_seeds for j in range(n)]
+    return len(set(streams)) == len(streams) and all(0 <= s < 2 ** 63 for s in streams)
+
+
+def test_neighbouring_prompts_draw_different_random_streams(scripted_server, tmp_path, peft_model, vllm_model_dir):
+    from lora_rl.rollout.vllm_inprocess import VLLMEngine
+
+    params = SamplingParams(n=8, max_new_tokens=4, seed=2 ** 31 * 1_000_003)  # the largest step seeds too
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.version, seen = 0, []
+    engine._run = lambda requests, sampling, lora_request=None: seen.extend(sampling) or []
+    engine.generate([[5, 6, 7]] * 4, params)
+    assert _disjoint_sample_seeds([s.seed for s in seen], 8)
+
+    engine, script = _serving_engine(scripted_server, tmp_path, peft_model, vllm_model_dir,
+                                     [(500, {"error": "engine dead"})])
+    with pytest.raises(RolloutError):
+        engine.generate([[5, 6, 7]] * 4, params)
+    payloads = [p for path, p in script.calls if path == "/v1/completions"][:4]
+    assert _disjoint_sample_seeds([p["seed"] for p in payloads], 8)
 
 
 def test_a_hanging_server_times_out(scripted_server, tmp_path, peft_model, vllm_model_dir):

@@ -8,6 +8,7 @@ publishes each new policy version to the engine; engines that keep their own cop
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,14 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy decoding
     top_p: float = 1.0
     seed: int = 0  # sampling is reproducible for a given seed
+
+
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The seed of one prompt's request: vLLM seeds its n samples `seed + j`, so seeds of neighbouring prompts
+    must not be neighbours (`seed * 1000 + i` gave sample j of prompt i and sample j-1 of prompt i+1 the same
+    random stream). A hash spreads them over 62 bits, which keeps `+ j` inside vLLM's signed 64-bit range."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -259,7 +259,10 @@ class ServerEngine:
         try:
             return self._post(path, payload)
         except HTTPFailure as err:
-            raise RolloutError(f"{self.name} at {self.url}: {path} failed after {self.attempts} attempts ({err}); see "
+            # A 4xx is the server refusing this request: it was sent once, not retried.
+            tries = (f"after {self.attempts} attempts" if err.status is None or err.status >= 500 else
+                     "(refused, not retried)")
+            raise RolloutError(f"{self.name} at {self.url}: {path} failed {tries} ({err}); see "
                                f"{getattr(self, 'log_path', 'the server log')}") from None
 
     def _unexpected(self, path: str, answer, expected: str) -> RolloutError:

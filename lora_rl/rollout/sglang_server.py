@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from lora_rl.config import Config, ConfigError
-from lora_rl.rollout.base import Completion, RolloutError, SamplingParams
+from lora_rl.rollout.base import Completion, RolloutError, SamplingParams, prompt_seed
 from lora_rl.rollout.server_common import HTTPFailure, ServerEngine
 
 LAUNCHER = "sglang.launch_server"  # the module `python -m` starts
@@ -301,7 +301,7 @@ class SGLangEngine(ServerEngine):
             # One request per prompt holding its n samples as a batch (SGLang discourages n > 1).
             payloads = [{"input_ids": [p] * params.n, "lora_path": [name] * params.n, "return_logprob": True,
                          "sampling_params": [sampling if greedy else
-                                             {**sampling, "sampling_seed": params.seed * 1_000_000 + i * 1_000 + j}
+                                             {**sampling, "sampling_seed": prompt_seed(params.seed, i) + j}
                                              for j in range(params.n)]}
                         for i, p in enumerate(prompts)]
             answers = self._recovering(lambda: self._ask_all("/generate", payloads))

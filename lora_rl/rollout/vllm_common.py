@@ -11,6 +11,7 @@ from lora_rl.config import Config, ConfigError
 
 # vLLM's allowed `max_lora_rank` values (vllm/config/lora.py, MaxLoRARanks).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_MIN_TEMPERATURE, VLLM_MAX_TEMPERATURE = 0.01, 2.0  # vllm/sampling_params.py: _MAX_TEMP and its check
 # Modules vLLM applies LoRA to in the dense decoder models lora-rl trains (Llama, Qwen2, Mistral).
 # The output head and embeddings are not among them; all-linear in peft already leaves out the head.
 SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,6 +46,12 @@ def check_vllm_config(config: Config) -> None:
 
     explicit = hf_target_names(t for t in lora.target_modules if t != "all-linear")
     check_servable(explicit, field="lora.target_modules")
+    # vLLM refuses temperatures above 2 at the first request (after its start-up) and silently raises those
+    # below 0.01 to 0.01: its log-probs would then be at another temperature than the trainer's.
+    if not VLLM_MIN_TEMPERATURE <= rollout.temperature <= VLLM_MAX_TEMPERATURE:
+        raise ConfigError(f"rollout.temperature={rollout.temperature} is outside what vLLM samples at "
+                          f"([{VLLM_MIN_TEMPERATURE}, {VLLM_MAX_TEMPERATURE}]): choose a temperature in that range, "
+                          "or use rollout.engine=embedded")
     if rollout.engine == "vllm" and rollout.server_url:
         raise ConfigError(f"rollout.server_url={rollout.server_url!r} is set but rollout.engine='vllm' runs vLLM "
                           "in this process: use rollout.engine=vllm-server to attach to a server")

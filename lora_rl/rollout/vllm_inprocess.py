@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lora_rl.config import Config
 from lora_rl.rollout.adapters import AdapterVersions, folder_bytes
-from lora_rl.rollout.base import AdapterRequest, Completion, RolloutError, SamplingParams, SyncStats
+from lora_rl.rollout.base import AdapterRequest, Completion, RolloutError, SamplingParams, SyncStats, prompt_seed
 from lora_rl.rollout.vllm_common import check_engine_model, cpu_environment, slot_rank
 
 
@@ -111,13 +111,13 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         requests = [{"prompt_token_ids": p} for p in prompts]
-        sampling = [vllm_sampling(params, seed=params.seed * 1_000 + i) for i in range(len(prompts))]
+        sampling = [vllm_sampling(params, seed=prompt_seed(params.seed, i)) for i in range(len(prompts))]
         return _completions(self._run(requests, sampling), self.version)
 
     def generate_adapters(self, requests: list[AdapterRequest]) -> list[list[Completion]]:
         """Every adapter's prompts in one `generate` call, each request with its adapter's current version."""
         prompts = [{"prompt_token_ids": p} for r in requests for p in r.prompts]
-        sampling = [vllm_sampling(r.params, seed=r.params.seed * 1_000 + i) for r in requests
+        sampling = [vllm_sampling(r.params, seed=prompt_seed(r.params.seed, i)) for r in requests
                     for i in range(len(r.prompts))]
         loras = [self._request(self.current[r.adapter], r.adapter) for r in requests for _ in r.prompts]
         outputs = self._run(prompts, sampling, loras)

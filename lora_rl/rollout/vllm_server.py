@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from lora_rl.config import Config
-from lora_rl.rollout.base import Completion, RolloutError, SamplingParams
+from lora_rl.rollout.base import Completion, RolloutError, SamplingParams, prompt_seed
 from lora_rl.rollout.server_common import HTTPFailure, ServerEngine
 from lora_rl.rollout.vllm_common import check_engine_model, cpu_environment, slot_rank
 
@@ -106,7 +106,7 @@ class VLLMServerEngine(ServerEngine):
         payloads = [{"model": self.versions.name(self.version), "prompt": p, "n": params.n,
                      "max_tokens": params.max_new_tokens, "temperature": params.temperature,
                      "top_p": 1.0 if greedy else params.top_p, "logprobs": 0, "return_token_ids": True,
-                     **({} if greedy else {"seed": params.seed * 1_000 + i})}
+                     **({} if greedy else {"seed": prompt_seed(params.seed, i)})}
                     for i, p in enumerate(prompts)]
         answers = self._recovering(lambda: self._ask_all("/v1/completions", payloads))
         return [c for i, answer in enumerate(answers) for c in self._choices(answer, i, params.n)]
