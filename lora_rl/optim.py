@@ -39,7 +39,27 @@ def _float32_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-class MasterAdamW(torch.optim.Optimizer):
+class _KeepsFused:
+    """A checkpoint's param groups carry the `fused` flag of the machine that wrote them, and torch's loader
+    restores it: a CPU checkpoint resumed on a GPU would step unfused and ignore `found_inf`, applying a
+    non-finite update the engine meant to skip. The flag is this optimizer's, chosen for this device."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        fused = [group["fused"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, flag in zip(self.param_groups, fused, strict=True):
+            group["fused"] = flag
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:  # the fused kernel reads it on the device, the foreach path on the host
+                    state["step"] = state["step"].to(device=p.device if flag else "cpu", dtype=torch.float32)
+
+
+class AdamW(_KeepsFused, torch.optim.AdamW):
+    pass
+
+
+class MasterAdamW(_KeepsFused, torch.optim.Optimizer):
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, fused: bool = False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused))
@@ -109,4 +129,4 @@ def make_optimizer(params: list[torch.Tensor], train, device: torch.device) -> t
     fused = device.type == "cuda"
     if train.master_weights:
         return MasterAdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
+    return AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)

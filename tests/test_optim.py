@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_rl.config import load_config
-from lora_rl.optim import MasterAdamW, make_optimizer
+from lora_rl.optim import AdamW, MasterAdamW, make_optimizer
 
 
 def _weights(dtype: torch.dtype) -> torch.nn.Parameter:
@@ -83,10 +83,32 @@ def test_resume_restores_the_float32_masters_not_the_rounded_weights():
     assert torch.equal(second.detach(), straight.detach())
 
 
-@pytest.mark.parametrize("master_weights, kind", [(True, MasterAdamW), (False, torch.optim.AdamW)])
+@pytest.mark.parametrize("master_weights, kind", [(True, MasterAdamW), (False, AdamW)])
 def test_config_switch_picks_the_optimizer(master_weights, kind):
     config = load_config(None, [f"train.master_weights={master_weights}"])
     assert type(make_optimizer([_weights(torch.bfloat16)], config.train, torch.device("cpu"))) is kind
+
+
+@pytest.mark.parametrize("kind", [MasterAdamW, AdamW])
+def test_a_checkpoint_from_an_unfused_optimizer_resumes_fused(kind):
+    """A CPU run's checkpoint (unfused) resumed on a GPU (fused): the optimizer keeps its own kernel, so a
+    step the engine flags with found_inf is skipped, not applied (torch's loader restored the saved flag)."""
+    weights = _weights(torch.bfloat16)
+    cpu = kind([weights], lr=1e-3, fused=False)
+    weights.grad = torch.ones_like(weights)
+    cpu.step()
+    gpu_weights = weights.detach().clone().requires_grad_()
+    gpu = kind([gpu_weights], lr=1e-3, fused=True)  # torch's fused AdamW runs on the CPU too
+    gpu.load_state_dict(copy.deepcopy(cpu.state_dict()))
+    assert gpu.param_groups[0]["fused"] is True
+    before = gpu_weights.detach().clone()
+    gpu_weights.grad = torch.full_like(gpu_weights, float("nan"))
+    gpu.found_inf = torch.ones(())
+    gpu.step()
+    assert torch.equal(gpu_weights.detach(), before)
+    gpu_weights.grad, gpu.found_inf = torch.ones_like(gpu_weights), torch.zeros(())
+    gpu.step()
+    assert torch.isfinite(gpu_weights).all() and not torch.equal(gpu_weights.detach(), before)
 
 
 @pytest.mark.gpu
