@@ -328,6 +328,31 @@ def _check_engine_serves_each_version(engine, model, tokenizer_dir, tmp_path, *,
         adapters.AdapterVersions.delete = real_delete
 
 
+def test_in_process_vllm_leaves_no_adapter_folder_behind(tmp_path):
+    """A version vLLM refused, and one written but never published, are deleted too (close() knew only the
+    loaded ones). vLLM is stood in for: the refusal is what its add_lora answers."""
+    from types import SimpleNamespace
+
+    from lora_rl.rollout.vllm_inprocess import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.versions = AdapterVersions(tmp_path / "rollout_adapters", 2)
+    engine.adapter_versions, engine.current, engine.version = {None: engine.versions}, {None: -1}, -1
+    accept = {"next": True}
+    engine.llm = SimpleNamespace(llm_engine=SimpleNamespace(
+        add_lora=lambda request: accept["next"], remove_lora=lambda lora_id: True,
+        engine_core=SimpleNamespace(shutdown=lambda: None)))
+    for version in range(3):
+        engine.adapter_path(version).mkdir(parents=True)
+    engine.publish(0, engine.adapter_path(0))
+    accept["next"] = False
+    with pytest.raises(RolloutError, match="loading adapter .*-v1 .* failed"):
+        engine.publish(1, engine.adapter_path(1))
+    assert not engine.adapter_path(1).exists() and engine.versions.live == [0]
+    engine.close()  # version 2 was written, never published
+    assert not (tmp_path / "rollout_adapters").exists()
+
+
 @pytest.fixture(scope="module")
 def float_peft_model(vllm_model_dir):
     model, _, _ = load_model(str(vllm_model_dir))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -78,9 +79,13 @@ class VLLMEngine:
             raise RolloutError(f"vllm: version {version} must be written to {versions.path(version)} first "
                                "(engine.adapter_path)")
         engine = self.llm.llm_engine
-        with self._alive():
-            if not engine.add_lora(self._request(version, adapter)):
-                raise RolloutError(f"vllm: loading adapter {versions.name(version)} from {adapter_dir} failed")
+        try:
+            with self._alive():
+                if not engine.add_lora(self._request(version, adapter)):
+                    raise RolloutError(f"vllm: loading adapter {versions.name(version)} from {adapter_dir} failed")
+        except Exception:
+            versions.delete(version)  # refused, never registered (or the engine is dead): nothing reads it
+            raise
         self.current[adapter] = version
         if adapter is None:
             self.version = version
@@ -150,9 +155,11 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         for versions in self.adapter_versions.values():
-            for version in versions.live:
-                versions.delete(version)
             versions.live.clear()
+        # Every folder this engine wrote, loaded or not (a publish cut short by Ctrl-C, a version written by
+        # the trainer that never got published); multi-LoRA prefixes extend this one.
+        for folder in self.versions.root.glob(f"{self.versions.prefix}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
         self.versions.remove_root()
 
 
