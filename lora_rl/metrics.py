@@ -16,12 +16,29 @@ from lora_rl.checkpoint import atomic_write_text
 from lora_rl.config import ConfigError
 
 
+def reset_peak_memory() -> None:
+    """Start a run's peak here: a notebook kernel or the panel runs one training after another (and whatever
+    else the user did) in one process, whose lifetime peak would otherwise be every later run's peak."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM) to its current size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory() -> tuple[float, str]:
-    """(GiB, what was measured): CUDA peak allocation on a GPU, else the process's peak RSS."""
+    """(GiB, what was measured): CUDA peak allocation on a GPU, else the process's peak RSS since the last
+    reset_peak_memory() (Linux; elsewhere since the process started)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30, "cuda-max-allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20), "cpu-peak-rss"
+    try:
+        status = Path("/proc/self/status").read_text()
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 2**20, "cpu-peak-rss"  # kB
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / (2**30 if sys.platform == "darwin" else 2**20), "cpu-peak-rss"
 
 
 class Timer:

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lora_rl.config import ConfigError, load_config
-from lora_rl.metrics import without_timings
+from lora_rl.metrics import peak_memory, reset_peak_memory, without_timings
 from lora_rl.trainer import prompt_indices, train
 
 
@@ -283,3 +283,17 @@ def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path):
     for path in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ConfigError, match=r"run.output_dir=.*(not a lora-rl run folder|cannot be made)"):
             _prepare_run_dir(load_config(None, [f"run.output_dir={path}"]), resume=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak RSS resets on Linux only")
+def test_a_run_measures_its_own_peak_not_the_kernels_lifetime_peak():
+    """In a notebook kernel or the panel, runs follow each other and whatever else the user did: each run
+    (train() resets first) reports the peak since it started."""
+    import torch
+
+    big = torch.ones(2 ** 28, dtype=torch.uint8)  # 256 MiB, touched
+    del big
+    lifetime, kind = peak_memory()
+    reset_peak_memory()
+    since, _ = peak_memory()
+    assert kind == "cpu-peak-rss" and since < lifetime - 0.2, (since, lifetime)
