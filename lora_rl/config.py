@@ -490,12 +490,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def find_input(path: str | Path) -> Path:
+    """An input (recipe, sweep file, sweep results) named relative to the repository, as the README's commands
+    name them, is found from a notebook too: Jupyter runs notebooks in notebooks/. Outputs stay where you are."""
     path = Path(path)
-    # A notebook runs in notebooks/: recipes named relative to the repository still resolve.
     in_repo = Path(__file__).resolve().parent.parent / path
-    if not path.is_file() and not path.is_absolute() and in_repo.is_file():
-        path = in_repo
+    if not path.exists() and not path.is_absolute() and in_repo.exists():
+        return in_repo
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = find_input(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file such as examples/quickstart.yaml")
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, safe in threads
 
-from lora_rl.config import ConfigError
+from lora_rl.config import ConfigError, find_input
 from lora_rl.metrics import MetricsLog
 
 _METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
@@ -157,7 +157,7 @@ PLOTS = {"memory_vs_rank": memory_vs_rank, "speed_vs_rank": speed_vs_rank, "rewa
 
 def plots_folder(results_path: str | Path) -> Path:
     """Default home of a sweep's plots: `plots/` in its folder."""
-    path = Path(results_path)
+    path = find_input(results_path)  # where load_results found the table
     return (path if path.is_dir() else path.parent) / "plots"
 
 

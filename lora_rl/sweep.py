@@ -40,7 +40,8 @@ from pathlib import Path
 
 import yaml
 
-from lora_rl.config import ConfigError, config_to_dict, load_config, override, read_yaml, read_yaml_text
+from lora_rl.config import (ConfigError, config_to_dict, find_input, load_config, override, read_yaml,
+                            read_yaml_text)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_NOTEBOOK = REPO_ROOT / "notebooks" / "03_run.ipynb"
@@ -108,7 +109,7 @@ class SweepSpec:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
+    path = find_input(path)
     try:
         raw = read_yaml_text(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -550,11 +551,12 @@ def load_results(path: str | Path):
     """A sweep's results table from its folder, results.csv or results.parquet."""
     import pandas as pd
 
-    path = Path(path)
+    path = find_input(path)
     if path.is_dir():
         path = path / "results.parquet" if (path / "results.parquet").exists() else path / "results.csv"
     if not path.exists():
-        raise ConfigError(f"no sweep results at {str(path)!r}: run `lora-rl sweep SWEEP.yaml` first")
+        raise ConfigError(f"no sweep results at {str(path)!r} (looked for from {os.getcwd()} and the repository): "
+                          "run `lora-rl sweep SWEEP.yaml` first, or pass the sweep folder's absolute path")
     if path.suffix not in (".csv", ".parquet"):
         raise ConfigError(f"{str(path)!r} is not a results table: pass a sweep folder, or its results.csv or "
                           "results.parquet")

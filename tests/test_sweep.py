@@ -249,3 +249,20 @@ def test_relative_folders_reach_the_points_as_validation_found_them(tmp_path, ra
     monkeypatch.chdir(tmp_path.parent)  # as the point's notebook runs: somewhere else
     config = load_config(spec.recipe, list(point.overrides))
     assert config.model.path == str((tmp_path / "mymodel").resolve())
+
+
+def test_inputs_named_from_the_repository_are_found_from_a_notebook(monkeypatch, tmp_path):
+    """Jupyter runs notebooks in notebooks/; the README names recipes, sweep files and sweep folders from the
+    repository root. Inputs are found from either; a missing one says where it was looked for."""
+    from pathlib import Path
+
+    from lora_rl.plots import plots_folder
+    from lora_rl.sweep import load_spec
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo / "notebooks")
+    assert load_spec("examples/sweep_rank.yaml").recipe.endswith("quickstart.yaml")
+    assert plots_folder("examples") == repo / "examples" / "plots"
+    with pytest.raises(ConfigError, match=r"no sweep results at 'runs/no-such-sweep' \(looked for from "
+                                          r".*notebooks and the repository\)"):
+        load_results("runs/no-such-sweep")
