@@ -13,13 +13,14 @@ identical data (no timestamp).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, safe in threads
 
-from lora_rl.config import ConfigError, find_input
+from lora_rl.config import Config, ConfigError, find_input
 from lora_rl.metrics import MetricsLog
 
 _METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
@@ -57,6 +58,26 @@ def _targets(data):
     return data["lora.target_modules"].map(_targets_label)
 
 
+# Config columns that never make a line of their own: the plots' axes and groups, each point's own folder, and
+# replicate seeds (points differing only in run.seed are averaged: their mean is the setting's value).
+_NOT_A_SETTING = ("lora.lora_rank", "lora.target_modules", "lora.use_lora", "run.output_dir", "run.seed")
+_SECTIONS = {f.name for f in dataclasses.fields(Config)}
+
+
+def _other_settings(data) -> list[str]:
+    """Config columns (`section.key`) that differ between points of the same rank and target modules, e.g.
+    rollout.group_size in a rank × group-size grid: averaging over them would mix settings silently."""
+    columns = [c for c in data.columns if "." in c and c not in _NOT_A_SETTING and c.split(".", 1)[0] in _SECTIONS]
+    if data.empty or "lora.lora_rank" not in data:
+        return []
+    groups = data.groupby([_targets(data), data["lora.lora_rank"]])
+    return [c for c in columns if (groups[c].nunique(dropna=False) > 1).any()]
+
+
+def _setting_label(row, columns: list[str]) -> str:
+    return ", ".join(f"{c.split('.', 1)[1]}={row[c]}" for c in columns)
+
+
 def _finish(fig, ax, xlabel: str, ylabel: str, title: str, *, legend_size: int):
     """Labels, grid and legend shared by the line plots."""
     ax.set_xlabel(xlabel)
@@ -75,11 +96,14 @@ def _by_rank(results, ys: list[tuple[str, str]], ylabel: str, title: str):
         return None
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for targets, group in data.groupby(_targets(data)):
+    others = _other_settings(data)
+    lines = data.apply(lambda row: ", ".join(filter(None, [_targets_label(row.get("lora.target_modules", "")),
+                                                              _setting_label(row, others)])), axis=1)
+    for label, group in data.groupby(lines):
         group = group.groupby("lora.lora_rank").mean(numeric_only=True).sort_index()
         for column, name in ys:
             if column in group:
-                ax.plot(group.index, group[column], marker="o", label=f"{name}{targets}")
+                ax.plot(group.index, group[column], marker="o", label=f"{name}{label}")
     ax.set_xscale("log", base=2)
     return _finish(fig, ax, "LoRA rank", ylabel, title, legend_size=8)
 
@@ -122,10 +146,14 @@ def lora_vs_full(results):
     if not use_lora.any() or use_lora.all():
         return None
     lora = data[use_lora]
-    targets = _targets(lora)
-    settings = sorted(set(zip(lora["lora.lora_rank"], targets, strict=True)), key=lambda rt: (rt[1], rt[0]))
-    labels = ["full fine-tuning"] + [f"LoRA r={int(r)} {t}" for r, t in settings]
-    groups = [data[~use_lora]] + [lora[(lora["lora.lora_rank"] == r) & (targets == t)] for r, t in settings]
+    others = _other_settings(lora)
+    names = lora.apply(lambda row: f"LoRA r={int(row['lora.lora_rank'])} {_targets_label(row.get('lora.target_modules', ''))}"
+                       + (f" ({_setting_label(row, others)})" if others else ""), axis=1)
+    order = lora.assign(_name=names).sort_values(["lora.target_modules", "lora.lora_rank"]
+                                                  if "lora.target_modules" in lora else ["lora.lora_rank"])
+    settings = list(dict.fromkeys(order["_name"]))
+    labels = ["full fine-tuning"] + settings
+    groups = [data[~use_lora]] + [lora[names == name] for name in settings]
     metrics = [("peak_memory_gib", f"peak memory, GiB ({_memory_kind(results)})"),
                ("update_tokens_per_s", "update tokens/s"), ("trainable_params", "trainable parameters")]
     fig = Figure(figsize=(4 * len(metrics), 4.5))

@@ -138,3 +138,22 @@ def test_live_plot_draws_the_last_steps_of_a_stopped_run():
     assert live._drawn == 5
     with pytest.raises(ValueError, match=r"LivePlot\(every=0\)"):
         LivePlot(every=0)
+
+
+def test_points_of_one_rank_with_other_settings_get_lines_of_their_own(tmp_path):
+    """A rank × group-size grid: the rank plots draw a line per group size instead of averaging the two
+    (which mixed settings with no word); replicate seeds and alpha tied to the rank are still one line."""
+    rows = [{"point": f"r{rank}-g{group}-s{seed}", "status": "ok", "lora.use_lora": True, "lora.lora_rank": rank,
+             "lora.lora_alpha": 2 * rank, "lora.target_modules": '["all-linear"]', "rollout.group_size": group,
+             "run.seed": seed, "run.output_dir": f"/runs/{rank}-{group}-{seed}", "update_tokens_per_s": 10000 / group + seed,
+             "rollout_tokens_per_s": 500.0, "peak_memory_gib": 1.0, "trainable_params": 1000 * rank}
+            for rank in (4, 16) for group in (2, 4) for seed in (0, 1)]
+    rows.append({**rows[0], "point": "full", "lora.use_lora": False, "trainable_params": 10 ** 6})
+    table = pd.DataFrame(rows)
+    update_lines = {line.get_label(): list(line.get_ydata())
+                    for line in plots.speed_vs_rank(table).axes[0].lines if line.get_label().startswith("update")}
+    assert update_lines == {"update: all-linear, group_size=2": [5000.5, 5000.5],
+                            "update: all-linear, group_size=4": [2500.5, 2500.5]}
+    bars = [t.get_text() for t in plots.lora_vs_full(table).axes[0].get_xticklabels()]
+    assert bars == ["full fine-tuning", "LoRA r=4 all-linear (group_size=2)", "LoRA r=4 all-linear (group_size=4)",
+                    "LoRA r=16 all-linear (group_size=2)", "LoRA r=16 all-linear (group_size=4)"]
