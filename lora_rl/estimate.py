@@ -226,27 +226,24 @@ def estimate_for_config(config, *, seq_len: int | None = None, devices: int = 1,
                            **training_options(config, backend=backend, devices=devices))
 
 
-def training_options(config, backend: str | None = None, *, devices: int = 1, group_size: int | None = None,
-                     target_modules=None) -> dict:
+def training_options(config, backend: str | None = None, *, devices: int = 1) -> dict:
     """The `estimate_memory` settings a run config fixes besides the model, the rank and the sequence
-    length: targets, devices, micro-batch, dtype, backend and training options. backend, group_size,
-    target_modules: the panel's choices, if not the config's. `lora-rl estimate` and the LoRA panel
-    both take them from here."""
+    length: targets, devices, micro-batch, dtype, backend and training options. backend: the config's
+    unless given (full fine-tuning is estimated on fsdp2). `lora-rl estimate` and the LoRA panel both
+    reach it through `estimate_for_config`, with the config the run would use."""
     import dataclasses
 
     from lora_rl.backends import adapter_lora
     from lora_rl.lora import hf_target_names
 
     backend = backend or config.backend.name
-    if target_modules is not None:
-        config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, target_modules=tuple(target_modules)))
     if backend == "megatron":  # Megatron adapts fused layers whole: count what it trains
         config = dataclasses.replace(config, backend=dataclasses.replace(config.backend, name="megatron"))
         target_modules = adapter_lora(config).target_modules
     else:  # FSDP2 reads Megatron names (linear_qkv, ...) as the layers they fuse
         target_modules = hf_target_names(config.lora.target_modules)
     # Each rank's share of the batch, split into minibatches before the micro-batches (trainer.grpo_update).
-    batch = config.rollout.prompts_per_step * (group_size or config.rollout.group_size) // max(devices, 1)
+    batch = config.rollout.prompts_per_step * config.rollout.group_size // max(devices, 1)
     minibatch = batch // config.grpo.minibatches
     return dict(target_modules=tuple(target_modules), devices=devices,
                 micro_batch_size=max(1, min(config.train.micro_batch_size, minibatch)),

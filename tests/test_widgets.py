@@ -132,3 +132,32 @@ def test_a_library_warning_shows_in_the_panel(panel):
     assert not panel.run_button.disabled
     panel.rank.value = 16
     assert "class='warning'" not in panel.info.value
+
+
+def test_the_estimate_is_the_cli_s_for_the_chosen_settings(tmp_path):
+    """The estimate starts from the widgets' config, not the bare recipe: megatron with vllm chosen is
+    estimated (the recipe's embedded engine would refuse megatron), with the numbers `lora-rl estimate`
+    prints for the same overrides."""
+    from lora_rl.config import load_config
+    from lora_rl.estimate import estimate_for_config
+
+    p = LoRAPanel("examples/quickstart.yaml", output_root=str(tmp_path))
+    p.engine.value, p.backend.value, p.group_size.value = "vllm", "megatron", 4
+    assert "no memory estimate" not in p.info.value
+    cli = load_config("examples/quickstart.yaml", ["backend.name=megatron", "rollout.engine=vllm",
+                                                   "rollout.group_size=4"])
+    chosen, full = p.estimate()
+    assert chosen == estimate_for_config(cli) and full == estimate_for_config(cli, use_lora=False)
+    assert re.search(r"class='trainable'>([^<]+)<", p.info.value).group(1) == f"{chosen.trainable_params / 1e3:.2f}k"
+
+
+def test_full_fine_tuning_shows_every_parameter_as_trainable(panel):
+    """use_lora off trains every weight: no LoRA rank or adapter size, all parameters trainable."""
+    from lora_rl.models import meta_model
+
+    panel.use_lora.value = False
+    total = sum(p.numel() for p in meta_model(panel.model.value).parameters())
+    assert "trainable (full fine-tuning)" in panel.info.value and "LoRA r=" not in panel.info.value
+    assert re.search(r"class='trainable'>([^<]+)<", panel.info.value).group(1) == f"{total / 1e3:.2f}k"
+    assert "adapter size" not in panel.info.value
+

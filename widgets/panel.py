@@ -19,9 +19,9 @@ import ipywidgets as w
 
 from lora_rl.backends import BUILT as BUILT_BACKENDS
 from lora_rl.config import ConfigError, load_config, override
-from lora_rl.estimate import ModelShape, estimate_memory, lora_params, training_options
+from lora_rl.estimate import estimate_for_config
 from lora_rl.lora import check_config, linear_module_names
-from lora_rl.models import BUILTINS, meta_model, model_config
+from lora_rl.models import BUILTINS, meta_model
 from lora_rl.rollout import BUILT as BUILT_ENGINES
 from lora_rl.support import BACKENDS, ENGINES, pair_status
 
@@ -109,10 +109,6 @@ class LoRAPanel:
         keep = base.lora.target_modules if self.model.value == base.model.path else ()
         self.targets.options = list(dict.fromkeys(["all-linear", *names, *keep]))
         self.targets.value = list(keep) if keep else ["all-linear"]
-        try:
-            self._shape, self._no_shape = ModelShape.from_config(model_config(self.model.value)), None
-        except ConfigError as err:  # a layout the estimator does not model (GPT-2): the panel still runs it
-            self._shape, self._no_shape = None, err
 
     def overrides(self) -> list[str]:
         # override(): a model folder with " #" in its name must reach the config as it is, not cut at a comment.
@@ -143,25 +139,15 @@ class LoRAPanel:
             return str(err)
         return ""
 
-    def _targets(self) -> list[str]:
-        """The chosen targets as the estimates count them: all-linear covers any names chosen beside it
-        (a mix that Run refuses, as the CLI does), and no choice counts as all-linear."""
-        chosen = list(self.targets.value)
-        return ["all-linear"] if not chosen or "all-linear" in chosen else chosen
-
     def estimate(self):
-        """(this choice, full fine-tuning) as `lora-rl estimate` counts them; full fine-tuning runs on
-        FSDP2 whatever the backend (Megatron trains adapters only)."""
-        if self._shape is None:
-            raise self._no_shape
-        base = load_config(self.recipe)
-        seq_len = self.seq_len or 2 * base.rollout.max_new_tokens
-        common = dict(group_size=self.group_size.value, devices=self.devices.value, target_modules=self._targets())
-        chosen = training_options(base, backend=self.backend.value if self.use_lora.value else "fsdp2", **common)
-        return (estimate_memory(self._shape, use_lora=self.use_lora.value, rank=self.rank.value, seq_len=seq_len,
-                                **chosen),
-                estimate_memory(self._shape, use_lora=False, rank=self.rank.value, seq_len=seq_len,
-                                **training_options(base, backend="fsdp2", **common)))
+        """(this choice, full fine-tuning), from the Config Run would train and counted by the function
+        `lora-rl estimate` calls, so the panel and the CLI give the same numbers for the same settings;
+        full fine-tuning runs on FSDP2 whatever the backend (Megatron trains adapters only). Raises
+        ConfigError for a config Run would refuse or a layout the estimator does not model (GPT-2)."""
+        config = self.config()
+        seq_len = self.seq_len or None  # None: the CLI's default (prompt ~ completion budget)
+        return (estimate_for_config(config, seq_len=seq_len, devices=self.devices.value),
+                estimate_for_config(config, seq_len=seq_len, devices=self.devices.value, use_lora=False))
 
     def refresh(self) -> None:
         with warnings.catch_warnings(record=True) as caught:  # shown in the panel: a callback's stderr is lost
@@ -181,32 +167,26 @@ class LoRAPanel:
                 f" {'(LoRA)' if self.use_lora.value else '(full fine-tuning)'}; full fine-tuning {_fmt_gib(full.total_gib)}"
                 f"<br><small>weights {_fmt_gib(chosen.weights_gib)} + trainable state {_fmt_gib(chosen.trainable_gib)} + "
                 f"activations {_fmt_gib(chosen.activations_gib)} + logits {_fmt_gib(chosen.logits_gib)}</small>")
-        # The adapter the backend really trains (Megatron widens q_proj to q, k and v), LoRA on or off.
-        lora = chosen if chosen is not None and self.use_lora.value else None
-        adapter = lora.trainable_params if lora else self._adapter_params()
-        dtype_bytes = _BYTES.get(load_config(self.recipe).model.dtype, 4)
         total = self._total_params
+        if self.use_lora.value:
+            # The adapter the backend really trains (Megatron widens q_proj to q, k and v): the estimate's
+            # count, so n/a where there is no estimate (its reason is shown below).
+            adapter = chosen.trainable_params if chosen is not None else None
+            trainable = (f"trainable (LoRA r={self.rank.value}, alpha/r={self.alpha.value / self.rank.value:.2f}): "
+                         + (f"<b><span class='trainable'>{_fmt_count(adapter)}</span></b> "
+                            f"({100 * adapter / total:.2f}%)<br>adapter size: "
+                            f"<b>{adapter * _BYTES.get(self.config().model.dtype, 4) / 1e6:.2f} MB</b><br>"
+                            if adapter is not None else "n/a<br>"))
+        else:  # full fine-tuning trains every weight and saves no adapter
+            trainable = (f"trainable (full fine-tuning): <b><span class='trainable'>{_fmt_count(total)}</span></b> "
+                         "(100%)<br>")
         self.info.value = (
-            f"<b>{self.model.value}</b>: {_fmt_count(total)} parameters<br>"
-            f"trainable (LoRA r={self.rank.value}, alpha/r={self.alpha.value / self.rank.value:.2f}): "
-            + (f"<b><span class='trainable'>{_fmt_count(adapter)}</span></b> ({100 * adapter / total:.2f}%)<br>"
-               f"adapter size: <b>{adapter * dtype_bytes / 1e6:.2f} MB</b><br>" if adapter is not None else "n/a<br>")
-            + f"{estimate}<br>"
+            f"<b>{self.model.value}</b>: {_fmt_count(total)} parameters<br>" + trainable + f"{estimate}<br>"
             f"{self.backend.value} + {self.engine.value}: "
             + ("<span style='color:green'>supported</span>" if not why else
                f"<span style='color:#b00' class='why'>cannot run: {html.escape(why)}</span>") + notes)
         self.run_button.disabled = bool(why) or self._running
         self.run_button.tooltip = why or "train with these settings"
-
-    def _adapter_params(self) -> int | None:
-        if self._shape is None:
-            return None
-        try:
-            options = training_options(load_config(self.recipe), backend=self.backend.value,
-                                       target_modules=self._targets())
-            return lora_params(self._shape, self.rank.value, options["target_modules"])
-        except ConfigError:
-            return None
 
     # --- running ---------------------------------------------------------------------------------------
 
