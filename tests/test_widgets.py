@@ -161,3 +161,18 @@ def test_full_fine_tuning_shows_every_parameter_as_trainable(panel):
     assert re.search(r"class='trainable'>([^<]+)<", panel.info.value).group(1) == f"{total / 1e3:.2f}k"
     assert "adapter size" not in panel.info.value
 
+
+def test_a_model_that_cannot_load_disables_run_and_says_why(panel, random_model_dir, tmp_path):
+    """The model dropdown's observer must not raise (the panel would stay stale with Run enabled): the
+    library's message shows in the panel, Run is disabled, and start() says why it did not start."""
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    panel.model.options = [*panel.model.options, str(bad)]
+    panel.model.value = str(bad)
+    assert "config.json cannot be read" in panel.info.value and panel.run_button.disabled
+    panel.start()
+    assert not panel._running and "not started" in panel.status.value
+    assert "config.json cannot be read" in panel.status.value
+    panel.model.value = str(random_model_dir)  # a loadable model again: runnable again
+    assert not panel.run_button.disabled and "cannot be read" not in panel.info.value

@@ -86,11 +86,11 @@ class LoRAPanel:
         self._running = False
         self.summary: dict | None = None
         self.error: str | None = None
-        self._refresh_targets()
+        self._choose_model()
         for control in (self.rank, self.alpha, self.targets, self.use_lora, self.backend, self.engine, self.devices,
                         self.steps, self.group_size, self.lr, self.task):
             control.observe(lambda _: self.refresh(), names="value")
-        self.model.observe(lambda _: (self._refresh_targets(), self.refresh()), names="value")
+        self.model.observe(lambda _: (self._choose_model(), self.refresh()), names="value")
         self.refresh()
         controls = w.VBox([self.model, self.task, self.use_lora, self.rank, self.alpha, self.targets, self.backend,
                            self.engine, self.steps, self.group_size, self.lr, self.devices])
@@ -98,6 +98,18 @@ class LoRAPanel:
                               w.HBox([self.run_button, self.stop_button, self.progress]), self.plot])
 
     # --- what the controls mean ------------------------------------------------------------------------
+
+    def _choose_model(self) -> None:
+        """Take in the model chosen. One this environment cannot load (a broken config.json, a package it
+        needs missing) must not raise out of the dropdown's observer, which left the panel showing the
+        previous model with Run enabled: its message (field, value, fix) becomes why Run is off."""
+        self._model_error = ""  # before the targets change: their observer refreshes the panel
+        try:
+            self._refresh_targets()
+        except ConfigError as err:
+            self._model_error = str(err)
+            self._total_params = None
+            self.targets.options, self.targets.value = ["all-linear"], ["all-linear"]  # not the last model's names
 
     def _refresh_targets(self) -> None:
         """The chosen model's linear layers as choices. The recipe's own targets stay chosen while its
@@ -125,6 +137,8 @@ class LoRAPanel:
 
     def why_not_runnable(self) -> str:
         """Empty when Run may start; else the reason, as the library words it."""
+        if self._model_error:
+            return self._model_error
         cell = pair_status(self.backend.value, self.engine.value)
         if not cell.ok:
             return cell.why
@@ -155,6 +169,17 @@ class LoRAPanel:
             why = self.why_not_runnable()
         notes = "".join(f"<br><span style='color:#a60' class='warning'>{html.escape(str(c.message))}</span>"
                         for c in caught if str(c.message).startswith("lora-rl: "))
+        if self._model_error:  # nothing to count or estimate without the model: only why Run is off
+            self.info.value = (f"<b>{html.escape(self.model.value)}</b>: "
+                               f"<span style='color:#b00' class='why'>cannot run: {html.escape(why)}</span>")
+        else:
+            self.info.value = self._describe(why) + notes
+        self.run_button.disabled = bool(why) or self._running
+        self.run_button.tooltip = why or "train with these settings"
+
+    def _describe(self, why: str) -> str:
+        """The info area for a model that loads: its size, what trains, the memory estimate, and whether
+        Run may start (why: why_not_runnable's answer)."""
         try:
             chosen, full = self.estimate()
         except ConfigError as err:  # a layout or choice the estimator does not model: Run may still work
@@ -180,20 +205,21 @@ class LoRAPanel:
         else:  # full fine-tuning trains every weight and saves no adapter
             trainable = (f"trainable (full fine-tuning): <b><span class='trainable'>{_fmt_count(total)}</span></b> "
                          "(100%)<br>")
-        self.info.value = (
-            f"<b>{self.model.value}</b>: {_fmt_count(total)} parameters<br>" + trainable + f"{estimate}<br>"
-            f"{self.backend.value} + {self.engine.value}: "
-            + ("<span style='color:green'>supported</span>" if not why else
-               f"<span style='color:#b00' class='why'>cannot run: {html.escape(why)}</span>") + notes)
-        self.run_button.disabled = bool(why) or self._running
-        self.run_button.tooltip = why or "train with these settings"
+        return (f"<b>{self.model.value}</b>: {_fmt_count(total)} parameters<br>" + trainable + f"{estimate}<br>"
+                f"{self.backend.value} + {self.engine.value}: "
+                + ("<span style='color:green'>supported</span>" if not why else
+                   f"<span style='color:#b00' class='why'>cannot run: {html.escape(why)}</span>"))
 
     # --- running ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Train in a background thread (the kernel stays responsive); Stop ends after the current step
         with a checkpoint."""
-        if self.why_not_runnable() or self._running:
+        if self._running:  # the status already says where the run in progress writes
+            return
+        why = self.why_not_runnable()
+        if why:  # say so: a stale button or a direct call must not silently do nothing
+            self.status.value = f"<span style='color:#b00' class='why'>not started: {html.escape(why)}</span>"
             return
         from lora_rl.live import LivePlot
 
