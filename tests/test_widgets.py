@@ -59,12 +59,15 @@ def test_a_config_the_cli_would_refuse_is_refused_here(panel):
     assert panel.run_button.disabled and "never full weights" in panel.why_not_runnable()
 
 
-def test_run_trains_and_stop_keeps_a_checkpoint(panel, tmp_path):
+def test_run_trains_and_stop_keeps_a_checkpoint(panel, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    panel.output_root = "runs"  # relative, as by default: the status names the folder absolutely
     panel.steps.value = 2
     panel.group_size.value = 2
     panel.run_button.click()
     summary = panel.wait(300)
     assert panel.error is None and summary["steps_done"] == 2 and "finished after step 2" in panel.status.value
+    assert f"run folder {tmp_path / 'runs' / 'panel-'}" in panel.status.value
     assert panel.progress.value == 2 and not panel.run_button.disabled
     panel.steps.value = 500
     panel.run_button.click()

@@ -224,8 +224,9 @@ class LoRAPanel:
         from lora_rl.live import LivePlot
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        # Absolute, so the status names the folder unambiguously (a kernel runs in notebooks/, a shell elsewhere).
         output_dir = next(str(d) for n in range(1000)
-                          if not (d := Path(self.output_root) / f"panel-{stamp}{f'-{n}' if n else ''}").exists())
+                          if not (d := Path(self.output_root).resolve() / f"panel-{stamp}{f'-{n}' if n else ''}").exists())
         config = load_config(self.recipe, [*self.overrides(), override("run.output_dir", output_dir), "run.progress=false"])
         self._stop.clear()
         self.summary, self.error = None, None
