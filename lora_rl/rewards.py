@@ -13,10 +13,16 @@ Extraction (``extract_answer``) tries, in order:
    that writes "so the answer is 42" without the marker still gets credit,
    which helps early in training when the format is not yet learned.
 
-Plain numbers are compared exactly (with a 1e-6 tolerance for decimals), which
-is fast enough for thousands of completions per second. Only answers that are
-not plain numbers (e.g. ``\\frac{1}{2}``) go through math-verify, imported
-lazily because it pulls in sympy.
+A plain number may carry "$", thousands commas, or spaces that separate
+thousands ("1 234 567", also no-break and narrow no-break spaces); other
+spaces between digits make it no number ("2 3" is not 23). Plain numbers are
+compared exactly (with a 1e-6 tolerance for decimals), which is fast enough for
+thousands of completions per second. Only answers that are not plain numbers
+(e.g. ``\\frac{1}{2}``) go through math-verify, imported lazily because it pulls
+in sympy, and only when short, with at most one power whose exponent is a
+plain integer of up to 3 digits, and with the LaTeX commands of simple math:
+outside the main thread math-verify cannot time out, and "9^{(99999999)}" or
+"\\binom{99999999}{49999999}" would hold the GIL for hours. Others score 0.
 """
 
 from __future__ import annotations
@@ -32,27 +38,52 @@ __all__ = ["REWARDS", "answers_match", "extract_answer", "get_reward", "gsm8k_re
            "normalize_answer", "strict_reward"]
 
 # A number as people and models write it: optional sign and dollar sign,
-# thousands commas only in well-formed groups ("1,234" but not "1,23"), and an
-# optional decimal part. A trailing sentence period is not consumed because the
-# decimal part needs at least one digit after the dot.
-_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
-_FULL_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
+# thousands commas only in well-formed groups ("1,234" but not "1,23"), an
+# optional decimal part, or a bare decimal part (".5", not after a digit or
+# word: "1.2.3" is not ".3"), and an optional exponent ("1e3"). A trailing
+# sentence period is not consumed because the decimal part needs at least one
+# digit after the dot. Exponents of any length match here so that "1e99999999"
+# is read whole and then refused by normalize_answer, not misread as "1".
+_NUMBER = re.compile(r"-?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w.])\.\d+)(?:[eE][+-]?\d+)?")
+# The whole of a plain number after decorations are gone: thousands grouped by
+# commas or by single spaces ("1 234 567"), never a mix; at most a 3-digit
+# exponent, so formatting the value cannot build a huge integer.
+_FULL_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+                          r"(?:[eE][+-]?\d{1,3})?")
 _MARKER = "####"
 _BOXED = "\\boxed{"
 
 # Decorations that do not change a number's value; stripped before parsing.
-# "{,}" and "\\," are LaTeX thousands separators, "\\!" a negative space.
-_DECORATIONS = ("\\$", "$", "{,}", "\\,", "\\!", "\\ ", " ")
+# "\\!" is a LaTeX negative space.
+_DECORATIONS = ("\\$", "$", "\\!")
+# Spaces a number may be grouped with: LaTeX "\\," and "\\ ", and any Unicode
+# space (\s covers no-break U+00A0 and narrow no-break U+202F). They read as a
+# plain space, which may only separate thousands.
+_SPACES = re.compile(r"(?:\\,|\\ |\s)+")
+# A space not between two digits ("$ 5", "-5 .") is just layout.
+_LAYOUT_SPACE = re.compile(r"(?<!\d) | (?!\d)")
 
 # Answers longer than this are not sent to math-verify: GSM8K-style answers are
 # short, and sympy can take unbounded time on long or adversarial expressions.
 _MAX_SYMBOLIC_CHARS = 100
-# Exponents above this are refused before sympy tries to evaluate them:
-# "9^{9^{9^{9}}}" hangs math-verify forever when no timeout is possible.
-_MAX_EXPONENT = 1000
-_EXPONENT = re.compile(r"\^\s*\{?\s*(\d+)")
+# An exponent must be a plain integer of at most this many digits: sympy
+# evaluates powers exactly, and "9^{(99999999)}" holds the GIL for hours.
+_MAX_EXPONENT_DIGITS = 3
+_POWER = re.compile(r"\^|\*\*")
+_OPENING, _CLOSING = "{([", "})]"
+_BRACKETS_AND_SIGNS = re.compile(r"[\s{}()\[\]+-]")
+# The only LaTeX commands math-verify is shown: what GSM8K-style answers use.
+# Others can be just as slow as a power ("\\binom{99999999}{49999999}",
+# "\\Gamma(99999999)" never return); a non-letter escape ("\\%") is harmless.
+_SAFE_COMMANDS = frozenset({"frac", "dfrac", "tfrac", "sqrt", "cdot", "times", "div", "pm", "left", "right", "pi",
+                            "text", "mathrm", "mbox"})
+_COMMAND = re.compile(r"\\([A-Za-z]+)")
+# Digits apart by space alone: not a number ("2 3" is not 23), and math-verify
+# would read them as a mixed number's sum, 5.
+_SPACED_DIGITS = re.compile(r"\d (?=\d)")
 # math-verify's own timeout uses signal.alarm, which only works in the main
-# thread; in other threads (widgets, thread pools) it must be disabled.
+# thread; in other threads (widgets, thread pools) it must be disabled, and the
+# checks above are all that bound its time.
 _MAIN_THREAD_TIMEOUT_S = 5
 _FLOAT_TOLERANCE = Decimal("1e-6")
 
@@ -60,18 +91,20 @@ _FLOAT_TOLERANCE = Decimal("1e-6")
 def normalize_answer(text: str) -> str | None:
     """Return ``text`` as a canonical number string, or None if it is not a plain number.
 
-    Removes "$", thousands commas, a trailing period and surrounding space;
-    "12.50" becomes "12.5", "007" becomes "7", "-0" becomes "0".
+    Removes "$", thousands commas or spaces, a trailing period and surrounding
+    space; "12.50" becomes "12.5", "007" becomes "7", "-0" becomes "0", "1e3"
+    becomes "1000". "2 3" is two numbers, not 23: None.
     """
-    cleaned = text.strip()
+    cleaned = text.replace("{,}", ",")  # LaTeX's thousands comma
     for decoration in _DECORATIONS:
         cleaned = cleaned.replace(decoration, "")
+    cleaned = _LAYOUT_SPACE.sub("", _SPACES.sub(" ", cleaned).strip())
     cleaned = cleaned.rstrip(".")
     if cleaned.startswith("-$"):  # "-$7" reads as minus seven dollars
         cleaned = "-" + cleaned[2:]
     if not _FULL_NUMBER.fullmatch(cleaned):
         return None
-    value = Decimal(cleaned.replace(",", ""))
+    value = Decimal(cleaned.replace(",", "").replace(" ", ""))
     return _format_decimal(value)
 
 
@@ -97,10 +130,11 @@ def _last_marker_answer(text: str) -> str | None:
     as_number = normalize_answer(line)
     if as_number is not None:
         return as_number
-    # "#### 42 apples" or "#### The answer is 42": take the first number on the line.
-    match = _NUMBER.search(line)
-    if match is not None and not _looks_symbolic(line):
-        return normalize_answer(match.group(0))
+    # "#### 42 apples" or "#### The answer is 42": take the line's one number.
+    # With several ("#### 10 20") none is the answer; the line stays as written.
+    numbers = _NUMBER.findall(line)
+    if len(numbers) == 1 and not _looks_symbolic(line):
+        return normalize_answer(numbers[0])
     return line.rstrip(".").strip() or None
 
 
@@ -176,13 +210,43 @@ def _numbers_equal(a: str, b: str) -> bool:
     return abs(x - y) <= _FLOAT_TOLERANCE
 
 
+def _exponent_is_small(text: str) -> bool:
+    """True when text, what follows a "^" or "**", starts with a small plain integer exponent.
+
+    A bracketed exponent is read up to its matching bracket, so "{(99)(99)}" or
+    "{9 \\cdot 99999999}" is judged whole; brackets, spaces and signs around the
+    digits are dropped first, so nesting them cannot hide a long number.
+    """
+    text = text.lstrip()
+    if text and text[0] in _OPENING:
+        depth = 0
+        for end, char in enumerate(text):
+            depth += (char in _OPENING) - (char in _CLOSING)
+            if depth == 0:
+                break
+        exponent = text[: end + 1]  # an unclosed group runs to the end of the text
+    else:
+        exponent = re.match(r"[\d\s+-]*", text).group()  # "2^3 5" reads whole: a parser may join the digits
+    digits = _BRACKETS_AND_SIGNS.sub("", exponent)
+    return digits.isascii() and digits.isdigit() and len(digits) <= _MAX_EXPONENT_DIGITS
+
+
 def _safe_for_math_verify(answer: str) -> bool:
-    """Refuse inputs that could make sympy run (almost) forever."""
-    if len(answer) > _MAX_SYMBOLIC_CHARS or "!" in answer:
+    """Refuse inputs that could make sympy run (almost) forever.
+
+    Outside the main thread math-verify has no timeout, so these checks are
+    the only bound: short text, no factorial, at most one power and that with a
+    small plain integer exponent, no digits apart by space alone, and only the
+    LaTeX commands of simple math.
+    """
+    if len(answer) > _MAX_SYMBOLIC_CHARS or "!" in answer or _SPACED_DIGITS.search(_SPACES.sub(" ", answer)):
         return False
-    if answer.count("^") > 1:  # towers like 9^{9^{9}} explode
+    powers = list(_POWER.finditer(answer))
+    if len(powers) > 1:  # towers like 9^{9^{9}} explode
         return False
-    return all(int(exponent) <= _MAX_EXPONENT for exponent in _EXPONENT.findall(answer))
+    if powers and not _exponent_is_small(answer[powers[0].end():]):
+        return False
+    return all(command in _SAFE_COMMANDS for command in _COMMAND.findall(answer))
 
 
 def _symbolic_equal(predicted: str, reference: str) -> bool:

@@ -1,7 +1,10 @@
 """Tests for lora_rl.rewards: answer extraction and the GSM8K grader."""
 
+import ast
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -171,3 +174,84 @@ def test_math_verify_is_not_needed_for_numbers(monkeypatch):
 def test_the_answer_line_scores_its_result(reward, completion, right, wrong):
     assert reward(completion, right) == 1.0
     assert reward(completion, wrong) == 0.0
+
+
+# Each of these made sympy compute a huge number while holding the GIL (9^99999999 has 95 million digits):
+# outside the main thread math-verify has no timeout, so the reward never returned.
+_EXPLOSIVE = ["#### 9^{(99999999)}", "#### 9^{ {99999999} }", "\\boxed{9^{ ( 99999999 ) }}",
+              "\\boxed{9^{(999)(999)(999)}}", "\\boxed{9^{9 \\cdot 99999999}}", "#### 9**(99999999)",
+              "\\boxed{\\binom{99999999}{49999999}}", "\\boxed{\\Gamma(99999999)}"]
+_STILL_EQUAL = [("\\boxed{2^{10}}", "1024"), ("\\boxed{10^{-1}}", "0.1"), ("\\boxed{\\frac{1}{2}}", "0.5"),
+                ("\\boxed{50\\%}", "50")]
+
+
+def test_explosive_answers_score_zero_quickly_in_a_worker_thread():
+    # A subprocess: a thread that holds the GIL would hang this process's own timeout too.
+    script = f"""
+import threading
+from lora_rl.rewards import gsm8k_reward, strict_reward
+scores = []
+def grade():
+    for completion in {_EXPLOSIVE!r}:
+        scores.append((gsm8k_reward(completion, "9"), strict_reward(completion, "9")))
+    for completion, reference in {_STILL_EQUAL!r}:
+        scores.append((gsm8k_reward(completion, reference), strict_reward(completion, reference)))
+worker = threading.Thread(target=grade)
+worker.start()
+worker.join()
+print(scores)
+"""
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the reward did not return within 60 s in a worker thread")
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert scores == [(0.0, 0.0)] * len(_EXPLOSIVE) + [(1.0, 1.0)] * len(_STILL_EQUAL)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("#### 1 234 567", "1234567"),  # spaces as thousands separators
+    ("#### 1\u00a0234", "1234"),  # a no-break space
+    ("#### 1\u202f234.5", "1234.5"),  # a narrow no-break space
+    ("\\boxed{1\\,234}", "1234"),  # LaTeX's thin space
+    ("#### $ 5", "5"),
+    ("#### - 5", "-5"),
+    ("#### 2 3", "2 3"),  # two numbers, not 23
+    ("#### 10 20", "10 20"),
+    ("#### 1 23", "1 23"),  # not a thousands group
+    ("#### 1,234 567", "1,234 567"),  # commas and spaces mixed
+    ("\\boxed{10 20}", "10 20"),
+])
+def test_spaces_only_separate_thousands(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(("completion", "reference"), [
+    ("#### 2 3", "23"), ("#### 2 3", "5"), ("#### 2 3", "2"), ("#### 10 20", "1020"), ("#### 10 20", "30"),
+    ("\\boxed{10 20}", "1020"), ("\\boxed{2\\,3}", "5"),
+])
+def test_numbers_apart_by_spaces_are_no_answer(completion, reference):
+    # math-verify reads "2 3" as a mixed number, 5: it must not be asked.
+    assert gsm8k_reward(completion, reference) == 0.0
+    assert strict_reward(completion, reference) == 0.0
+
+
+@pytest.mark.parametrize(("completion", "reference", "extracted"), [
+    ("The answer is .5", "0.5", "0.5"),
+    ("#### .5", "0.5", "0.5"),
+    ("#### 1e3", "1000", "1000"),
+    ("#### 1.5E-3", "0.0015", "0.0015"),
+    ("so it is 2e5 apples", "200000", "200000"),
+    ("version 1.2.3", "3", "3"),  # ".3" after a digit is not a bare decimal
+])
+def test_bare_decimals_and_exponents(completion, reference, extracted):
+    assert extract_answer(completion) == extracted
+    assert gsm8k_reward(completion, reference) == 1.0
+
+
+def test_huge_exponent_notation_is_no_number():
+    start = time.perf_counter()
+    assert extract_answer("#### 1e99999999", strict=True) is None  # not misread as 1
+    assert gsm8k_reward("#### 1e99999999", "1") == 0.0
+    assert time.perf_counter() - start < 1.0
