@@ -169,7 +169,7 @@ def check_config(config, *, data: bool = True) -> None:
 
         for split in ("train", "test"):
             load_problems(config.task.name, split=split, seed=config.run.seed, difficulty=config.task.difficulty,
-                          data_dir=config.task.data_dir or None, limit=1)
+                          data_dir=config.task.data_dir or None, limit=1, reward=config.task.reward)
 
 
 def _peft_config(lora: LoRAConfig, targets: str | list[str]) -> LoraConfig:

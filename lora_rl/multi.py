@@ -386,9 +386,10 @@ def train_multi(configs: list[Config]) -> list[dict]:
         raise ConfigError("a multi-LoRA job runs in one process: drop --nproc")
     task, rp = config.task, config.rollout
     train_sets = [load_problems(task.name, split="train", seed=c.run.seed, difficulty=task.difficulty,
-                                data_dir=task.data_dir or None) for c in configs]
+                                data_dir=task.data_dir or None, reward=task.reward) for c in configs]
     eval_sets = [load_problems(task.name, split="test", seed=c.run.seed, difficulty=task.difficulty,
-                               data_dir=task.data_dir or None, limit=config.eval.size) for c in configs]
+                               data_dir=task.data_dir or None, limit=config.eval.size,
+                               reward=task.reward) for c in configs]
     reward_fn = get_reward(task.reward or task.name)
     resolve_model_path(config.model.path, progress=config.run.progress)
     model, tokenizer, base_dir = load_model(config.model.path, config.model.dtype, progress=config.run.progress)

@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from lora_rl.config import ConfigError
+from lora_rl.rewards import extract_answer, get_reward
 
 __all__ = [
     "ARITHMETIC_SIZES",
@@ -81,7 +82,7 @@ class Problem:
     """One task problem."""
 
     question: str  # the problem text, without any prompt template
-    reference: str  # gold final answer as a plain number string: no commas, e.g. "1234", "-7"
+    reference: str  # gold final answer as the reward reads it: a canonical number ("1234", "-7"), else math as written
     solution: str  # a full target completion for supervised warm-start, ending with "#### <reference>"
 
 
@@ -194,24 +195,40 @@ def default_gsm8k_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
-def _gsm8k_reference(answer: str, path: pathlib.Path, line_number: int) -> str:
-    """The number after the last "####", commas removed."""
+def _gsm8k_reference(answer: str, path: pathlib.Path, line_number: int, reward, reward_name: str) -> str:
+    """The answer after the last "####", read as the reward reads a completion's ("1,234" -> "1234").
+
+    A row whose own solution would not score 1.0 is refused: every completion,
+    the right one included, would score 0 on it.
+    """
     if "####" not in answer:
         raise ConfigError(f"{path}:{line_number}: answer has no '#### <number>' line; fix or drop this row")
-    reference = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    if not reference:
+    written = answer.rsplit("####", 1)[1].strip()
+    if not written:
         raise ConfigError(f"{path}:{line_number}: nothing after '####'; fix or drop this row")
-    if not any(c.isdigit() for c in reference):  # "five", "N/A": no completion could ever match it
-        raise ConfigError(f"{path}:{line_number}: the answer after '####' is {reference!r}, which holds no number; "
+    if not any(c.isdigit() for c in written):  # "five", "N/A": no completion could ever match it
+        raise ConfigError(f"{path}:{line_number}: the answer after '####' is {written!r}, which holds no number; "
                           "the rewards compare numbers (or math such as \\frac{1}{2}): write it as a number, or drop "
+                          "this row")
+    reference = extract_answer(answer, strict=True)  # the "#### " line: the strict and lenient rewards agree here
+    if reference is None or reward(answer, reference) != 1.0:
+        raise ConfigError(f"{path}:{line_number}: the answer after '####' is {written!r}, which the "
+                          f"{reward_name!r} reward cannot score: the row's own solution scores 0 against it, and so "
+                          "would every completion. Write one plain number after '####' (e.g. '#### 42'), or drop "
                           "this row")
     return reference
 
 
-def load_gsm8k(data_dir: str | os.PathLike[str], split: str, limit: int | None = None) -> list[Problem]:
-    """Read ``{data_dir}/{split}.jsonl`` (rows with "question" and "answer") into Problems."""
+def load_gsm8k(data_dir: str | os.PathLike[str], split: str, limit: int | None = None,
+               reward: str = "gsm8k") -> list[Problem]:
+    """Read ``{data_dir}/{split}.jsonl`` (rows with "question" and "answer") into Problems.
+
+    Every row (not only the first ``limit``) must score 1.0 under ``reward``
+    (a name in lora_rl.rewards.REWARDS) with its own solution.
+    """
     _check_split(split)
     _check_limit(limit)
+    reward_fn = get_reward(reward)
     folder = pathlib.Path(data_dir)
     hint = f"set task.data_dir or {GSM8K_DIR_ENV} to the folder holding train.jsonl and test.jsonl"
     if not folder.is_dir():
@@ -242,7 +259,7 @@ def load_gsm8k(data_dir: str | os.PathLike[str], split: str, limit: int | None =
             problems.append(
                 Problem(
                     question=row["question"],
-                    reference=_gsm8k_reference(row["answer"], path, line_number),
+                    reference=_gsm8k_reference(row["answer"], path, line_number, reward_fn, reward),
                     solution=row["answer"],
                 )
             )
@@ -263,6 +280,7 @@ def load_problems(
     difficulty: int = 2,
     data_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
+    reward: str = "",
 ) -> list[Problem]:
     """Load a task's problems by name: "arithmetic" or "gsm8k".
 
@@ -270,6 +288,8 @@ def load_problems(
     ``limit`` problems, or ARITHMETIC_SIZES[split] without a limit);
     ``data_dir`` applies to gsm8k only (default: ``default_gsm8k_dir()``).
     ``limit`` keeps the first ``limit`` problems, so it is deterministic.
+    ``reward`` (task.reward; empty: the task's own) is the one gsm8k rows are
+    checked against.
     """
     if name not in TASKS:
         raise ConfigError(f"task.name={name!r} is unknown: choose one of {', '.join(TASKS)}")
@@ -280,7 +300,7 @@ def load_problems(
         n = ARITHMETIC_SIZES[split] if limit is None else limit
         return make_arithmetic(n, difficulty=difficulty, seed=seed, split=split)
     folder = default_gsm8k_dir() if data_dir is None else data_dir
-    return load_gsm8k(folder, split, limit=limit)
+    return load_gsm8k(folder, split, limit=limit, reward=reward or name)
 
 
 def format_prompt(question: str, tokenizer=None) -> str:

@@ -463,9 +463,9 @@ def train(config: Config, *, resume: bool = False,
     # The data first: a missing or malformed dataset must fail before the run folder is created.
     task = config.task
     train_problems = load_problems(task.name, split="train", seed=config.run.seed, difficulty=task.difficulty,
-                                   data_dir=task.data_dir or None)
+                                   data_dir=task.data_dir or None, reward=task.reward)
     eval_problems = load_problems(task.name, split="test", seed=config.run.seed, difficulty=task.difficulty,
-                                  data_dir=task.data_dir or None, limit=config.eval.size)
+                                  data_dir=task.data_dir or None, limit=config.eval.size, reward=task.reward)
     if config.eval.size and len(eval_problems) < d.world:  # a test file shorter than eval.size
         raise ConfigError(_eval_share_error(config.eval.size, len(eval_problems), d.world))
     eval_total, eval_problems = len(eval_problems), eval_problems[d.rank::d.world]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lora_rl import tasks
+from lora_rl import rewards, tasks
 from lora_rl.config import ConfigError
 from lora_rl.rewards import extract_answer, get_reward
 from lora_rl.tasks import Problem, format_prompt, load_gsm8k, load_problems, make_arithmetic
@@ -233,6 +233,44 @@ def test_gsm8k_empty_file_is_refused_and_a_byte_order_mark_is_not(tmp_path):
         load_gsm8k(tmp_path, "train")
     (tmp_path / "test.jsonl").write_bytes(b"\xef\xbb\xbf" + _GOOD)
     assert [p.reference for p in load_gsm8k(tmp_path, "test")] == ["1"]
+
+
+def _write_rows(folder, *answers):
+    rows = [json.dumps({"question": "q", "answer": answer}) for answer in answers]
+    (folder / "train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("answer, reference", [
+    ("38-43=-5\n#### 38-43=-5", "-5"),  # an equation: its result, as the reward reads it
+    ("7\n#### 7 (seven)", "7"),
+    ("#### 1,234.50", "1234.5"),
+    ("#### 1 234", "1234"),
+    ("#### \\frac{1}{2}", "\\frac{1}{2}"),  # math the reward compares with math-verify
+])
+def test_gsm8k_reference_is_read_as_the_reward_reads_answers(tmp_path, answer, reference):
+    _write_rows(tmp_path, "1\n#### 1", answer)
+    problems = load_gsm8k(tmp_path, "train")
+    assert problems[1].reference == reference
+    for name in ("gsm8k", "gsm8k-strict"):
+        assert get_reward(name)(problems[1].solution, problems[1].reference) == 1.0
+
+
+@pytest.mark.parametrize("written", ["10 20", "9^{(99999999)}", "\\binom{99999999}{3}"])
+def test_gsm8k_row_its_own_solution_cannot_score_is_refused(tmp_path, written):
+    _write_rows(tmp_path, "1\n#### 1", f"so\n#### {written}")
+    with pytest.raises(ConfigError, match=rf"train\.jsonl:2: the answer after '####' is {re.escape(repr(written))}, "
+                                          r"which the 'gsm8k' reward cannot score.*'#### 42'.*drop this row"):
+        load_gsm8k(tmp_path, "train")
+
+
+def test_gsm8k_rows_are_checked_against_the_configured_reward(tmp_path, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "never", lambda completion, reference: 0.0)
+    _write_rows(tmp_path, "1\n#### 1")
+    assert len(load_problems("gsm8k", split="train", data_dir=tmp_path)) == 1  # the task's own reward
+    with pytest.raises(ConfigError, match=r"train\.jsonl:1: .*the 'never' reward cannot score"):
+        load_problems("gsm8k", split="train", data_dir=tmp_path, reward="never", limit=0)  # every row, not the first 0
+    with pytest.raises(ConfigError, match=r"task\.reward='nope' is unknown"):
+        load_problems("gsm8k", split="train", data_dir=tmp_path, reward="nope")
 
 
 # --------------------------------------------------------------------------- prompts
