@@ -223,8 +223,12 @@ class RolloutConfig:
 class TaskConfig:
     SECTION: ClassVar[str] = "task"
     name: str = "arithmetic"  # arithmetic (synthetic, GSM8K-formatted) | gsm8k
-    difficulty: int = 2  # arithmetic only: 1 (1-digit sums) .. 5 (3-digit sums and differences)
-    data_dir: str = ""  # gsm8k folder holding train.jsonl/test.jsonl; empty: ../shared/data/gsm8k or $LORA_RL_GSM8K_DIR
+    # arithmetic only: 1 (1-digit sums) .. 5 (3-digit sums and differences); gsm8k ignores it, as a knob for another
+    # task, so that a recipe's task can be switched with task.name alone
+    difficulty: int = 2
+    # gsm8k folder holding train.jsonl/test.jsonl; empty: ../shared/data/gsm8k or $LORA_RL_GSM8K_DIR. Refused with
+    # arithmetic: it names the data the run should train on, and arithmetic would silently train on its own
+    data_dir: str = ""
     reward: str = ""  # reward function name (lora_rl.rewards); empty: the task's own
 
     def __post_init__(self) -> None:
@@ -232,6 +236,10 @@ class TaskConfig:
             _fail(self.SECTION, "name", self.name, "is not a task: choose arithmetic or gsm8k")
         if not 1 <= self.difficulty <= 5:
             _fail(self.SECTION, "difficulty", self.difficulty, "is out of range: choose 1..5")
+        if self.data_dir and self.name != "gsm8k":
+            _fail(self.SECTION, "data_dir", self.data_dir,
+                  f"is set but task.name={self.name!r} makes its own problems: task.data_dir applies to "
+                  "task.name=gsm8k: set task.name=gsm8k or clear task.data_dir")
         object.__setattr__(self, "data_dir", os.path.expanduser(self.data_dir))  # "~/data/gsm8k": no shell expands it
 
 

@@ -174,6 +174,15 @@ def test_seed_range_and_home_folders():
     with pytest.raises(ConfigError, match=r"run.seed=100000000000000 is out of range"):
         load_config(None, ["run.seed=100000000000000"])
     assert load_config(None, ["run.seed=-1"]).run.seed == -1
-    config = load_config(None, ["run.output_dir=~/runs/x", "task.data_dir=~/gsm8k"])
+    config = load_config(None, ["run.output_dir=~/runs/x", "task.name=gsm8k", "task.data_dir=~/gsm8k"])
     assert not config.run.output_dir.startswith("~") and config.run.output_dir.endswith("/runs/x")
     assert not config.task.data_dir.startswith("~")
+
+
+def test_data_dir_is_refused_for_a_task_that_makes_its_own_problems():
+    with pytest.raises(ConfigError, match=r"task\.data_dir='/data/mine' is set but task\.name='arithmetic' makes its "
+                                          r"own problems: .*set task\.name=gsm8k or clear task\.data_dir"):
+        load_config(None, ["task.data_dir=/data/mine"])
+    assert load_config(None, ["task.name=gsm8k", "task.data_dir=/data/mine"]).task.data_dir == "/data/mine"
+    # difficulty is a knob of arithmetic that gsm8k ignores, so a recipe's task switches with task.name alone
+    assert load_config(None, ["task.difficulty=3", "task.name=gsm8k"]).task.difficulty == 3
