@@ -53,7 +53,7 @@ from lora_rl.models import has_dropout, load_model, resolve_model_path, set_trai
 from lora_rl.optim import make_optimizer
 from lora_rl.rewards import get_reward
 from lora_rl.rollout import AdapterRequest, SamplingParams, require_engine
-from lora_rl.tasks import format_prompt, load_problems
+from lora_rl.tasks import check_prompt_lengths, format_prompt, load_problems
 from lora_rl.rollout.vllm_common import sync_threshold
 from lora_rl.trainer import (TrainingError, UpdateTerms, _micro_batches, _prepare_run_dir, _step_record, eval_params,
                              eval_prompts, eval_scores, micro_loss, new_totals, prompt_indices, run_summary, step_record,
@@ -397,6 +397,10 @@ def train_multi(configs: list[Config]) -> list[dict]:
     _check_model_dropout(model, config)
     for c in configs:
         check_model(model, c.lora)
+    context = getattr(model.config, "max_position_embeddings", None)
+    for split, sets in (("train", train_sets), ("eval", eval_sets)):
+        for problems in sets:
+            check_prompt_lengths(problems, tokenizer, context, config.rollout.max_new_tokens, split=split)
     total_params = sum(p.numel() for p in model.parameters())
     # Every check has passed (folders included, in _check_run_dirs): only now is any folder created.
     run_dirs = [_prepare_run_dir(c, resume=False) for c in configs]

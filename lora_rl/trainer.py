@@ -35,7 +35,7 @@ from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward, gsm8k_reward, has_final_answer
 from lora_rl.rollout import SamplingParams, make_engine, require_engine
 from lora_rl.rollout.vllm_common import sync_threshold
-from lora_rl.tasks import format_prompt, load_problems
+from lora_rl.tasks import check_prompt_lengths, format_prompt, load_problems
 
 # Steps of one run are decorrelated by mixing the step into the seed with a large odd constant.
 _STEP_SEED_MIX = 1_000_003
@@ -494,6 +494,9 @@ def train(config: Config, *, resume: bool = False,
         model.to(d.device)
     lora = adapter_lora(config)  # Megatron adapts fused layers whole (q_proj -> q, k and v)
     check_model(model, lora)
+    context = getattr(model.config, "max_position_embeddings", None)
+    for split, problems in (("train", train_problems), ("eval", eval_problems)):
+        check_prompt_lengths(problems, tokenizer, context, config.rollout.max_new_tokens, split=split)
     total_params = sum(p.numel() for p in model.parameters())
     # Seeded here, after the model is built or loaded: building a built-in model draws random numbers,
     # and the adapter's initialisation must not depend on whether the model was already cached.

@@ -308,3 +308,30 @@ def test_format_prompt_uses_chat_template():
 @pytest.mark.parametrize("template", [None, ""])
 def test_format_prompt_without_chat_template_falls_back(template):
     assert format_prompt("Q", _FakeTokenizer(template)) == "Question: Q\nAnswer: "
+
+
+def test_prompts_past_the_model_s_positions_are_refused(random_model_dir, tmp_path):
+    """RoPE does not fail past max_position_embeddings: it samples and trains on garbage. A GSM8K-length
+    question on a 256-position model is refused before the run starts, naming the fix; a short one passes,
+    and a train() of such data stops with that error before any engine starts."""
+    from transformers import AutoTokenizer
+
+    from lora_rl.config import load_config
+    from lora_rl.tasks import check_prompt_lengths
+    from lora_rl.trainer import train
+
+    tokenizer = AutoTokenizer.from_pretrained(random_model_dir)
+    short = Problem(question="What is 2+3?", reference="5", solution="2+3=5\n#### 5")
+    long = Problem(question="Ann has 38 coins. " * 40 + "How many?", reference="5", solution="#### 5")
+    check_prompt_lengths([short] * 50, tokenizer, 256, 64, split="train")
+    with pytest.raises(ConfigError, match=r"1 of the 2 train problems do not fit the model: prompt plus "
+                                          r"rollout.max_new_tokens=64 is above its 256 positions .*Ann has 38 coins"):
+        check_prompt_lengths([short, long], tokenizer, 256, 64, split="train")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text(json.dumps({"question": long.question, "answer": "38-33=5\n#### 5"}) + "\n")
+    config = load_config(None, [f"model.path={random_model_dir}", f"run.output_dir={tmp_path / 'run'}", "task.name=gsm8k",
+                                f"task.data_dir={data}", "run.progress=false", "eval.size=1"])
+    with pytest.raises(ConfigError, match="do not fit the model"):
+        train(config)
