@@ -297,3 +297,15 @@ def test_a_run_measures_its_own_peak_not_the_kernels_lifetime_peak():
     reset_peak_memory()
     since, _ = peak_memory()
     assert kind == "cpu-peak-rss" and since < lifetime - 0.2, (since, lifetime)
+
+
+@pytest.mark.parametrize(("task", "difficulty"), [("arithmetic", 2), ("gsm8k", None)])
+def test_the_summary_records_difficulty_only_where_it_applies(task, difficulty):
+    """task.difficulty is an arithmetic knob; a GSM8K run's summary (and a sweep's table) must not show one."""
+    from lora_rl.trainer import run_summary
+
+    scores = {"accuracy": 0.5, "format_rate": 1.0, "lenient_accuracy": 0.5}
+    config = load_config(None, [f"task.name={task}", "task.difficulty=2"])
+    summary = run_summary(config, steps_done=1, eval_problems=2, before=scores, after=scores, wall_start=0.0,
+                          total_params=1, n_trainable=1, n_adapter_bytes=1, adapter_dir=None)
+    assert summary["difficulty"] == difficulty
