@@ -45,6 +45,7 @@ from lora_rl.config import (ConfigError, config_to_dict, find_input, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_NOTEBOOK = REPO_ROOT / "notebooks" / "03_run.ipynb"
+CANCEL_WAIT_S = 30  # how long an interrupted Ray sweep waits for its cancelled tasks to kill their points
 _SPEC_KEYS = {"recipe", "output_dir", "overrides", "grid", "points", "parallel", "timeout", "executor",
               "ray_address", "notebook"}
 
@@ -298,6 +299,9 @@ def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -
             _kill_tree(process.pid)
             process.wait()
             code = None
+        except BaseException:  # a Ray worker's task cancelled (KeyboardInterrupt): its processes go with it
+            _kill_tree(process.pid)
+            raise
         finally:
             _RUNNING.finished(process)
         if _RUNNING.interrupted.is_set():
@@ -501,9 +505,18 @@ def _run_with_ray(spec: SweepSpec, jobs: list):
     try:
         remote = ray.remote(num_cpus=1)(run_job)
         pending = [remote.remote(spec, job) for job in jobs]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        except KeyboardInterrupt:
+            # Cancelling interrupts each running task (a KeyboardInterrupt in its worker), which kills its points'
+            # processes: they run in sessions of their own, so ending the workers would leave them running.
+            # Tasks not started yet never start; as with processes, no interrupted point gets a status.
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(pending, num_returns=len(pending), timeout=CANCEL_WAIT_S)
+            raise
     finally:
         if started:
             ray.shutdown()

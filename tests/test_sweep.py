@@ -266,3 +266,46 @@ def test_inputs_named_from_the_repository_are_found_from_a_notebook(monkeypatch,
     with pytest.raises(ConfigError, match=r"no sweep results at 'runs/no-such-sweep' \(looked for from "
                                           r".*notebooks and the repository\)"):
         load_results("runs/no-such-sweep")
+
+
+def test_an_interrupt_of_a_ray_sweep_stops_its_points(tmp_path, request):
+    """Ctrl-C during a Ray sweep: the running point's processes (papermill, its kernel, what the notebook
+    started), which a Ray worker started in sessions of their own, are killed; no point gets a status and
+    no other starts. Before, ray.shutdown() ended the workers and left their points running."""
+    pytest.importorskip("ray")
+    import signal
+    import threading
+    import time
+
+    import nbformat
+
+    from lora_rl import sweep
+
+    pid_file = tmp_path / "child.pid"
+    book = nbformat.v4.new_notebook()
+    book.cells = [nbformat.v4.new_code_cell(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\ntime.sleep(300)")]
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(book, tmp_path / "sleep.ipynb")
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4, 8]}, "parallel": 1, "timeout": 300,
+                                "executor": "ray", "notebook": str(tmp_path / "sleep.ipynb")})
+    first, second = expand(spec)
+
+    def press_ctrl_c():
+        while not pid_file.exists() or not pid_file.read_text():
+            time.sleep(0.1)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    main = threading.get_ident()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        list(sweep._run_with_ray(spec, [first, second]))
+    assert _gone(int(pid_file.read_text())), "the point's child outlived the interrupt"
+    points = tmp_path / "sweep" / "points"
+    assert not (points / first.id / "status.json").exists()
+    assert not (points / second.id).exists()
