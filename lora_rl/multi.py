@@ -54,6 +54,7 @@ from lora_rl.optim import make_optimizer
 from lora_rl.rewards import get_reward
 from lora_rl.rollout import AdapterRequest, SamplingParams, require_engine
 from lora_rl.tasks import check_prompt_lengths, format_prompt, load_problems
+from lora_rl.rollout.embedded import sliding_window
 from lora_rl.rollout.vllm_common import sync_threshold
 from lora_rl.trainer import (TrainingError, UpdateTerms, _micro_batches, _prepare_run_dir, _step_record, eval_params,
                              eval_prompts, eval_scores, micro_loss, new_totals, prompt_indices, run_summary, step_record,
@@ -398,9 +399,11 @@ def train_multi(configs: list[Config]) -> list[dict]:
     for c in configs:
         check_model(model, c.lora)
     context = getattr(model.config, "max_position_embeddings", None)
+    window = sliding_window(model.config) if config.rollout.engine == "embedded" else None
     for split, sets in (("train", train_sets), ("eval", eval_sets)):
         for problems in sets:
-            check_prompt_lengths(problems, tokenizer, context, config.rollout.max_new_tokens, split=split)
+            check_prompt_lengths(problems, tokenizer, config.rollout.max_new_tokens, split=split,
+                                     context=context, window=window)
     total_params = sum(p.numel() for p in model.parameters())
     # Every check has passed (folders included, in _check_run_dirs): only now is any folder created.
     run_dirs = [_prepare_run_dir(c, resume=False) for c in configs]

@@ -319,29 +319,35 @@ def format_prompt(question: str, tokenizer=None) -> str:
 _TEMPLATE_SLACK = 16
 
 
-def check_prompt_lengths(problems: list[Problem], tokenizer, context: int | None, max_new_tokens: int, *,
-                         split: str) -> None:
-    """Refuse problems whose prompt plus rollout.max_new_tokens does not fit the model's positions: RoPE does
-    not fail past them, it samples and trains on garbage (GSM8K's longest prompts on a 256-position model).
+def check_prompt_lengths(problems: list[Problem], tokenizer, max_new_tokens: int, *, split: str,
+                         context: int | None, window: int | None = None) -> None:
+    """Refuse problems whose prompt plus rollout.max_new_tokens does not fit the model's positions (`context`):
+    RoPE does not fail past them, it samples and trains on garbage (GSM8K's longest prompts on a 256-position
+    model). `window`: a sliding attention window the rollout engine does not apply (the embedded sampler's).
     Only questions that could be too long are tokenized: a token covers at least one byte of text (byte-level
     BPE, SentencePiece), so the template's own tokens plus the question's bytes bound the prompt's length."""
-    if not context or not problems:
+    limit = min((n for n in (context, window) if n), default=None)
+    if not limit or not problems:
         return
     from lora_rl.batching import encode
 
     overhead = len(encode(tokenizer, format_prompt("", tokenizer))) + _TEMPLATE_SLACK
     too_long = []
     for index, problem in enumerate(problems):
-        if overhead + len(problem.question.encode("utf-8")) + max_new_tokens > context:
+        if overhead + len(problem.question.encode("utf-8")) + max_new_tokens > limit:
             length = len(encode(tokenizer, format_prompt(problem.question, tokenizer)))
-            if length + max_new_tokens > context:
+            if length + max_new_tokens > limit:
                 too_long.append((length, index))
-    if too_long:
-        length, index = max(too_long)
-        question = problems[index].question
-        raise ConfigError(f"{len(too_long)} of the {len(problems)} {split} problems do not fit the model: prompt plus "
-                          f"rollout.max_new_tokens={max_new_tokens} is above its {context} positions "
-                          f"(max_position_embeddings), e.g. a {length}-token prompt for "
-                          f"{question[:60] + '...' if len(question) > 60 else question!r}. Use a model "
-                          "with a longer context, lower rollout.max_new_tokens, or leave those problems out of the "
-                          "data (task.data_dir)")
+    if not too_long:
+        return
+    length, index = max(too_long)
+    question = problems[index].question
+    if context and length + max_new_tokens > context:
+        what, fix = f"its {context} positions (max_position_embeddings)", "Use a model with a longer context"
+    else:
+        what = f"its sliding attention window of {window} tokens, which the embedded sampler does not apply"
+        fix = "Use rollout.engine=vllm for this model"
+    raise ConfigError(f"{len(too_long)} of the {len(problems)} {split} problems do not fit the model: prompt plus "
+                      f"rollout.max_new_tokens={max_new_tokens} is above {what}, e.g. a {length}-token prompt for "
+                      f"{question[:60] + '...' if len(question) > 60 else question!r}. {fix}, lower "
+                      "rollout.max_new_tokens, or leave those problems out of the data (task.data_dir)")

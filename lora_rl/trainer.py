@@ -34,6 +34,7 @@ from lora_rl.metrics import MetricsLog, Timer, json_safe, peak_memory, reset_pea
 from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward, gsm8k_reward, has_final_answer
 from lora_rl.rollout import SamplingParams, make_engine, require_engine
+from lora_rl.rollout.embedded import sliding_window
 from lora_rl.rollout.vllm_common import sync_threshold
 from lora_rl.tasks import check_prompt_lengths, format_prompt, load_problems
 
@@ -496,8 +497,10 @@ def train(config: Config, *, resume: bool = False,
     lora = adapter_lora(config)  # Megatron adapts fused layers whole (q_proj -> q, k and v)
     check_model(model, lora)
     context = getattr(model.config, "max_position_embeddings", None)
+    window = sliding_window(model.config) if config.rollout.engine == "embedded" else None
     for split, problems in (("train", train_problems), ("eval", eval_problems)):
-        check_prompt_lengths(problems, tokenizer, context, config.rollout.max_new_tokens, split=split)
+        check_prompt_lengths(problems, tokenizer, config.rollout.max_new_tokens, split=split,
+                                 context=context, window=window)
     total_params = sum(p.numel() for p in model.parameters())
     # Seeded here, after the model is built or loaded: building a built-in model draws random numbers,
     # and the adapter's initialisation must not depend on whether the model was already cached.

@@ -323,10 +323,13 @@ def test_prompts_past_the_model_s_positions_are_refused(random_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(random_model_dir)
     short = Problem(question="What is 2+3?", reference="5", solution="2+3=5\n#### 5")
     long = Problem(question="Ann has 38 coins. " * 40 + "How many?", reference="5", solution="#### 5")
-    check_prompt_lengths([short] * 50, tokenizer, 256, 64, split="train")
+    check_prompt_lengths([short] * 50, tokenizer, 64, split="train", context=256)
     with pytest.raises(ConfigError, match=r"1 of the 2 train problems do not fit the model: prompt plus "
                                           r"rollout.max_new_tokens=64 is above its 256 positions .*Ann has 38 coins"):
-        check_prompt_lengths([short, long], tokenizer, 256, 64, split="train")
+        check_prompt_lengths([short, long], tokenizer, 64, split="train", context=256)
+    # A sliding window the embedded sampler does not apply (Mistral): the same check, another fix.
+    with pytest.raises(ConfigError, match=r"above its sliding attention window of 40 tokens.*rollout.engine=vllm"):
+        check_prompt_lengths([short], tokenizer, 32, split="eval", context=256, window=40)
     data = tmp_path / "data"
     data.mkdir()
     for split in ("train", "test"):

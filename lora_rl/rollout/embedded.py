@@ -130,15 +130,22 @@ def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def _check_attention_span(config, length: int) -> None:
-    """The sampler passes its own mask over the whole sequence, so a model whose layers attend over a sliding
-    window would sample from another model than the trainer scores once a sequence passes the window:
-    refuse rather than train on mismatched log-probs."""
+def sliding_window(config) -> int | None:
+    """The model's sliding attention window where some layer uses one (Mistral, Gemma 2/3, Qwen2 with
+    use_sliding_window), else None."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or ()
     active = window is not None and getattr(config, "use_sliding_window", True) is not False and (
         not layer_types or "sliding_attention" in layer_types)
-    if active and length > window:
+    return window if active else None
+
+
+def _check_attention_span(config, length: int) -> None:
+    """The sampler passes its own mask over the whole sequence, so a model whose layers attend over a sliding
+    window would sample from another model than the trainer scores once a sequence passes the window:
+    refuse rather than train on mismatched log-probs. (train() checks the task's prompts before the run.)"""
+    window = sliding_window(config)
+    if window is not None and length > window:
         raise RolloutError(f"this rollout's sequences reach {length} tokens (longest prompt + rollout.max_new_tokens), "
                            f"past the model's sliding attention window of {window} tokens, which the embedded "
                            "sampler does not apply: lower rollout.max_new_tokens or the prompt length, or use "
