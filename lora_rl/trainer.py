@@ -431,7 +431,11 @@ def _load_checkpoint(checkpoints: list[Path], backend) -> tuple[dict, dict]:
 
 def check_world(config: Config, world: int) -> None:
     """The settings that must fit the process count: `lora-rl train --nproc` checks them before it starts
-    torchrun (one clear error instead of one per rank under torchrun's report), and train again."""
+    torchrun (one clear error instead of one per rank under torchrun's report), `validate --nproc` too, and
+    train again."""
+    if config.rollout.engine == "vllm" and world > 1:
+        raise ConfigError(f"rollout.engine=vllm builds a vLLM engine inside each of the {world} training processes: "
+                          "use rollout.engine=vllm-server, which all processes share")
     if config.rollout.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} does not split over {world} "
                           f"processes: use a multiple of {world}")

@@ -141,6 +141,10 @@ def test_nproc_settings_and_a_taken_folder_are_refused_before_any_rank_starts(tm
             assert main([command, quickstart, f"run.output_dir={out}", *overrides, "--nproc", "2"]) == 2, overrides
             assert message in capsys.readouterr().err
         assert main(["validate", quickstart, *overrides]) == 0  # one process takes them
+    for command in ("validate", "train"):  # each rank would build its own in-process vLLM
+        assert main([command, quickstart, f"run.output_dir={out}", "rollout.engine=vllm", "--nproc", "2"]) == 2
+        assert "rollout.engine=vllm builds a vLLM engine inside each of the 2 training processes: use " \
+               "rollout.engine=vllm-server" in capsys.readouterr().err
     assert not out.exists()
     out.mkdir()
     (out / "config.yaml").write_text("run: {}\n")

@@ -29,12 +29,7 @@ def make_engine(name: str, *, backend, tokenizer, config, base_model_dir=None, r
 
         return EmbeddedEngine(backend.model, tokenizer, generation_context=getattr(backend, "generation", None),
                               cuda_graphs=config.rollout.cuda_graphs)
-    if name == "vllm":
-        from lora_rl import distributed
-
-        if distributed.world_size() > 1:
-            raise ConfigError(f"rollout.engine=vllm builds a vLLM engine inside each of the {distributed.world_size()} "
-                              "training processes: use rollout.engine=vllm-server, which all processes share")
+    if name == "vllm":  # one process only: trainer.check_world refuses it under --nproc
         from lora_rl.rollout.vllm_inprocess import VLLMEngine
 
         return VLLMEngine(base_model_dir=base_model_dir, model=backend.model, config=config, run_dir=run_dir)
