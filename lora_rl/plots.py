@@ -67,11 +67,14 @@ _SECTIONS = {f.name for f in dataclasses.fields(Config)}
 def _other_settings(data) -> list[str]:
     """Config columns (`section.key`) that differ between points of the same rank and target modules, e.g.
     rollout.group_size in a rank × group-size grid: averaging over them would mix settings silently."""
-    columns = [c for c in data.columns if "." in c and c not in _NOT_A_SETTING and c.split(".", 1)[0] in _SECTIONS]
+    # A column missing in some rows (results mixing older result.json files) is not a setting that was varied.
+    columns = [c for c in data.columns if "." in c and c not in _NOT_A_SETTING and c.split(".", 1)[0] in _SECTIONS
+               and not data[c].isna().any()]
     if data.empty or "lora.lora_rank" not in data:
         return []
-    groups = data.groupby([_targets(data), data["lora.lora_rank"]])
-    return [c for c in columns if (groups[c].nunique(dropna=False) > 1).any()]
+    # As text: a table built in Python may hold lists, which do not hash.
+    groups = data[columns].astype(str).groupby([_targets(data), data["lora.lora_rank"]])
+    return [c for c in columns if (groups[c].nunique() > 1).any()]
 
 
 def _setting_label(row, columns: list[str]) -> str:

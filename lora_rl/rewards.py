@@ -72,11 +72,14 @@ _MAX_EXPONENT_DIGITS = 3
 _POWER = re.compile(r"\^|\*\*")
 _OPENING, _CLOSING = "{([", "})]"
 _BRACKETS_AND_SIGNS = re.compile(r"[\s{}()\[\]+-]")
+# A small integer, or a small fraction or decimal of them ("2^{1/2}", "4^{0.5}"): nothing sympy computes long.
+_SMALL_EXPONENT = re.compile(rf"\d{{1,{_MAX_EXPONENT_DIGITS}}}(?:[./]\d{{1,{_MAX_EXPONENT_DIGITS}}})?")
+_DEGREES = re.compile(r"\{?\s*\\circ\s*\}?")
 # The only LaTeX commands math-verify is shown: what GSM8K-style answers use.
 # Others can be just as slow as a power ("\\binom{99999999}{49999999}",
 # "\\Gamma(99999999)" never return); a non-letter escape ("\\%") is harmless.
 _SAFE_COMMANDS = frozenset({"frac", "dfrac", "tfrac", "sqrt", "cdot", "times", "div", "pm", "left", "right", "pi",
-                            "text", "mathrm", "mbox"})
+                            "text", "mathrm", "mbox", "infty", "circ", "degree", "log", "ln"})
 _COMMAND = re.compile(r"\\([A-Za-z]+)")
 # Digits apart by space alone: not a number ("2 3" is not 23), and math-verify
 # would read them as a mixed number's sum, 5.
@@ -130,17 +133,18 @@ def _last_marker_answer(text: str) -> str | None:
     as_number = normalize_answer(line)
     if as_number is not None:
         return as_number
-    # "#### 42 apples" or "#### The answer is 42": take the line's one number.
-    # With several ("#### 10 20") none is the answer; the line stays as written.
-    numbers = _NUMBER.findall(line)
-    if len(numbers) == 1 and not _looks_symbolic(line):
-        return normalize_answer(numbers[0])
+    # "#### 42 apples", "#### 24 (2 dozen)": the first number on the line, as GSM8K's strict match reads it.
+    # Never the line as written when it has a number: math-verify would work out "#### 23+45" to 68 and
+    # pick 68 out of "#### 5. The answer is 68.", credit for answers the format does not give.
+    match = _NUMBER.search(line)
+    if match is not None and not _looks_symbolic(line):
+        return normalize_answer(match.group(0))
     return line.rstrip(".").strip() or None
 
 
 def _looks_symbolic(text: str) -> bool:
     """True when text holds LaTeX or an operator, so a bare number grab would be wrong."""
-    return "\\" in text or "/" in text or "^" in text
+    return "\\" in text or "/" in text or "^" in text or "**" in text
 
 
 def _last_boxed_answer(text: str) -> str | None:
@@ -218,6 +222,8 @@ def _exponent_is_small(text: str) -> bool:
     digits are dropped first, so nesting them cannot hide a long number.
     """
     text = text.lstrip()
+    if text.startswith("\\circ"):  # "30^\\circ" is 30 degrees, not a power
+        return True
     if text and text[0] in _OPENING:
         depth = 0
         for end, char in enumerate(text):
@@ -227,8 +233,9 @@ def _exponent_is_small(text: str) -> bool:
         exponent = text[: end + 1]  # an unclosed group runs to the end of the text
     else:
         exponent = re.match(r"[\d\s+-]*", text).group()  # "2^3 5" reads whole: a parser may join the digits
-    digits = _BRACKETS_AND_SIGNS.sub("", exponent)
-    return digits.isascii() and digits.isdigit() and len(digits) <= _MAX_EXPONENT_DIGITS
+    if _DEGREES.fullmatch(exponent):  # "30^{\\circ}"
+        return True
+    return _SMALL_EXPONENT.fullmatch(_BRACKETS_AND_SIGNS.sub("", exponent)) is not None
 
 
 def _safe_for_math_verify(answer: str) -> bool:

@@ -474,7 +474,8 @@ def train(config: Config, *, resume: bool = False,
                                   data_dir=task.data_dir or None, limit=config.eval.size, reward=task.reward)
     if config.eval.size and len(eval_problems) < d.world:  # a test file shorter than eval.size
         raise ConfigError(_eval_share_error(config.eval.size, len(eval_problems), d.world))
-    eval_total, eval_problems = len(eval_problems), eval_problems[d.rank::d.world]
+    every_eval, eval_problems = eval_problems, eval_problems[d.rank::d.world]  # this rank's share
+    eval_total = len(every_eval)
     reward_fn = get_reward(task.reward or task.name)
     # Rank 0 checks and creates the run folder; every rank raises the same error if it fails.
     error = None
@@ -502,7 +503,9 @@ def train(config: Config, *, resume: bool = False,
     check_model(model, lora)
     context = getattr(model.config, "max_position_embeddings", None)
     window = sliding_window(model.config) if config.rollout.engine == "embedded" else None
-    for split, problems in (("train", train_problems), ("eval", eval_problems)):
+    # Every rank checks the whole sets, so all of them refuse together (a rank's share alone would leave the
+    # others waiting in a collective).
+    for split, problems in (("train", train_problems), ("eval", every_eval)):
         check_prompt_lengths(problems, tokenizer, config.rollout.max_new_tokens, split=split,
                                  context=context, window=window)
     total_params = sum(p.numel() for p in model.parameters())

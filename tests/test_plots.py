@@ -157,3 +157,14 @@ def test_points_of_one_rank_with_other_settings_get_lines_of_their_own(tmp_path)
     bars = [t.get_text() for t in plots.lora_vs_full(table).axes[0].get_xticklabels()]
     assert bars == ["full fine-tuning", "LoRA r=4 all-linear (group_size=2)", "LoRA r=4 all-linear (group_size=4)",
                     "LoRA r=16 all-linear (group_size=2)", "LoRA r=16 all-linear (group_size=4)"]
+
+
+def test_settings_missing_in_some_rows_or_held_as_lists_do_not_split_lines():
+    """A table built in Python may hold lists; one mixing older results lacks a newer column in some rows:
+    neither is a setting that was varied, so replicate seeds stay one line."""
+    rows = [{"point": f"s{seed}", "status": "ok", "lora.use_lora": True, "lora.lora_rank": 8,
+             "lora.target_modules": '["all-linear"]', "train.betas": [0.9, 0.999], "run.seed": seed,
+             "train.new_knob": 1.0 if seed else float("nan"), "update_tokens_per_s": 100.0 + seed,
+             "rollout_tokens_per_s": 50.0} for seed in (0, 1)]
+    labels = [line.get_label() for line in plots.speed_vs_rank(pd.DataFrame(rows)).axes[0].lines]
+    assert labels == ["update: all-linear", "rollout: all-linear"]

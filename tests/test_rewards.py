@@ -217,10 +217,10 @@ print(scores)
     ("\\boxed{1\\,234}", "1234"),  # LaTeX's thin space
     ("#### $ 5", "5"),
     ("#### - 5", "-5"),
-    ("#### 2 3", "2 3"),  # two numbers, not 23
-    ("#### 10 20", "10 20"),
-    ("#### 1 23", "1 23"),  # not a thousands group
-    ("#### 1,234 567", "1,234 567"),  # commas and spaces mixed
+    ("#### 2 3", "2"),  # two numbers, not 23: the first, as GSM8K's strict match reads the line
+    ("#### 10 20", "10"),
+    ("#### 1 23", "1"),  # not a thousands group
+    ("#### 1,234 567", "1234"),  # commas and spaces mixed
     ("\\boxed{10 20}", "10 20"),
 ])
 def test_spaces_only_separate_thousands(text, expected):
@@ -228,7 +228,7 @@ def test_spaces_only_separate_thousands(text, expected):
 
 
 @pytest.mark.parametrize(("completion", "reference"), [
-    ("#### 2 3", "23"), ("#### 2 3", "5"), ("#### 2 3", "2"), ("#### 10 20", "1020"), ("#### 10 20", "30"),
+    ("#### 2 3", "23"), ("#### 2 3", "5"), ("#### 10 20", "1020"), ("#### 10 20", "30"),
     ("\\boxed{10 20}", "1020"), ("\\boxed{2\\,3}", "5"),
 ])
 def test_numbers_apart_by_spaces_are_no_answer(completion, reference):
@@ -255,3 +255,28 @@ def test_huge_exponent_notation_is_no_number():
     assert extract_answer("#### 1e99999999", strict=True) is None  # not misread as 1
     assert gsm8k_reward("#### 1e99999999", "1") == 0.0
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(("completion", "reference", "score"), [
+    ("#### 23+45", "68", 0.0),  # the question's operands copied: math-verify would work them out to 68
+    ("#### 90-22", "68", 0.0),
+    ("#### 5. The answer is 68.", "68", 0.0),  # the marker's number is 5
+    ("#### 5. The answer is 68.", "5", 1.0),
+    ("#### 68 The answer is 68", "68", 1.0),
+    ("23+45=68\n#### 68 Question: Tom has 12", "68", 1.0),
+    ("#### 24 (2 dozen)", "24", 1.0),
+    ("#### 68 apples, 68 in total", "68", 1.0),
+])
+def test_the_marker_line_is_read_by_its_first_number(completion, reference, score):
+    """A line after "####" scores by its first number, never as an expression math-verify evaluates: that
+    would credit copied operands and numbers picked out of prose (a reward hack on the arithmetic task)."""
+    assert gsm8k_reward(completion, reference) == score
+    assert strict_reward(completion, reference) == score
+
+
+@pytest.mark.parametrize(("completion", "reference"), [
+    ("\\boxed{\\infty}", "\\infty"), ("\\boxed{30^\\circ}", "30^\\circ"), ("\\boxed{\\log 8}", "3\\log 2"),
+    ("\\boxed{2^{1/2}}", "\\sqrt{2}"),
+])
+def test_harmless_latex_commands_still_reach_math_verify(completion, reference):
+    assert gsm8k_reward(completion, reference) == 1.0

@@ -255,7 +255,7 @@ def test_gsm8k_reference_is_read_as_the_reward_reads_answers(tmp_path, answer, r
         assert get_reward(name)(problems[1].solution, problems[1].reference) == 1.0
 
 
-@pytest.mark.parametrize("written", ["10 20", "9^{(99999999)}", "\\binom{99999999}{3}"])
+@pytest.mark.parametrize("written", ["\\Gamma(5)", "9^{(99999999)}", "\\binom{99999999}{3}"])
 def test_gsm8k_row_its_own_solution_cannot_score_is_refused(tmp_path, written):
     _write_rows(tmp_path, "1\n#### 1", f"so\n#### {written}")
     with pytest.raises(ConfigError, match=rf"train\.jsonl:2: the answer after '####' is {re.escape(repr(written))}, "
