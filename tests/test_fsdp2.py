@@ -123,9 +123,9 @@ def test_sliced_head_under_sharding_matches_plain_logprobs(random_model_dir, tmp
     assert sliced["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     # The frozen head forms its gradient in the forward and scales it after the GEMM, not before: only
     # rounding moves, and Adam's first step divides by the gradient's own size, so entries with small
-    # gradients differ by up to ~1e-6 after it.
+    # gradients differ by up to ~1e-6 after it (2.5e-6 for one entry of 128 on an AVX2-only AMD EPYC).
     for name, tensor in expected["state"].items():
-        torch.testing.assert_close(sliced["state"][name], tensor, atol=2e-6, rtol=1e-5, msg=lambda m: name + m)
+        torch.testing.assert_close(sliced["state"][name], tensor, atol=5e-6, rtol=1e-5, msg=lambda m: name + m)
 
 
 def test_one_minibatch_takes_the_proximal_logprobs_from_the_training_pass(random_model_dir, monkeypatch):
