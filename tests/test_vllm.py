@@ -168,20 +168,17 @@ def _serving_engine(scripted_server, tmp_path, peft_model, model_dir, completion
     return engine, script
 
 
-def test_failing_generation_is_retried_then_a_clear_error(scripted_server, tmp_path, peft_model, vllm_model_dir):
-    engine, script = _serving_engine(scripted_server, tmp_path, peft_model, vllm_model_dir,
-                                     [(500, {"error": "engine dead"})])
-    with pytest.raises(RolloutError, match=r"/v1/completions failed after 3 attempts \(HTTP 500"):
+@pytest.mark.parametrize(("answer", "message", "sent"), [
+    ((500, {"error": "engine dead"}), r"/v1/completions failed after 3 attempts \(HTTP 500", 3),  # retried
+    ((400, {"message": "temperature must be in [0, 2]"}), r"/v1/completions failed \(refused, not retried\) \(HTTP 400",
+     1),  # the server refuses the request itself: sent once, and the message says so
+])
+def test_a_failing_generation_is_a_clear_error(scripted_server, tmp_path, peft_model, vllm_model_dir, answer, message,
+                                               sent):
+    engine, script = _serving_engine(scripted_server, tmp_path, peft_model, vllm_model_dir, [answer])
+    with pytest.raises(RolloutError, match=message):
         engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
-    assert [p for p, _ in script.calls].count("/v1/completions") == 3
-
-
-def test_a_refused_generation_is_sent_once_and_said_so(scripted_server, tmp_path, peft_model, vllm_model_dir):
-    engine, script = _serving_engine(scripted_server, tmp_path, peft_model, vllm_model_dir,
-                                     [(400, {"message": "temperature must be in [0, 2]"})])
-    with pytest.raises(RolloutError, match=r"/v1/completions failed \(refused, not retried\) \(HTTP 400"):
-        engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
-    assert [p for p, _ in script.calls].count("/v1/completions") == 1
+    assert [p for p, _ in script.calls].count("/v1/completions") == sent
 
 
 def _disjoint_sample_seeds(prompt_seeds: list[int], n: int) -> bool:
