@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,29 +18,82 @@ from lora_rl.checkpoint import atomic_write_text
 from lora_rl.config import ConfigError
 
 
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_RESET_SLACK_GIB = 0.05  # RSS moves a little between the reset and the check
+
+
+class _RssSampler:
+    """Fallback where the kernel will not reset the peak resident set (some sandboxes accept or refuse the
+    write to clear_refs and keep VmHWM): a daemon thread samples VmRSS every few milliseconds. It can miss a
+    spike shorter than its period, so its kind says "sampled"."""
+
+    period_s = 0.01
+
+    def __init__(self) -> None:
+        self.peak_gib = _rss_gib()
+        self.pid = os.getpid()  # a forked child inherits this object but not its thread
+        self._thread = threading.Thread(target=self._run, name="lora-rl-rss-sampler", daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        self.peak_gib = _rss_gib()
+
+    def _run(self) -> None:
+        while True:
+            self.peak_gib = max(self.peak_gib, _rss_gib())
+            time.sleep(self.period_s)
+
+
+_sampler: _RssSampler | None = None
+_sampling = False  # whether the last reset fell back to the sampler
+
+
+def _proc_status_gib(field: str) -> float | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1]) / 2**20  # kB
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _rss_gib() -> float:
+    return _proc_status_gib("VmRSS") or 0.0
+
+
 def reset_peak_memory() -> None:
     """Start a run's peak here: a notebook kernel or the panel runs one training after another (and whatever
     else the user did) in one process, whose lifetime peak would otherwise be every later run's peak."""
+    global _sampler, _sampling
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
+    if _proc_status_gib("VmHWM") is None:
+        return  # not Linux: the peak since the process started is all there is
     try:  # Linux: "5" resets the process's peak resident set (VmHWM) to its current size
-        Path("/proc/self/clear_refs").write_text("5")
+        _CLEAR_REFS.write_text("5")
     except OSError:
         pass
+    hwm, rss = _proc_status_gib("VmHWM"), _rss_gib()
+    _sampling = hwm is not None and hwm > rss + _RESET_SLACK_GIB  # the write was refused or ignored
+    if _sampling:
+        if _sampler is None or _sampler.pid != os.getpid():
+            _sampler = _RssSampler()
+        else:
+            _sampler.reset()
 
 
 def peak_memory() -> tuple[float, str]:
     """(GiB, what was measured): CUDA peak allocation on a GPU, else the process's peak RSS since the last
-    reset_peak_memory() (Linux; elsewhere since the process started)."""
+    reset_peak_memory() (Linux; sampled where the kernel keeps the peak; elsewhere since the process
+    started)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30, "cuda-max-allocated"
-    try:
-        status = Path("/proc/self/status").read_text()
-        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-        return int(hwm.split()[1]) / 2**20, "cpu-peak-rss"  # kB
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        return rss / (2**30 if sys.platform == "darwin" else 2**20), "cpu-peak-rss"
+    if _sampling and _sampler is not None:
+        return max(_sampler.peak_gib, _rss_gib()), "cpu-peak-rss-sampled"
+    hwm = _proc_status_gib("VmHWM")
+    if hwm is not None:
+        return hwm, "cpu-peak-rss"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20), "cpu-peak-rss"
 
 
 class Timer:
