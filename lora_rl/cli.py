@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if any(a.startswith("-") or "=" not in a for a in extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and not hasattr(args, "overrides"):  # sweep, plot and merge would silently drop them
+        fix = "put them in the sweep spec's overrides: list or its grid" if args.command == "sweep" else "remove them"
+        parser.error(f"{args.command} takes no section.key=value overrides ({' '.join(extra)}): {fix}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     try:

@@ -115,6 +115,21 @@ def test_estimate_covers_every_example_and_labels_a_full_fine_tuning_config(caps
     assert "--devices: '0' must be above 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["sweep", "examples/sweep_rank.yaml", "run.steps=5"],
+                                  ["plot", "runs/sweep", "run.steps=5"],
+                                  ["merge", "runs/a/adapter", "runs/a/merged", "model.dtype=bfloat16"]])
+def test_overrides_after_a_command_that_takes_none_are_refused(argv, capsys, monkeypatch):
+    """sweep, plot and merge read no section.key=value overrides: one given must not be silently dropped
+    (`lora-rl sweep spec run.steps=5` used to run the whole sweep at its own step count)."""
+    import lora_rl.sweep
+
+    monkeypatch.setattr(lora_rl.sweep, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"{argv[0]} takes no section.key=value overrides" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("count", ["0", "-1"])
 def test_nproc_below_one_is_refused(count, capsys):
     from lora_rl.cli import main
