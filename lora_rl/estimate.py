@@ -53,6 +53,9 @@ _UNGATED = ("gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon",
             "codegen")
 # Layouts that fuse some of them into one linear (Phi-3): one adapter on the fused layer.
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Model types with that layout, and the linears all-linear adapts there (peft finds four, not seven).
+_FUSED_LAYOUTS = ("phi3",)
+_FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +68,7 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     tied: bool
+    fused: bool = False  # q/k/v and gate/up are one linear each (Phi-3): all-linear adapts _FUSED_MODULES
 
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
@@ -83,7 +87,8 @@ class ModelShape:
                    kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
                    head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                    intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                   tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+                   tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+                   fused=getattr(cfg, "model_type", "") in _FUSED_LAYOUTS)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer, and of the fused layers some layouts have."""
@@ -101,8 +106,9 @@ class ModelShape:
         return self.layers * self.layer_params() + embeddings + self.hidden_size
 
 
-def _targets(target_modules) -> tuple[str, ...]:
-    targets = _MODULES if "all-linear" in target_modules else tuple(target_modules)
+def _targets(target_modules, fused: bool = False) -> tuple[str, ...]:
+    all_linear = _FUSED_MODULES if fused else _MODULES
+    targets = all_linear if "all-linear" in target_modules else tuple(target_modules)
     unknown = [t for t in targets if t not in _MODULES and t not in _FUSED]
     if unknown:
         raise ConfigError(f"lora.target_modules: {unknown} are not decoder linear layers the estimator knows "
@@ -116,8 +122,9 @@ def _members(targets) -> set[str]:
 
 
 def lora_params(shape: ModelShape, rank: int, target_modules) -> int:
-    """Parameters of a rank-r adapter on the named modules of every layer (all-linear: all seven)."""
-    targets = _targets(target_modules)
+    """Parameters of a rank-r adapter on the named modules of every layer (all-linear: all seven, or
+    the four of a fused layout)."""
+    targets = _targets(target_modules, shape.fused)
     return shape.layers * sum(rank * (a + b) for name, (a, b) in shape.linear_shapes().items() if name in targets)
 
 
@@ -130,11 +137,13 @@ def saved_per_token(shape: ModelShape, *, compiled: bool, memory_budget: float =
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     if not compiled:
         return _ACT_HIDDEN * h + _ACT_MLP * i + 2 * kv
-    targets = _targets(target_modules)
+    targets = _targets(target_modules, shape.fused)
     adapters = adapter_rank * len(targets)
     if memory_budget < 1.0:  # norm outputs and silu(gate)*up recomputed in the backward
         return 2 * h + 2 * q + 2 * kv + 2 * i + adapters
-    mlp_fused = fused_mlp and adapter_rank and {"gate_proj", "up_proj", "down_proj"} <= _members(targets)
+    # train.fused_mlp needs separate gate_proj, up_proj and down_proj (lora_rl.fused_mlp): not Phi-3's gate_up_proj
+    mlp_fused = (fused_mlp and adapter_rank and not shape.fused
+                 and {"gate_proj", "up_proj", "down_proj"} <= _members(targets))
     return 4 * h + 2 * q + 2 * kv + (2 if mlp_fused else 3) * i + adapters
 
 
