@@ -64,12 +64,17 @@ _NOT_A_SETTING = ("lora.lora_rank", "lora.target_modules", "lora.use_lora", "run
 _SECTIONS = {f.name for f in dataclasses.fields(Config)}
 
 
+def _setting_columns(data) -> list[str]:
+    """Config columns (`section.key`) that may tell points apart."""
+    # A column missing in some rows (results mixing older result.json files) is not a setting that was varied.
+    return [c for c in data.columns if "." in c and c not in _NOT_A_SETTING and c.split(".", 1)[0] in _SECTIONS
+            and not data[c].isna().any()]
+
+
 def _other_settings(data) -> list[str]:
     """Config columns (`section.key`) that differ between points of the same rank and target modules, e.g.
     rollout.group_size in a rank × group-size grid: averaging over them would mix settings silently."""
-    # A column missing in some rows (results mixing older result.json files) is not a setting that was varied.
-    columns = [c for c in data.columns if "." in c and c not in _NOT_A_SETTING and c.split(".", 1)[0] in _SECTIONS
-               and not data[c].isna().any()]
+    columns = _setting_columns(data)
     if data.empty or "lora.lora_rank" not in data:
         return []
     # As text: a table built in Python may hold lists, which do not hash.
@@ -155,15 +160,22 @@ def lora_vs_full(results):
     order = lora.assign(_name=names).sort_values(["lora.target_modules", "lora.lora_rank"]
                                                   if "lora.target_modules" in lora else ["lora.lora_rank"])
     settings = list(dict.fromkeys(order["_name"]))
-    labels = ["full fine-tuning"] + settings
-    groups = [data[~use_lora]] + [lora[names == name] for name in settings]
+    # Full fine-tuning points that differ in a setting (a grid's group size crossed with use_lora) get a bar
+    # each too, rather than one bar averaging them; LoRA's settings (rank, targets, alpha) do not apply to them.
+    full = data[~use_lora]
+    full_others = [c for c in _setting_columns(full) if not c.startswith("lora.") and full[c].astype(str).nunique() > 1]
+    full_names = full.apply(lambda row: "full fine-tuning" + (f" ({_setting_label(row, full_others)})"
+                                                              if full_others else ""), axis=1)
+    full_settings = list(dict.fromkeys(full_names))  # in the table's (the sweep's) order
+    labels = full_settings + settings
+    groups = [full[full_names == name] for name in full_settings] + [lora[names == name] for name in settings]
     metrics = [("peak_memory_gib", f"peak memory, GiB ({_memory_kind(results)})"),
                ("update_tokens_per_s", "update tokens/s"), ("trainable_params", "trainable parameters")]
     fig = Figure(figsize=(4 * len(metrics), 4.5))
     axes = fig.subplots(1, len(metrics))
     for ax, (column, title) in zip(axes, metrics, strict=True):
         values = [g[column].mean() if column in g else float("nan") for g in groups]
-        ax.bar(range(len(labels)), values, color=["tab:gray"] + ["tab:blue"] * (len(labels) - 1))
+        ax.bar(range(len(labels)), values, color=["tab:gray"] * len(full_settings) + ["tab:blue"] * len(settings))
         for x, value in enumerate(values):  # an empty bar would read as 0
             if value != value:
                 ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=8)

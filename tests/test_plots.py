@@ -159,6 +159,22 @@ def test_points_of_one_rank_with_other_settings_get_lines_of_their_own(tmp_path)
                     "LoRA r=16 all-linear (group_size=2)", "LoRA r=16 all-linear (group_size=4)"]
 
 
+def test_full_fine_tuning_points_with_other_settings_get_bars_of_their_own():
+    """Full fine-tuning at group sizes 2 and 4 beside LoRA at both: two bars, not one averaging the two
+    (peak memory 3.0 drawn for runs that peaked at 2.0 and 4.0); replicate seeds and LoRA's own settings
+    (rank, targets, alpha: a grid crossed with use_lora) are still one bar."""
+    rows = [{"point": f"{kind}-g{group}-s{seed}", "status": "ok", "lora.use_lora": kind == "lora", "lora.lora_rank": rank,
+             "lora.lora_alpha": 2 * rank, "lora.target_modules": '["all-linear"]', "rollout.group_size": group,
+             "run.seed": seed, "update_tokens_per_s": 1000.0, "peak_memory_gib": float(group) + (kind == "full"),
+             "trainable_params": 1000 * rank if kind == "lora" else 10 ** 6}
+            for kind in ("lora", "full") for rank in (4, 16) for group in (2, 4) for seed in (0, 1)]
+    axes = plots.lora_vs_full(pd.DataFrame(rows)).axes
+    assert [t.get_text() for t in axes[0].get_xticklabels()][:2] == ["full fine-tuning (group_size=2)",
+                                                                     "full fine-tuning (group_size=4)"]
+    assert [bar.get_height() for bar in axes[0].patches][:2] == [3.0, 5.0]
+    assert len(axes[0].patches) == 6  # and four LoRA bars: two ranks at two group sizes
+
+
 def test_settings_missing_in_some_rows_or_held_as_lists_do_not_split_lines():
     """A table built in Python may hold lists; one mixing older results lacks a newer column in some rows:
     neither is a setting that was varied, so replicate seeds stay one line."""
