@@ -244,7 +244,9 @@ def training_options(config, backend: str | None = None, *, devices: int = 1) ->
 
     from lora_rl.backends import adapter_lora
     from lora_rl.lora import hf_target_names
+    from lora_rl.trainer import check_batch_split
 
+    check_batch_split(config, devices)  # as `train --nproc` does: a share no run can have is no estimate
     backend = backend or config.backend.name
     if backend == "megatron":  # Megatron adapts fused layers whole: count what it trains
         config = dataclasses.replace(config, backend=dataclasses.replace(config.backend, name="megatron"))
@@ -252,7 +254,7 @@ def training_options(config, backend: str | None = None, *, devices: int = 1) ->
     else:  # FSDP2 reads Megatron names (linear_qkv, ...) as the layers they fuse
         target_modules = hf_target_names(config.lora.target_modules)
     # Each rank's share of the batch, split into minibatches before the micro-batches (trainer.grpo_update).
-    batch = config.rollout.prompts_per_step * config.rollout.group_size // max(devices, 1)
+    batch = config.rollout.prompts_per_step * config.rollout.group_size // devices
     minibatch = batch // config.grpo.minibatches
     return dict(target_modules=tuple(target_modules), devices=devices,
                 micro_batch_size=max(1, min(config.train.micro_batch_size, minibatch)),

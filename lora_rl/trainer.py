@@ -436,6 +436,14 @@ def check_world(config: Config, world: int) -> None:
     if config.rollout.engine == "vllm" and world > 1:
         raise ConfigError(f"rollout.engine=vllm builds a vLLM engine inside each of the {world} training processes: "
                           "use rollout.engine=vllm-server, which all processes share")
+    check_batch_split(config, world)
+    if 0 < config.eval.size < world:
+        raise ConfigError(_eval_share_error(config.eval.size, config.eval.size, world))
+
+
+def check_batch_split(config: Config, world: int) -> None:
+    """The rollout batch splits over `world` processes, and each share into the minibatches (check_world;
+    the memory estimate too, which counts one process's share)."""
     if config.rollout.prompts_per_step % world:
         raise ConfigError(f"rollout.prompts_per_step={config.rollout.prompts_per_step} does not split over {world} "
                           f"processes: use a multiple of {world}")
@@ -446,8 +454,6 @@ def check_world(config: Config, world: int) -> None:
         raise ConfigError(f"grpo.minibatches={config.grpo.minibatches} does not divide each process's share of the "
                           f"rollout batch, {share} sequences (rollout.prompts_per_step / {world} processes x "
                           f"rollout.group_size): pick a divisor of {share}, or change prompts_per_step")
-    if 0 < config.eval.size < world:
-        raise ConfigError(_eval_share_error(config.eval.size, config.eval.size, world))
 
 
 def _eval_share_error(size: int, problems: int, world: int) -> str:

@@ -260,6 +260,19 @@ def test_the_micro_batch_is_at_most_a_minibatch():
     assert estimate_for_config(four).activations_gib < estimate_for_config(one).activations_gib
 
 
+def test_a_device_count_the_batch_does_not_split_over_is_refused(capsys):
+    """`train --nproc 3` refuses 16 prompts per step; the estimate for 3 devices must not count a run that
+    cannot start (it split 128 sequences into 42 per device, which no run does)."""
+    from lora_rl.cli import main
+
+    config = load_config("examples/quickstart.yaml")
+    with pytest.raises(ConfigError, match=r"rollout.prompts_per_step=16 does not split over 3 processes"):
+        estimate_for_config(config, devices=3)
+    assert main(["estimate", "examples/quickstart.yaml", "--devices", "3"]) == 2
+    assert "use a multiple of 3" in capsys.readouterr().err
+    assert estimate_for_config(config, devices=4).total_gib > 0
+
+
 def test_no_reshard_after_forward_keeps_the_whole_model_gathered():
     base = dict(dtype="bfloat16", devices=4, seq_len=1024)
     resharded = estimate_memory(QWEN_7B, **base)
