@@ -231,10 +231,12 @@ def write_plots(results, out_dir: str | Path) -> dict[str, list[Path]]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {str(out_dir)!r} is a file: name a folder for the plots")
+    # Every figure first: one that fails (a damaged metrics.jsonl) must leave the folder as it was, not
+    # half replaced with this table's plots.
+    figures = {name: make(results) for name, make in PLOTS.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, make in PLOTS.items():
-        fig = make(results)
+    for name, fig in figures.items():
         files = [out_dir / f"{name}.{fmt}" for fmt in ("png", "svg")]
         if fig is None:
             for path in files:

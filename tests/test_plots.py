@@ -95,6 +95,18 @@ def test_a_plot_without_data_is_removed_not_left_stale(tmp_path):
         write_plots(table, tmp_path / "afile")
 
 
+def test_a_plot_that_fails_leaves_the_folder_as_it_was(tmp_path):
+    """A damaged metrics.jsonl stops reward_curves: the plots drawn before it must not have replaced the
+    older table's, or the folder would hold new memory plots beside an old bar chart."""
+    table = _table(tmp_path)
+    write_plots(table, tmp_path / "plots")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "plots").iterdir()}
+    (tmp_path / "run1" / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ConfigError, match="line 2 of 3 is not a JSON record"):
+        write_plots(table.assign(peak_memory_gib=table["peak_memory_gib"] * 2), tmp_path / "plots")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "plots").iterdir()} == before
+
+
 def test_results_tables_that_cannot_be_plotted_are_clear_errors(tmp_path):
     from lora_rl.cli import main
     from lora_rl.sweep import load_results
