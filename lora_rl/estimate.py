@@ -25,7 +25,8 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
   logits       plain: [tokens, vocab] in the model dtype, upcast to float32 (16-bit models), log-softmax
                and its gradient: 14 bytes per element in bf16, 12 in float32 - at small scale the
                largest term; chunked (the default, train.chunked_logprobs, FSDP2 only): one slice of
-               at most 2^26 elements at a time. Megatron always forms the plain logits
+               at most 2^26 elements at a time. Megatron always forms the plain logits, and so does a
+               model that transforms its head's output (Gemma-2's softcapping, Cohere's logit scale)
 
 The micro-batch is what the update really runs: train.micro_batch_size, at most a minibatch
 (each rank's share of the batch over grpo.minibatches). Megatron's fused layers count as their
@@ -69,6 +70,9 @@ class ModelShape:
     vocab_size: int
     tied: bool
     fused: bool = False  # q/k/v and gate/up are one linear each (Phi-3): all-linear adapts _FUSED_MODULES
+    # The model changes its head's output (Gemma-2's softcapping, Cohere's and Granite's logit scale), which
+    # the sliced head cannot see: lora_rl.batching forms its plain logits whatever train.chunked_logprobs says.
+    transforms_logits: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
@@ -88,7 +92,10 @@ class ModelShape:
                    head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                    intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
                    tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-                   fused=getattr(cfg, "model_type", "") in _FUSED_LAYOUTS)
+                   fused=getattr(cfg, "model_type", "") in _FUSED_LAYOUTS,
+                   transforms_logits=(getattr(cfg, "final_logit_softcapping", None) is not None
+                                      or getattr(cfg, "logit_scale", None) not in (None, 1)
+                                      or getattr(cfg, "logits_scaling", None) not in (None, 1)))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer, and of the fused layers some layouts have."""
@@ -208,7 +215,8 @@ def estimate_memory(shape: ModelShape, *, use_lora: bool = True, rank: int = 16,
     else:
         activations = shape.layers * per_layer
     elements = tokens * shape.vocab_size
-    if chunked_logprobs and not megatron:  # one checkpointed slice lives at a time (lora_rl.batching._CHUNK_ELEMENTS)
+    # one checkpointed slice lives at a time (lora_rl.batching._CHUNK_ELEMENTS)
+    if chunked_logprobs and not megatron and not shape.transforms_logits:
         from lora_rl.batching import _CHUNK_ELEMENTS
 
         elements = min(elements, _CHUNK_ELEMENTS)

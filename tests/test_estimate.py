@@ -310,6 +310,30 @@ def test_all_linear_on_a_fused_layout_counts_the_fused_layers():
         saved_per_token(shape, compiled=True, memory_budget=1.0, adapter_rank=0) == 4 * 8  # four adapters
 
 
+def test_a_model_that_transforms_its_logits_is_counted_with_plain_logits(monkeypatch):
+    """Gemma-2's softcapping and Cohere's (or a scaled Granite's) logit scale act on the head's output, which
+    the sliced head cannot see: lora_rl.batching runs those models' plain logits whatever
+    train.chunked_logprobs says, so the estimate must count them (at Gemma-2's 256k vocabulary, 8 x 1024
+    tokens, 29 GiB against the 0.9 GiB of one slice)."""
+    import transformers
+
+    from lora_rl import batching
+
+    monkeypatch.setattr(batching, "_CHUNK_ELEMENTS", 1000)  # slice even a tiny batch
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=160, vocab_size=500)
+    for cfg in (transformers.Gemma2Config(**common, head_dim=16), transformers.CohereConfig(**common),
+                transformers.GraniteConfig(**common, logits_scaling=8.0), transformers.GraniteConfig(**common),
+                transformers.Gemma3TextConfig(**common, head_dim=16), LlamaConfig(**common)):
+        model = AutoModelForCausalLM.from_config(cfg)
+        batching.token_logprobs(model, batching.make_batch([[5, 6, 7]] * 2, [[8, 9]] * 2, 0), 1.0, chunked=True)
+        plain = getattr(model, "_lora_rl_transforms_logits", False)
+        shape = ModelShape.from_config(cfg)
+        chunked, full = (estimate_memory(shape, seq_len=4096, chunked_logprobs=flag) for flag in (True, False))
+        assert (chunked.logits_gib == full.logits_gib) == plain, type(cfg).__name__
+    assert plain is False  # Llama: sliced
+
+
 def test_a_decoder_without_a_gated_mlp_is_refused():
     """GPT-NeoX has hidden_size, intermediate_size... but a two-layer MLP: counting gate, up and down
     would put its parameters 25% high."""
