@@ -20,7 +20,8 @@ An analytic count of what the GRPO update holds at its peak (the backward pass o
                norm outputs, q, k, v and the attention output, gate, up and silu(gate)*up, and each
                adapter's rank-r intermediate; with backend.compile_memory_budget below 1 it recomputes
                the norm outputs and silu(gate)*up instead. A fused LoRA MLP (train.fused_mlp, gate, up
-               and down adapted) never keeps silu(gate)*up: its backward rebuilds it in registers. With activation checkpointing only each
+               and down adapted; SiLU-gated with separate linears, so not Gemma's or Phi-3's) never keeps
+               silu(gate)*up: its backward rebuilds it in registers. With activation checkpointing only each
                layer's input, plus one layer recomputed
   logits       plain: [tokens, vocab] in the model dtype, upcast to float32 (16-bit models), log-softmax
                and its gradient: 14 bytes per element in bf16, 12 in float32 - at small scale the
@@ -73,6 +74,7 @@ class ModelShape:
     # The model changes its head's output (Gemma-2's softcapping, Cohere's and Granite's logit scale), which
     # the sliced head cannot see: lora_rl.batching forms its plain logits whatever train.chunked_logprobs says.
     transforms_logits: bool = False
+    silu: bool = True  # the MLP's gate is SiLU, which train.fused_mlp needs (Gemma's is GELU)
 
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
@@ -95,7 +97,10 @@ class ModelShape:
                    fused=getattr(cfg, "model_type", "") in _FUSED_LAYOUTS,
                    transforms_logits=(getattr(cfg, "final_logit_softcapping", None) is not None
                                       or getattr(cfg, "logit_scale", None) not in (None, 1)
-                                      or getattr(cfg, "logits_scaling", None) not in (None, 1)))
+                                      or getattr(cfg, "logits_scaling", None) not in (None, 1)),
+                   # Gemma-2 and -3 name it hidden_activation (their hidden_act is unset)
+                   silu=(getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None))
+                   in ("silu", "swish"))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one decoder layer, and of the fused layers some layouts have."""
@@ -148,8 +153,9 @@ def saved_per_token(shape: ModelShape, *, compiled: bool, memory_budget: float =
     adapters = adapter_rank * len(targets)
     if memory_budget < 1.0:  # norm outputs and silu(gate)*up recomputed in the backward
         return 2 * h + 2 * q + 2 * kv + 2 * i + adapters
-    # train.fused_mlp needs separate gate_proj, up_proj and down_proj (lora_rl.fused_mlp): not Phi-3's gate_up_proj
-    mlp_fused = (fused_mlp and adapter_rank and not shape.fused
+    # train.fused_mlp needs a SiLU gate and separate gate_proj, up_proj and down_proj (lora_rl.fused_mlp):
+    # not Gemma's GELU, not Phi-3's gate_up_proj
+    mlp_fused = (fused_mlp and adapter_rank and shape.silu and not shape.fused
                  and {"gate_proj", "up_proj", "down_proj"} <= _members(targets))
     return 4 * h + 2 * q + 2 * kv + (2 if mlp_fused else 3) * i + adapters
 

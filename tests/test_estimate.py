@@ -334,6 +334,26 @@ def test_a_model_that_transforms_its_logits_is_counted_with_plain_logits(monkeyp
     assert plain is False  # Llama: sliced
 
 
+def test_the_fused_mlp_is_counted_where_train_fused_mlp_fuses_it():
+    """train.fused_mlp fuses SiLU-gated MLPs with separate gate, up and down linears only: Gemma's GELU MLPs
+    (and Phi-3's fused gate_up_proj) keep silu(gate)*up's place among the saved activations, a fifth of a
+    Gemma-2-2B layer's at compile_memory_budget=1."""
+    import transformers
+
+    from lora_rl.fused_mlp import fuse_mlp
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=160, vocab_size=500)
+    for cfg in (LlamaConfig(**common), transformers.Qwen2Config(**common),
+                transformers.GemmaConfig(**common, head_dim=16), transformers.Gemma2Config(**common, head_dim=16),
+                transformers.Phi3Config(**common, pad_token_id=0)):
+        fused = fuse_mlp(inject_lora(AutoModelForCausalLM.from_config(cfg), LoRAConfig(lora_rank=8))) > 0
+        shape = ModelShape.from_config(cfg)
+        with_fused, without = (saved_per_token(shape, compiled=True, memory_budget=1.0, adapter_rank=8, fused_mlp=flag)
+                               for flag in (True, False))
+        assert (with_fused < without) == fused, type(cfg).__name__
+
+
 def test_a_decoder_without_a_gated_mlp_is_refused():
     """GPT-NeoX has hidden_size, intermediate_size... but a two-layer MLP: counting gate, up and down
     would put its parameters 25% high."""
