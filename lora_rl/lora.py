@@ -147,7 +147,7 @@ def check_config(config, *, data: bool = True) -> None:
     the LoRA settings and the rollout engine (layers it serves LoRA on, head sizes), the reward's name,
     and (data) that the task's problems load. `lora-rl validate`,
     the LoRA panel (without data: it re-checks on every change) and a sweep's validation call it."""
-    from lora_rl.models import meta_model
+    from lora_rl.models import built_folder, load_tokenizer, meta_model
     from lora_rl.rewards import get_reward
 
     from lora_rl.backends import check_backend_config
@@ -164,12 +164,23 @@ def check_config(config, *, data: bool = True) -> None:
 
         check_model_for_pool(model, config)
     get_reward(config.task.reward or config.task.name)
-    if data:
-        from lora_rl.tasks import load_problems
+    from lora_rl.rollout.embedded import sliding_window
+    from lora_rl.tasks import check_prompt_lengths, load_problems
 
-        for split in ("train", "test"):
-            load_problems(config.task.name, split=split, seed=config.run.seed, difficulty=config.task.difficulty,
-                          data_dir=config.task.data_dir or None, limit=1, reward=config.task.reward)
+    context = getattr(model.config, "max_position_embeddings", None)
+    window = sliding_window(model.config) if config.rollout.engine == "embedded" else None
+    check_prompt_lengths([], None, config.rollout.max_new_tokens, split="train", context=context, window=window)
+    if data:
+        # The sets as train loads them; their prompts are measured where the tokenizer exists without a build
+        # (a built-in model not built yet is measured when train starts).
+        folder = built_folder(config.model.path)
+        tokenizer = load_tokenizer(folder) if folder is not None else None
+        for split, limit in (("train", None), ("test", config.eval.size)):
+            problems = load_problems(config.task.name, split=split, seed=config.run.seed,
+                                     difficulty=config.task.difficulty, data_dir=config.task.data_dir or None,
+                                     limit=limit, reward=config.task.reward)
+            check_prompt_lengths(problems, tokenizer, config.rollout.max_new_tokens,
+                                 split="eval" if split == "test" else split, context=context, window=window)
 
 
 def _peft_config(lora: LoRAConfig, targets: str | list[str]) -> LoraConfig:

@@ -204,6 +204,32 @@ def empty_model(config, dtype: str = "float32") -> torch.nn.Module:
     return model
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def built_folder(path: str) -> Path | None:
+    """The model's folder if it exists with a tokenizer without building or exporting anything (for
+    validation), else None."""
+    if path in BUILTIN_TINY:
+        folder = cache_dir() / "models" / _recipe_key(path, BUILTIN_TINY[path])
+    elif path == "smollm2-135m":
+        folder = _smollm2_dir()
+    else:
+        folder = resolve_model_path(path)
+    if not (folder / "config.json").is_file():
+        return None
+    # A shape-only folder (config.json alone, as examples/shapes/) has no tokenizer: transformers then builds
+    # an empty one that encodes every text to no tokens, which would measure every prompt as fitting.
+    return folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else None
+
+
+def load_tokenizer(folder: Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token_id is None:  # padding is needed for batched generation and scoring
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(path: str, dtype: str = "float32", progress: bool = True, empty: bool = False):
     """(model, tokenizer, folder) for a built-in name or an HF folder, weights in `dtype`.
 
@@ -211,9 +237,7 @@ def load_model(path: str, dtype: str = "float32", progress: bool = True, empty: 
     the FSDP2 backend then materialises each rank's shards from the folder's safetensors.
     """
     folder = resolve_model_path(path, progress=progress)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token_id is None:  # padding is needed for batched generation and scoring
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(folder)
     if empty:
         model = empty_model(AutoConfig.from_pretrained(str(folder)), dtype)
     else:

@@ -321,13 +321,21 @@ _TEMPLATE_SLACK = 16
 
 def check_prompt_lengths(problems: list[Problem], tokenizer, max_new_tokens: int, *, split: str,
                          context: int | None, window: int | None = None) -> None:
-    """Refuse problems whose prompt plus rollout.max_new_tokens does not fit the model's positions (`context`):
+    """Refuse problems whose prompt plus rollout.max_new_tokens does not fit the model's positions (`context`)
+    (tokenizer None: only a max_new_tokens that leaves no room for any prompt):
     RoPE does not fail past them, it samples and trains on garbage (GSM8K's longest prompts on a 256-position
     model). `window`: a sliding attention window the rollout engine does not apply (the embedded sampler's).
     Only questions that could be too long are tokenized: a token covers at least one byte of text (byte-level
     BPE, SentencePiece), so the template's own tokens plus the question's bytes bound the prompt's length."""
     limit = min((n for n in (context, window) if n), default=None)
-    if not limit or not problems:
+    if not limit:
+        return
+    if max_new_tokens >= limit:  # every prompt has a token at least: no tokenizer needed to refuse this
+        what = (f"the model's {context} positions (max_position_embeddings)" if limit == context else
+                f"the model's sliding attention window of {window} tokens, which the embedded sampler does not apply")
+        raise ConfigError(f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt within {what}: "
+                          f"lower it well below {limit}")
+    if tokenizer is None or not problems:
         return
     from lora_rl.batching import encode
 

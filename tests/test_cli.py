@@ -58,7 +58,8 @@ def test_unbuilt_backend_is_refused_before_anything_is_written(tmp_path, capsys,
     monkeypatch.setattr(lora_rl.backends, "BUILT", ("fsdp2",))  # as in a version without the Megatron backend
     example = Path(EXAMPLES[0]).parent / "gsm8k_grpo_megatron_lora.yaml"
     out = tmp_path / "run"
-    code = main(["train", str(example), f"run.output_dir={out}", "model.path=tiny-arith"])
+    code = main(["train", str(example), f"run.output_dir={out}", "model.path=tiny-arith",
+                 "rollout.max_new_tokens=64"])  # the example's 256 would not fit tiny-arith's 256 positions
     assert code == 2
     assert "backend.name='megatron' is in the support matrix but not built" in capsys.readouterr().err
     assert not out.exists()

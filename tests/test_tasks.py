@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -317,6 +318,7 @@ def test_prompts_past_the_model_s_positions_are_refused(random_model_dir, tmp_pa
     from transformers import AutoTokenizer
 
     from lora_rl.config import load_config
+    from lora_rl.lora import check_config
     from lora_rl.tasks import check_prompt_lengths
     from lora_rl.trainer import train
 
@@ -337,4 +339,27 @@ def test_prompts_past_the_model_s_positions_are_refused(random_model_dir, tmp_pa
     config = load_config(None, [f"model.path={random_model_dir}", f"run.output_dir={tmp_path / 'run'}", "task.name=gsm8k",
                                 f"task.data_dir={data}", "run.progress=false", "eval.size=1"])
     with pytest.raises(ConfigError, match="do not fit the model"):
+        check_config(config)  # lora-rl validate: the same refusal, before any run folder exists
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="do not fit the model"):
         train(config)
+
+
+def test_new_tokens_past_the_context_are_refused_without_a_tokenizer(tmp_path, monkeypatch):
+    """A max_new_tokens no prompt fits beside is refused by validate and the panel (no data, no tokenizer):
+    the built-in model need not be built to know its positions."""
+    from lora_rl.config import load_config
+    from lora_rl.lora import check_config
+
+    monkeypatch.setenv("LORA_RL_CACHE", str(tmp_path / "cache"))  # tiny-arith not built here
+    config = load_config(None, ["model.path=tiny-arith", "rollout.max_new_tokens=100000"])
+    with pytest.raises(ConfigError, match=r"rollout.max_new_tokens=100000 leaves no room for a prompt within the "
+                                          r"model's \d+ positions \(max_position_embeddings\): lower it"):
+        check_config(config, data=False)
+    check_config(load_config(None, ["model.path=tiny-arith", "rollout.max_new_tokens=64"]))  # data, no tokenizer
+    assert not (tmp_path / "cache").exists()
+    # A shape-only folder has no tokenizer to measure with (transformers would make an empty one that
+    # encodes every prompt to no tokens).
+    from lora_rl.models import built_folder
+
+    assert built_folder(str(Path(__file__).parents[1] / "examples" / "shapes" / "qwen2.5-72b")) is None
