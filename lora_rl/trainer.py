@@ -41,6 +41,7 @@ from lora_rl.tasks import check_prompt_lengths, format_prompt, load_problems
 # Steps of one run are decorrelated by mixing the step into the seed with a large odd constant.
 _STEP_SEED_MIX = 1_000_003
 _RANK_SEED_MIX = 7_919  # likewise for ranks sampling different prompts in the same step
+_DROPOUT_SEED_MIX = 104_729  # keeps a step's dropout masks apart from its sampling seed
 
 
 class TrainingError(RuntimeError):
@@ -568,6 +569,10 @@ def train(config: Config, *, resume: bool = False,
         with _interrupt_flag() as interrupt:
             for step in bar:
                 timer = Timer()
+                # LoRA dropout (and a model's own) draws from torch's global generators; a checkpoint holds rank
+                # 0's CPU one only, not the GPU's nor other ranks'. Seeded from (run.seed, step, rank) here, a
+                # resumed run drops what an uninterrupted one would have.
+                torch.manual_seed(step_seed(config.run.seed, step) + _RANK_SEED_MIX * d.rank + _DROPOUT_SEED_MIX)
                 # Every rank draws the same prompts for the step and keeps its own share (whole groups).
                 indices = prompt_indices(len(train_problems), rp.prompts_per_step, step, config.run.seed)
                 indices = indices[d.rank::d.world]

@@ -77,6 +77,22 @@ def test_resumed_run_repeats_the_uninterrupted_one(warm_model_dir, tmp_path):
     assert read(part) == read(full)
 
 
+def test_resumed_run_with_lora_dropout_drops_what_the_uninterrupted_one_did(warm_model_dir, tmp_path, monkeypatch):
+    """LoRA dropout draws from torch's global generators. A checkpoint restored the CPU one only: on a GPU the
+    resumed steps drew their masks from the CUDA generator as seeded at start-up, not as the run had left it.
+    Here the CPU generator is left unrestored too, as the CUDA one was."""
+    common = ("run.checkpoint_every=1", "eval.size=0", "lora.lora_dropout=0.1")
+    full = tmp_path / "full"
+    train(_config(warm_model_dir, full, "run.steps=2", *common))
+    part = tmp_path / "part"
+    train(_config(warm_model_dir, part, "run.steps=1", *common))
+    monkeypatch.setattr("torch.set_rng_state", lambda state: None)
+    train(_config(warm_model_dir, part, "run.steps=2", *common), resume=True)
+    read = lambda d: [without_timings(json.loads(line))  # noqa: E731
+                      for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert read(part) == read(full)
+
+
 def test_an_existing_run_is_never_overwritten(warm_model_dir, tmp_path):
     out = tmp_path / "run"
     train(_config(warm_model_dir, out, "run.steps=1", "eval.size=0"))
