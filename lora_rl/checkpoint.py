@@ -86,6 +86,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step_") and (p / "meta.json").is_file())
 
 
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete the temporary folders of checkpoints whose writing was cut off. A killed process leaves them
+    behind, hidden, and nothing ever reads them: each holds as much as a checkpoint (for a full fine-tune the
+    weights and optimizer state), so a run killed during saves, again and again, filled the disk unseen."""
+    folder = run_dir / "checkpoints"
+    if folder.is_dir():
+        for path in folder.glob(".step_*.tmp-*"):
+            shutil.rmtree(path)
+
+
 def load_checkpoint(path: Path, backend) -> tuple[dict, dict]:
     """Collective: restore the backend from a checkpoint; returns (state.pt contents, meta)."""
     backend.load_state(path / "backend")

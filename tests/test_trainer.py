@@ -293,6 +293,25 @@ def test_a_run_that_never_started_gives_its_folder_to_a_new_start(tmp_path):
         _prepare_run_dir(load_config(None, [f"run.output_dir={run}", "lora.lora_rank=4"]), resume=True)
 
 
+def test_a_resume_deletes_the_checkpoints_a_killed_run_left_half_written(tmp_path):
+    """A process killed while saving leaves its checkpoint's temporary folder behind (hidden, never read);
+    left there, every such kill kept a whole checkpoint's worth of disk."""
+    from lora_rl.config import dump_config
+    from lora_rl.trainer import _prepare_run_dir
+
+    config = load_config(None, [f"run.output_dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    (tmp_path / "metrics.jsonl").write_text("")
+    complete = tmp_path / "checkpoints" / "step_000001"
+    partial = tmp_path / "checkpoints" / ".step_000002.tmp-x1y2z3"
+    for folder in (complete, partial):
+        (folder / "backend").mkdir(parents=True)
+        (folder / "backend" / "state.pt").write_bytes(b"weights")
+    (complete / "meta.json").write_text(json.dumps({"step": 1}))
+    _prepare_run_dir(config, resume=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+
+
 def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path):
     from lora_rl.trainer import _prepare_run_dir
 
