@@ -428,7 +428,8 @@ def _load_checkpoint(checkpoints: list[Path], backend) -> tuple[dict, dict]:
         return load_checkpoint(checkpoints[-1], backend)
     except ConfigError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+    # EOFError: torch.load of an empty file (a power cut after the rename, a truncated copy).
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
         raise ConfigError(_unreadable(checkpoints[-1], err)) from None
 
 

@@ -217,6 +217,28 @@ def test_a_checkpoint_without_some_trainable_tensors_is_a_changed_model_not_dama
         check_saved_shapes(named, {"a": torch.ones(2)}, tmp_path / "backend")
 
 
+def test_an_empty_checkpoint_file_is_damage_named_with_its_fix(tmp_path):
+    """A file cut to nothing (a power cut after the folder's rename, a truncated copy) made torch.load raise
+    EOFError, which the resume let through as a bare traceback instead of naming the folder to delete."""
+    import torch
+
+    from lora_rl.trainer import _load_checkpoint
+
+    class Backend:
+        def load_state(self, folder):
+            pass
+
+    checkpoint = tmp_path / "checkpoints" / "step_000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 2}))
+    torch.save({"torch_rng": torch.get_rng_state()}, checkpoint / "state.pt")
+    assert _load_checkpoint([checkpoint], Backend())[1] == {"step": 2}
+    (checkpoint / "state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"checkpoint .*step_000002 cannot be read \(EOFError.*Delete that folder to "
+                                          r"resume from the checkpoint before it"):
+        _load_checkpoint([checkpoint], Backend())
+
+
 def test_folders_and_files_written_into_place_have_plain_permissions(random_model_dir, tmp_path):
     """Everything written to a temporary name and renamed took mkdtemp's 0700 and mkstemp's 0600 along: an
     adapter, a checkpoint or a merged model that another user's vLLM server or job could not read."""
