@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 
 
 class LivePlot:
-    """Redraws every `every` steps and at step `total`; `finish()` draws what a run stopped early left
-    undrawn."""
+    """Redraws every `every` steps and at step `total`; `finish()` (or leaving a `with` block) draws what a
+    run stopped early left undrawn."""
 
     def __init__(self, every: int = 1, total: int = 0, title: str = "GRPO"):
         if not isinstance(every, int) or every < 1:
@@ -34,6 +34,14 @@ class LivePlot:
         """Draw the last records if the last redraw missed them (a run stopped between redraws)."""
         if self.records and self._drawn < len(self.records):
             self.show()
+
+    # `with LivePlot(...) as live: train(config, on_step=live)` draws the last steps however the run ends
+    # (Interrupt Kernel stops it gracefully between redraws; an error ends it too).
+    def __enter__(self) -> "LivePlot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
 
     def figure(self) -> Figure:
         fig = Figure(figsize=(9, 3))

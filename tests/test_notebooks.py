@@ -31,6 +31,8 @@ def test_committed_without_outputs_and_with_one_parameters_cell(name):
     # Thin: every code cell is a few lines of library calls, no function or class definitions.
     for cell in code:
         assert len(cell.source.splitlines()) <= 5 and "def " not in cell.source and "class " not in cell.source
+        # A live plot drawn every few steps must draw the last ones of a run stopped between redraws.
+        assert "LivePlot(" not in cell.source or "with LivePlot(" in cell.source, cell.source
 
 
 def _papermill(name, out_dir, params):

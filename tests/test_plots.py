@@ -148,6 +148,13 @@ def test_live_plot_draws_the_last_steps_of_a_stopped_run():
     assert live._drawn == 3
     live.finish()
     assert live._drawn == 5
+    # As the quickstart notebook uses it: leaving the block draws what a run ended by an error left undrawn.
+    with pytest.raises(KeyboardInterrupt), LivePlot(every=3, total=10) as live:
+        for step in range(1, 6):
+            live({"step": step, "reward_mean": 0.1, "format_rate": 0.5, "peak_memory_gib": 1.0,
+                  "memory_kind": "cpu-peak-rss"})
+        raise KeyboardInterrupt
+    assert live._drawn == 5
     with pytest.raises(ValueError, match=r"LivePlot\(every=0\)"):
         LivePlot(every=0)
 
