@@ -4,7 +4,8 @@ A checkpoint is a folder `checkpoints/step_NNNNNN/` holding the backend's adapte
 state (`backend/`: one file, or one shard per rank under FSDP2), the RNG state (`state.pt`, loaded
 with `weights_only=True`: plain tensors, never pickled objects) and `meta.json` (step, policy
 version, data position, evaluation so far). A folder only appears
-under its final name once complete, so the newest one is always safe to resume from.
+under its final name once complete and on disk (fsynced), so the newest one is always safe to resume from,
+a power cut included.
 """
 
 from __future__ import annotations
@@ -69,13 +70,33 @@ def save_checkpoint(run_dir: Path, step: int, backend, state: dict, meta: dict, 
     if distributed.is_main():
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        # On disk before the rename: after a power cut the rename could otherwise survive while the files'
+        # data did not, and the newest checkpoint, the one a resume picks, would be empty files.
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_path(final.parent)  # the rename itself
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
     distributed.barrier()
     return final
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` (and root) on disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -258,3 +258,31 @@ def test_folders_and_files_written_into_place_have_plain_permissions(random_mode
     mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "adapter") == mode(merged) == 0o755
     assert mode(tmp_path / "run" / "summary.json") == 0o644
+
+
+def test_a_checkpoint_is_on_disk_before_it_takes_its_final_name(tmp_path, monkeypatch):
+    """Without fsync a power cut can keep the folder's rename and lose its files' data: the newest checkpoint,
+    the one a resume picks, would be empty files. Every file and folder is synced before the rename, and the
+    parent after it."""
+    import torch
+
+    from lora_rl import checkpoint
+
+    class Backend:
+        def save_state(self, folder):
+            (folder / "shards").mkdir(parents=True)
+            torch.save({"w": torch.ones(2)}, folder / "shards" / "rank0.pt")
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    final = checkpoint.save_checkpoint(tmp_path, 3, Backend(), {"torch_rng": torch.get_rng_state()}, {}, keep=2)
+    renamed = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    assert len(renamed) == 1
+    tmp = events[renamed[0]][1]
+    synced_before = {path for kind, path in events[:renamed[0]] if kind == "fsync"}
+    written = {str(p).replace(str(final), tmp) for p in [final, *final.rglob("*")]}
+    assert written <= synced_before, written - synced_before
+    assert ("fsync", str(final.parent)) in events[renamed[0]:]
