@@ -183,7 +183,8 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, rows, terms: UpdateTer
 def update_stats(totals: dict[str, float | torch.Tensor], grad_norms: list[float], terms: UpdateTerms,
                  config: Config) -> dict[str, float]:
     out = {name: float(value) for name, value in totals.items()}
-    out["grad_norm"] = max(grad_norms)
+    # The largest, and NaN if any minibatch's was: Python's max([1.0, nan]) is 1.0, which hid a skipped step.
+    out["grad_norm"] = next((n for n in grad_norms if math.isnan(n)), max(grad_norms))
     out["skipped_updates"] = sum(not math.isfinite(n) for n in grad_norms)
     mask = terms.mask
     tokens = mask.sum().clamp(min=1)

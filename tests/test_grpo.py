@@ -370,3 +370,22 @@ def test_entropy_with_banned_tokens_and_one_hot():
     close(entropy_from_logits(logits), [[math.log(2)]])
     # near one-hot: H ~ 0
     close(entropy_from_logits(torch.tensor([[[100.0, 0.0, 0.0]]])), [[0.0]])
+
+
+def test_a_non_finite_minibatch_gradient_norm_is_the_step_s_grad_norm():
+    """Two minibatches, the second skipped for a NaN norm: the step's grad_norm said 1.0 (Python's max ignores
+    a NaN after the first element) while skipped_updates said 1."""
+    import torch
+
+    from lora_rl.config import load_config
+    from lora_rl.trainer import UpdateTerms, update_stats
+
+    config = load_config(None, [])
+    mask = torch.ones(2, 3)
+    terms = UpdateTerms(mask=mask, proximal=torch.zeros(2, 3), behaviour=torch.zeros(2, 3), reference=None,
+                        advantages=torch.zeros(2))
+    for norms in ([1.0, float("nan")], [float("nan"), 1.0]):
+        out = update_stats({"loss": 0.0}, norms, terms, config)
+        assert math.isnan(out["grad_norm"]) and out["skipped_updates"] == 1
+    assert update_stats({"loss": 0.0}, [1.0, float("inf")], terms, config)["grad_norm"] == float("inf")
+    assert update_stats({"loss": 0.0}, [1.0, 2.0], terms, config)["grad_norm"] == 2.0
