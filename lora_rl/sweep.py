@@ -459,10 +459,17 @@ def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, pack:
         f"at a time ({spec.executor})")
     if jobs:
         runner = _run_with_ray if spec.executor == "ray" else _run_with_processes
-        for records in runner(spec, jobs):
-            for record in records:
-                log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
-                    + (f" - {record['reason']}" if record["reason"] else ""))
+        try:
+            for records in runner(spec, jobs):
+                for record in records:
+                    log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
+                        + (f" - {record['reason']}" if record["reason"] else ""))
+        except BaseException:
+            # Ctrl-C (or an error of the driver itself): the points finished so far have their status and
+            # result, and the table must show them now, not an earlier invocation's table (or none) until
+            # the sweep is run again.
+            collect(spec)
+            raise
     return collect(spec)
 
 

@@ -192,13 +192,30 @@ def _gone(pid: int) -> bool:
     return False
 
 
+def _ctrl_c_once_written(pid_file, request) -> None:
+    """Deliver what Ctrl-C delivers (SIGINT to the main thread) once `pid_file` is written, from a thread."""
+    import signal
+    import threading
+    import time
+
+    def press_ctrl_c():
+        while not pid_file.exists() or not pid_file.read_text():
+            time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    main = threading.get_ident()
+    # Python's own SIGINT handler, as a `lora-rl sweep` process has it: earlier tests in this process may have
+    # left another one installed (in the full suite one did, and the Ctrl-C never raised).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+
+
 def test_an_interrupt_stops_the_running_point_and_starts_no_other(tmp_path, monkeypatch, request):
     """Ctrl-C (KeyboardInterrupt in the main thread): the running point's processes, which run in sessions
     of their own out of the terminal's reach, are killed at once; the point gets no status (the next run
     starts it again) and the next point is never started."""
-    import signal
     import sys
-    import threading
     import time
 
     from lora_rl import sweep
@@ -212,17 +229,7 @@ def test_an_interrupt_stops_the_running_point_and_starts_no_other(tmp_path, monk
                                 "grid": {"lora.lora_rank": [4, 8]}, "parallel": 1, "timeout": 300})
     first, second = expand(spec)
 
-    def press_ctrl_c():
-        while not pid_file.exists() or not pid_file.read_text():
-            time.sleep(0.05)
-        signal.pthread_kill(main, signal.SIGINT)  # what Ctrl-C delivers
-
-    main = threading.get_ident()
-    # Python's own SIGINT handler, as a `lora-rl sweep` process has it: earlier tests in this process may have
-    # left another one installed (in the full suite one did, and the Ctrl-C never raised).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    _ctrl_c_once_written(pid_file, request)
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         list(sweep._run_with_processes(spec, [first, second]))
@@ -273,10 +280,6 @@ def test_an_interrupt_of_a_ray_sweep_stops_its_points(tmp_path, request):
     started), which a Ray worker started in sessions of their own, are killed; no point gets a status and
     no other starts. Before, ray.shutdown() ended the workers and left their points running."""
     pytest.importorskip("ray")
-    import signal
-    import threading
-    import time
-
     import nbformat
 
     from lora_rl import sweep
@@ -294,18 +297,37 @@ def test_an_interrupt_of_a_ray_sweep_stops_its_points(tmp_path, request):
                                 "executor": "ray", "notebook": str(tmp_path / "sleep.ipynb")})
     first, second = expand(spec)
 
-    def press_ctrl_c():
-        while not pid_file.exists() or not pid_file.read_text():
-            time.sleep(0.1)
-        signal.pthread_kill(main, signal.SIGINT)
-
-    main = threading.get_ident()
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    _ctrl_c_once_written(pid_file, request)
     with pytest.raises(KeyboardInterrupt):
         list(sweep._run_with_ray(spec, [first, second]))
     assert _gone(int(pid_file.read_text())), "the point's child outlived the interrupt"
     points = tmp_path / "sweep" / "points"
     assert not (points / first.id / "status.json").exists()
     assert not (points / second.id).exists()
+
+
+def test_an_interrupted_sweep_still_tables_the_points_that_finished(tmp_path, monkeypatch, request):
+    """Ctrl-C after one point finished: results.csv holds that point's row at once. Before, the table was only
+    written when every point had run, so an interrupted sweep left no table (or an earlier invocation's)."""
+    import sys
+
+    from lora_rl import sweep
+
+    pid_file = tmp_path / "running.pid"
+
+    def command(spec, point, folder):
+        if point.values["lora.lora_rank"] == 4:  # finishes, with a result as the notebook writes it
+            result = {"config": {"lora": {"lora_rank": 4}}, "summary": {"steps_done": 2}, "metrics": {}}
+            return [sys.executable, "-c", f"open({str(folder / 'result.json')!r}, 'w').write({json.dumps(result)!r})"]
+        return [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                      "time.sleep(120)"]
+
+    monkeypatch.setattr(sweep, "_point_command", command)
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4, 8]}, "parallel": 1, "timeout": 300})
+    _ctrl_c_once_written(pid_file, request)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, log=lambda line: None)
+    assert _gone(int(pid_file.read_text()))
+    table = load_results(tmp_path / "sweep")
+    assert list(table["status"]) == ["ok"] and list(table["lora.lora_rank"]) == [4]
