@@ -72,6 +72,11 @@ class SweepSpec:
             if not raw.get(key):
                 raise ConfigError(f"sweep: '{key}' is required (e.g. recipe: examples/quickstart.yaml, "
                                   "output_dir: runs/my-sweep)")
+        for key, example in (("recipe", "recipe: examples/quickstart.yaml"), ("output_dir", "output_dir: runs/my-sweep"),
+                             ("notebook", "notebook: notebooks/03_run.ipynb"), ("ray_address", 'ray_address: "auto"')):
+            # A number or a list here would otherwise end the sweep in a TypeError from pathlib or Ray.
+            if raw.get(key) is not None and not isinstance(raw[key], str):
+                raise ConfigError(f"sweep: {key}={raw[key]!r} must be a string, e.g. {example}")
         if not raw.get("grid") and not raw.get("points"):
             raise ConfigError("sweep: give a 'grid' (key: [values]) or a list of 'points' (key: value maps)")
         grid = raw.get("grid") or {}
@@ -102,11 +107,16 @@ class SweepSpec:
         resolve = lambda p: str(Path(p) if Path(p).is_absolute() else (base_dir / p).resolve())  # noqa: E731
         # A recipe not found from here stays relative: `read_yaml` then looks for it in the repository.
         recipe = resolve(raw["recipe"]) if (base_dir / raw["recipe"]).is_file() else raw["recipe"]
+        notebook = resolve(raw["notebook"]) if raw.get("notebook") else ""
+        if notebook and not Path(notebook).is_file():
+            # Checked before anything runs, as every point's config is: each point would fail on it.
+            raise ConfigError(f"sweep: notebook={raw['notebook']!r} is not a file (looked for {notebook}): give a "
+                              "notebook with a parameters cell like notebooks/03_run.ipynb, or leave notebook out")
         return cls(recipe=recipe, output_dir=resolve(raw["output_dir"]),
                    overrides=tuple(overrides), grid=dict(grid), points=tuple(points), parallel=parallel,
                    timeout=float(timeout), executor=raw.get("executor", "processes"),
                    ray_address=raw.get("ray_address", ""),
-                   notebook=resolve(raw["notebook"]) if raw.get("notebook") else "")
+                   notebook=notebook)
 
 
 def load_spec(path: str | Path) -> SweepSpec:

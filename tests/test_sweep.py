@@ -65,6 +65,11 @@ def test_validation_checks_each_point_against_the_model(tmp_path, random_model_d
     ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "points": ["a.b=1"]}, "must be a list of key: value maps"),
     ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "overrides": "run.steps=2"},
      "overrides='run.steps=2' must be a list of section.key=value strings"),
+    ({"recipe": 5, "output_dir": "x", "grid": {"a.b": [1]}}, "recipe=5 must be a string, e.g. recipe: examples/"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": ["x"], "grid": {"a.b": [1]}},
+     "output_dir=['x'] must be a string"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "notebook": "no-such.ipynb"},
+     "notebook='no-such.ipynb' is not a file .*: give a notebook with a parameters cell"),
 ])
 def test_bad_sweep_files_are_refused(raw, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
