@@ -58,7 +58,7 @@ from lora_rl.rollout.embedded import sliding_window
 from lora_rl.rollout.vllm_common import sync_threshold
 from lora_rl.trainer import (TrainingError, UpdateTerms, _micro_batches, _prepare_run_dir, _step_record, eval_params,
                              eval_prompts, eval_scores, micro_loss, new_totals, prompt_indices, run_summary, step_record,
-                             reuses_training_logprobs, step_seed, update_stats, verify_delivery,
+                             reuses_training_logprobs, run_started, step_seed, update_stats, verify_delivery,
                              wants_reference)
 
 # The settings adapters of one job may differ in; every other key must be equal across the job.
@@ -326,12 +326,15 @@ def _verify(engine, policy: MultiLoRAPolicy, requests, completions, configs: lis
 
 
 def _check_run_dirs(configs: list[Config]) -> None:
-    """Refuse the job unless every adapter's run folder is new or empty. All are checked before any is
-    created: a job refused for one folder must leave the others as they were, so that a retry once that
-    folder is fixed is not refused for the folders the refused job made."""
+    """Refuse the job unless every adapter's run folder is new, empty, or left by a job that stopped before its
+    first step. All are checked before any is created: a job refused for one folder must leave the others as
+    they were, so that a retry once that folder is fixed is not refused for the folders the refused job made."""
     for c in configs:
         run_dir = Path(c.run.output_dir)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        # A job that failed before its first step (an engine that did not start) left config.yaml in every
+        # folder and nothing to keep: a retry takes them over, as a single run does (trainer.check_run_dir).
+        stopped_before_a_step = (run_dir / "config.yaml").is_file() and not run_started(run_dir)
+        if run_dir.exists() and not stopped_before_a_step and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not an empty folder: a multi-LoRA "
                               "job starts every adapter's run in a new or empty folder (it cannot resume a run). "
                               "Choose another run.output_dir for that adapter, or empty that folder")

@@ -345,6 +345,12 @@ _RESUME_MAY_CHANGE = (("run", "steps"), ("run", "progress"), ("run", "output_dir
                       ("rollout", "request_timeout"), ("rollout", "startup_timeout"))
 
 
+def run_started(run_dir: Path) -> bool:
+    """Whether a run folder holds anything of a step; one holding only config.yaml (and what its engine made)
+    is a run that stopped before its first step."""
+    return any((run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", "adapter", "summary.json"))
+
+
 def check_run_dir(config: Config, resume: bool, world: int = 1) -> None:
     """Whether run.output_dir can take this run (new, or --resume with the same settings); writes nothing."""
     run_dir = Path(config.run.output_dir)
@@ -354,8 +360,7 @@ def check_run_dir(config: Config, resume: bool, world: int = 1) -> None:
                           "check the path, or drop --resume to start a new run")
     # A run that stopped before its first step (a backend, an engine or a server refused it after config.yaml
     # was written) holds nothing to continue: a new start, with any settings, takes its folder over.
-    started = any((run_dir / name).exists() for name in ("metrics.jsonl", "checkpoints", "adapter", "summary.json"))
-    if saved.exists() and started:
+    if saved.exists() and run_started(run_dir):
         if not resume:
             raise ConfigError(f"run.output_dir={str(run_dir)!r} already holds a run (config.yaml): pass --resume to "
                               "continue it, or choose another run.output_dir")

@@ -277,6 +277,29 @@ def test_a_taken_run_folder_refuses_the_job_before_any_folder_is_made(random_mod
     assert [s["steps_done"] for s in train_multi(configs)] == [1, 1]
 
 
+def test_a_job_that_failed_before_its_first_step_can_be_retried(random_model_dir, tmp_path, monkeypatch):
+    """A job that fails after making its folders but before any step (here its engine does not start) leaves
+    config.yaml in each: a retry takes them over, as a single run does. Before, every folder was refused."""
+    from lora_rl import multi
+
+    real = multi._make_engine
+
+    def fails_once(*args):
+        monkeypatch.setattr(multi, "_make_engine", real)
+        raise RuntimeError("the engine did not start")
+
+    monkeypatch.setattr(multi, "_make_engine", fails_once)
+    configs = [_config(random_model_dir, tmp_path / name, f"run.seed={k}", "run.steps=1", "eval.size=0")
+               for k, name in enumerate("ab")]
+    with pytest.raises(RuntimeError, match="the engine did not start"):
+        multi.train_multi(configs)
+    assert (tmp_path / "a" / "config.yaml").is_file()
+    assert [s["steps_done"] for s in multi.train_multi(configs)] == [1, 1]
+    # A folder holding a step is still refused.
+    with pytest.raises(ConfigError, match=r"run.output_dir='.*a' exists and is not an empty folder"):
+        multi.train_multi(configs)
+
+
 def test_non_finite_updates_of_one_adapter_stop_the_job(random_model_dir, tmp_path, monkeypatch, capsys):
     """train.max_bad_updates as in a single run, counted per adapter: the error names the adapter's run folder,
     and every adapter's folder keeps the metrics of the steps done."""
