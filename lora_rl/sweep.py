@@ -72,7 +72,8 @@ class SweepSpec:
             if not raw.get(key):
                 raise ConfigError(f"sweep: '{key}' is required (e.g. recipe: examples/quickstart.yaml, "
                                   "output_dir: runs/my-sweep)")
-        for key, example in (("recipe", "recipe: examples/quickstart.yaml"), ("output_dir", "output_dir: runs/my-sweep"),
+        for key, example in (("recipe", "recipe: examples/quickstart.yaml"),
+                             ("output_dir", "output_dir: runs/my-sweep"),
                              ("notebook", "notebook: notebooks/03_run.ipynb"), ("ray_address", 'ray_address: "auto"')):
             # A number or a list here would otherwise end the sweep in a TypeError from pathlib or Ray.
             if raw.get(key) is not None and not isinstance(raw[key], str):
@@ -442,6 +443,25 @@ def _status(spec: SweepSpec, point: Point) -> dict | None:
 # --- the whole sweep --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _sweep_lock(spec: SweepSpec):
+    """Held while a sweep runs over its folder. A second invocation over the same folder (started to run points
+    added to the grid while the first still runs) sees the first one's running points without a status and
+    would start them again, deleting their folders under the running processes."""
+    import fcntl
+
+    with open(Path(spec.output_dir) / ".sweep.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+        except BlockingIOError:
+            raise ConfigError(f"sweep: another lora-rl sweep is running over output_dir={spec.output_dir!r}: wait "
+                              "for it to finish (a later invocation runs the points it leaves), or stop it, or give "
+                              "this sweep another output_dir") from None
+        except OSError:
+            pass  # a file system without locks (some network or FUSE ones): the sweep runs unguarded, as before
+        yield
+
+
 def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, pack: bool = False, log=print):
     """Run every point not yet finished; returns the results table (a pandas DataFrame). With `pack`, points
     that differ only in LoRA settings train together as one multi-LoRA job (`run_pack`)."""
@@ -449,38 +469,39 @@ def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, pack:
         spec = load_spec(spec)
     points = validate(spec)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(spec.output_dir) / "sweep.yaml").write_text(yaml.safe_dump(_spec_dict(spec), sort_keys=False))
-    todo = []
-    for point in points:
-        status = _status(spec, point)
-        if status and (status["status"] == "ok" or not retry_failed):
-            log(f"sweep: {point.id}: {status['status']} earlier, skipped")
-            continue
-        todo.append(point)
-    jobs: list = list(todo)
-    if pack and todo:
-        packs, alone, notes = plan_packs(spec, todo)
-        jobs = [*packs, *alone]
-        for p in packs:
-            log(f"sweep: packing {len(p)} points into one multi-LoRA job: {', '.join(q.id for q in p)}")
-        for note in notes:
-            log(f"sweep: runs separately: {note}")
-    log(f"sweep: {len(points)} points, {len(todo)} to run as {len(jobs)} jobs, {min(spec.parallel, max(len(jobs), 1))} "
-        f"at a time ({spec.executor})")
-    if jobs:
-        runner = _run_with_ray if spec.executor == "ray" else _run_with_processes
-        try:
-            for records in runner(spec, jobs):
-                for record in records:
-                    log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
-                        + (f" - {record['reason']}" if record["reason"] else ""))
-        except BaseException:
-            # Ctrl-C (or an error of the driver itself): the points finished so far have their status and
-            # result, and the table must show them now, not an earlier invocation's table (or none) until
-            # the sweep is run again.
-            collect(spec)
-            raise
-    return collect(spec)
+    with _sweep_lock(spec):
+        (Path(spec.output_dir) / "sweep.yaml").write_text(yaml.safe_dump(_spec_dict(spec), sort_keys=False))
+        todo = []
+        for point in points:
+            status = _status(spec, point)
+            if status and (status["status"] == "ok" or not retry_failed):
+                log(f"sweep: {point.id}: {status['status']} earlier, skipped")
+                continue
+            todo.append(point)
+        jobs: list = list(todo)
+        if pack and todo:
+            packs, alone, notes = plan_packs(spec, todo)
+            jobs = [*packs, *alone]
+            for p in packs:
+                log(f"sweep: packing {len(p)} points into one multi-LoRA job: {', '.join(q.id for q in p)}")
+            for note in notes:
+                log(f"sweep: runs separately: {note}")
+        log(f"sweep: {len(points)} points, {len(todo)} to run as {len(jobs)} jobs, "
+            f"{min(spec.parallel, max(len(jobs), 1))} at a time ({spec.executor})")
+        if jobs:
+            runner = _run_with_ray if spec.executor == "ray" else _run_with_processes
+            try:
+                for records in runner(spec, jobs):
+                    for record in records:
+                        log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
+                            + (f" - {record['reason']}" if record["reason"] else ""))
+            except BaseException:
+                # Ctrl-C (or an error of the driver itself): the points finished so far have their status and
+                # result, and the table must show them now, not an earlier invocation's table (or none) until
+                # the sweep is run again.
+                collect(spec)
+                raise
+        return collect(spec)
 
 
 def run_job(spec: SweepSpec, job: Point | tuple[Point, ...]) -> list[dict]:

@@ -336,3 +336,23 @@ def test_an_interrupted_sweep_still_tables_the_points_that_finished(tmp_path, mo
     assert _gone(int(pid_file.read_text()))
     table = load_results(tmp_path / "sweep")
     assert list(table["status"]) == ["ok"] and list(table["lora.lora_rank"]) == [4]
+
+
+def test_a_second_sweep_over_a_running_sweeps_folder_is_refused(tmp_path, monkeypatch):
+    """A second invocation while the first still runs (to run points added to the grid) would take the first
+    one's running points, which have no status yet, for unstarted ones and delete their folders under them."""
+    import fcntl
+    import sys
+
+    from lora_rl import sweep
+
+    monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [sys.executable, "-c", "pass"])
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4]}, "parallel": 1, "timeout": 300})
+    (tmp_path / "sweep").mkdir()
+    with open(tmp_path / "sweep" / ".sweep.lock", "w") as running:  # as the first invocation holds it
+        fcntl.flock(running, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match=r"another lora-rl sweep is running over output_dir='.*sweep': wait"):
+            run_sweep(spec, log=lambda line: None)
+        assert not (tmp_path / "sweep" / "points").exists()
+    assert list(run_sweep(spec, log=lambda line: None)["status"]) == ["failed"]  # no result.json: ran, once free
