@@ -395,7 +395,8 @@ def plan_packs(spec: SweepSpec, points: list[Point]) -> tuple[list[tuple[Point, 
     """Group points whose configs differ only in `lora_rl.multi.PACKABLE` keys (LoRA rank, alpha, target
     modules, lr, weight decay, seed) into multi-LoRA jobs. Returns (packs, points to run alone, why each
     point runs alone)."""
-    from lora_rl.multi import check_packable, shared_settings
+    from lora_rl.models import meta_model
+    from lora_rl.multi import _check_model_dropout, check_packable, shared_settings
 
     groups: dict[str, list[tuple[Point, object]]] = {}
     for point in points:
@@ -409,6 +410,10 @@ def plan_packs(spec: SweepSpec, points: list[Point]) -> tuple[list[tuple[Point, 
             continue
         try:
             check_packable([config for _, config in members])
+            # The job refuses a base model with dropout of its own (GPT-2's 0.1) when it loads it: checked here
+            # on its module tree, so these points run alone instead of all failing together.
+            config = members[0][1]
+            _check_model_dropout(meta_model(config.model.path), config)
         except ConfigError as err:
             alone.extend(point for point, _ in members)
             notes.extend(f"{point.id}: not packable ({err})" for point, _ in members)

@@ -261,6 +261,27 @@ def test_a_base_model_with_dropout_is_refused(random_model_dir, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_sweep_runs_points_over_a_base_model_with_dropout_alone(random_model_dir, tmp_path):
+    """The packed job refuses such a model when it loads it: the sweep must plan those points alone, not pack
+    them into a job that fails every one of them."""
+    from lora_rl.sweep import SweepSpec, expand, plan_packs
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(random_model_dir, model_dir)
+    settings = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**settings, "attention_dropout": 0.1}))
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "overrides": [f"model.path={model_dir}"], "grid": {"lora.lora_rank": [4, 8]}})
+    points = expand(spec)
+    packs, alone, notes = plan_packs(spec, points)
+    assert packs == [] and alone == points
+    assert all("not packable (model.path=" in note and "has dropout of its own" in note for note in notes), notes
+    # Without dropout the same points pack.
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "overrides": [f"model.path={random_model_dir}"], "grid": {"lora.lora_rank": [4, 8]}})
+    assert [len(p) for p in plan_packs(spec, expand(spec))[0]] == [2]
+
+
 def test_a_taken_run_folder_refuses_the_job_before_any_folder_is_made(random_model_dir, tmp_path):
     """Every folder is checked before any is created: after the user frees the taken one, a retry runs."""
     from lora_rl.multi import train_multi
