@@ -449,6 +449,24 @@ def _status(spec: SweepSpec, point: Point) -> dict | None:
 
 
 @contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, `timeout`, a batch system's stop) ends a sweep as Ctrl-C does, killing its running points:
+    they run in sessions of their own, out of reach of a signal to the sweep's process group, and outlived it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def _sweep_lock(spec: SweepSpec):
     """Held while a sweep runs over its folder. A second invocation over the same folder (started to run points
     added to the grid while the first still runs) sees the first one's running points without a status and
@@ -496,10 +514,11 @@ def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, pack:
         if jobs:
             runner = _run_with_ray if spec.executor == "ray" else _run_with_processes
             try:
-                for records in runner(spec, jobs):
-                    for record in records:
-                        log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
-                            + (f" - {record['reason']}" if record["reason"] else ""))
+                with _terminate_as_interrupt():
+                    for records in runner(spec, jobs):
+                        for record in records:
+                            log(f"sweep: {record['id']}: {record['status']} in {record['seconds']:.0f} s"
+                                + (f" - {record['reason']}" if record["reason"] else ""))
             except BaseException:
                 # Ctrl-C (or an error of the driver itself): the points finished so far have their status and
                 # result, and the table must show them now, not an earlier invocation's table (or none) until

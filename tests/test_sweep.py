@@ -356,3 +356,35 @@ def test_a_second_sweep_over_a_running_sweeps_folder_is_refused(tmp_path, monkey
             run_sweep(spec, log=lambda line: None)
         assert not (tmp_path / "sweep" / "points").exists()
     assert list(run_sweep(spec, log=lambda line: None)["status"]) == ["failed"]  # no result.json: ran, once free
+
+
+def test_a_terminated_sweep_stops_its_points(tmp_path, monkeypatch, request):
+    """SIGTERM to the sweep (`kill`, `timeout`, a batch system) kills the running point's processes as Ctrl-C
+    does; before, the sweep died and its points, in sessions of their own, ran on."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from lora_rl import sweep
+
+    pid_file = tmp_path / "running.pid"
+    script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [sys.executable, "-c", script])
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4]}, "parallel": 1, "timeout": 20})
+
+    def terminate():
+        while not pid_file.exists() or not pid_file.read_text():
+            time.sleep(0.05)
+        signal.pthread_kill(main, signal.SIGTERM)
+
+    main = threading.get_ident()
+    # Without the sweep's own handler SIGTERM would end pytest: this one ignores it, so the sweep would run on.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    threading.Thread(target=terminate, daemon=True).start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, log=lambda line: None)
+    assert time.perf_counter() - start < 15 and _gone(int(pid_file.read_text()))
