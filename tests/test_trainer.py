@@ -321,6 +321,21 @@ def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path):
             _prepare_run_dir(load_config(None, [f"run.output_dir={path}"]), resume=False)
 
 
+def _resident_spike(hold_s: float = 0.0) -> None:
+    """256 MiB of fresh pages, touched, then handed back to the kernel. A torch tensor would not do: late in a
+    long test session the allocator reuses freed heap pages that are resident already, so RSS neither rises
+    nor falls (CI saw the peak unchanged before and after the reset)."""
+    import mmap
+
+    import torch
+
+    with mmap.mmap(-1, 2 ** 28) as pages:
+        view = torch.frombuffer(pages, dtype=torch.uint8)
+        view.fill_(1)
+        time.sleep(hold_s)
+        del view  # the buffer must be released before the mapping closes
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the peak RSS resets on Linux only")
 @pytest.mark.parametrize("kernel_resets", [True, False])
 def test_a_run_measures_its_own_peak_not_the_kernels_lifetime_peak(kernel_resets, monkeypatch, tmp_path):
@@ -335,8 +350,7 @@ def test_a_run_measures_its_own_peak_not_the_kernels_lifetime_peak(kernel_resets
         pytest.skip("CUDA in use: the peak measured is CUDA's (reset_peak_memory_stats)")
     if not kernel_resets:
         monkeypatch.setattr(metrics, "_CLEAR_REFS", tmp_path / "no-such-dir" / "clear_refs")
-    big = torch.ones(2 ** 28, dtype=torch.uint8)  # 256 MiB, touched
-    del big
+    _resident_spike()
     lifetime, _ = peak_memory()
     reset_peak_memory()
     since, kind = peak_memory()
@@ -344,9 +358,7 @@ def test_a_run_measures_its_own_peak_not_the_kernels_lifetime_peak(kernel_resets
         pytest.skip("this kernel keeps VmHWM: the sampled case covers it")
     assert since < lifetime - 0.2, (since, lifetime)
     assert kind == ("cpu-peak-rss" if kernel_resets else "cpu-peak-rss-sampled")
-    big = torch.ones(2 ** 28, dtype=torch.uint8)  # the next peak is seen again
-    time.sleep(0.05)
-    del big
+    _resident_spike(hold_s=0.05)  # the next peak is seen again
     again, _ = peak_memory()
     assert again > since + 0.2, (again, since)
     monkeypatch.undo()

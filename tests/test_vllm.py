@@ -82,7 +82,7 @@ def test_validate_checks_the_model_against_vllm(random_model_dir, tmp_path):
     from lora_rl.lora import check_config
 
     gpt2 = tmp_path / "gpt2"  # its linears are c_attn, c_fc and c_proj, which vLLM has no LoRA for
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=1, n_positions=32)).save_pretrained(gpt2)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=1, n_positions=64)).save_pretrained(gpt2)
     with pytest.raises(ConfigError, match=r"target_modules=\[all-linear\] on model.path=.*cannot serve LoRA on "
                                           r"\['c_attn', 'c_fc', 'c_proj'\].*rollout.engine=embedded"):
         check_config(load_config(None, ["rollout.engine=vllm", f"model.path={gpt2}"]), data=False)
