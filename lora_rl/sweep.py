@@ -244,9 +244,12 @@ def _point_command(spec: SweepSpec, point: Point, folder: Path) -> list[str]:
     params = {"recipe": spec.recipe, "overrides": list(point.overrides), "output_dir": str(folder / "run"),
               "result_path": str(folder / "result.json"), "progress": False}
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
-    # Parameters travel as a YAML file: `-p` would turn the overrides list into a string.
+    # Parameters travel as a YAML file: `-p` would turn the overrides list into a string. The kernel may take
+    # as long to start as the point may run: papermill's 60 s fails a point whose kernel starts slowly on a
+    # machine busy with the others (and a Ray instance starting), which is no fault of the point.
     return [sys.executable, "-m", "papermill", notebook, str(folder / "03_run.ipynb"), "-f",
-            str(folder / "params.yaml"), "-k", "python3", "--cwd", str(REPO_ROOT), "--no-progress-bar"]
+            str(folder / "params.yaml"), "-k", "python3", "--cwd", str(REPO_ROOT), "--no-progress-bar",
+            "--start-timeout", str(max(60, int(spec.timeout)))]
 
 
 def _fresh_folder(spec: SweepSpec, point: Point) -> Path:

@@ -20,6 +20,17 @@ def _spec(tmp_path, model_dir, **extra):
     return SweepSpec.from_dict(raw | extra)
 
 
+def _why(table, sweep_dir) -> str:
+    """For an assertion's message: each point not ok, its reason and the end of its papermill log (a failure
+    in CI is otherwise only a status)."""
+    out = []
+    for row in table[table["status"] != "ok"].to_dict("records"):
+        log = sweep_dir / "points" / row["point"] / "papermill.log"
+        tail = log.read_text(errors="replace").splitlines()[-25:] if log.is_file() else ["(no papermill.log)"]
+        out.append(f"{row['point']}: {row['status']}: {row['reason']}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 def test_grid_and_points_expand_to_stable_ids(tmp_path):
     spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path),
                                 "grid": {"lora.lora_rank": [4, 8], "lora.target_modules": [["all-linear"],
@@ -90,7 +101,7 @@ def test_four_points_one_failing_then_resume(tmp_path, random_model_dir):
     table = run_sweep(spec, log=lines.append)
     assert len(table) == 4
     ok, failed = table[table["status"] == "ok"], table[table["status"] != "ok"]
-    assert len(ok) == 3 and len(failed) == 1
+    assert len(ok) == 3 and len(failed) == 1, _why(table, tmp_path / "sweep")
     assert "is not a folder" in failed.iloc[0]["reason"] and failed.iloc[0]["task.name"] == "gsm8k"
     assert sorted(ok["lora.lora_rank"]) == [4, 8, 16]
     assert (ok["steps_done"] == 2).all() and (ok["trainable_params"].diff().dropna() > 0).all()
@@ -112,9 +123,21 @@ def test_the_same_sweep_on_a_local_ray_instance(tmp_path, random_model_dir):
     pytest.importorskip("ray")
     spec = _spec(tmp_path, random_model_dir, grid={"lora.lora_rank": [4, 8]}, executor="ray")
     table = run_sweep(spec, log=lambda line: None)
-    assert list(table["status"]) == ["ok", "ok"]
+    assert list(table["status"]) == ["ok", "ok"], _why(table, tmp_path / "sweep")
     result = json.loads((tmp_path / "sweep" / "points" / table["point"][0] / "result.json").read_text())
     assert result["summary"]["steps_done"] == 2
+
+
+def test_a_points_kernel_may_start_as_slowly_as_the_point_may_run(tmp_path, random_model_dir):
+    """papermill gives a kernel 60 s to start; on a machine busy with the other points (and a Ray instance
+    starting) a slow start is no fault of the point, which has the sweep's timeout to finish."""
+    from lora_rl.sweep import _point_command
+
+    spec = _spec(tmp_path, random_model_dir, grid={"lora.lora_rank": [4]}, timeout=900)
+    (point,) = validate(spec)
+    (tmp_path / "p").mkdir()
+    command = _point_command(spec, point, tmp_path / "p")
+    assert command[command.index("--start-timeout") + 1] == "900"
 
 
 def test_a_point_past_the_timeout_is_killed_and_recorded(tmp_path, random_model_dir):
