@@ -49,6 +49,40 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return path
 
 
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete folder `new` at `target`, replacing the folder there with no moment at which
+    `target` is missing or partial: Linux swaps the two names in one step (renameat2 RENAME_EXCHANGE), then
+    the old contents, now under `new`'s name, are deleted. Two renames (old aside, new in) would leave a
+    process killed between them with no folder under the name. Where the exchange is not supported (another
+    OS, a file system without it) the two renames are the fallback."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no exchange here, use the fallback
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
 def _umask() -> int:
     umask = os.umask(0o022)  # os.umask sets a mask and returns the old one: the only way to read it
     os.umask(umask)
@@ -107,14 +141,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step_") and (p / "meta.json").is_file())
 
 
-def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Delete the temporary folders of checkpoints whose writing was cut off. A killed process leaves them
-    behind, hidden, and nothing ever reads them: each holds as much as a checkpoint (for a full fine-tune the
-    weights and optimizer state), so a run killed during saves, again and again, filled the disk unseen."""
+def remove_partial_writes(run_dir: Path) -> None:
+    """Delete the temporary folders of checkpoints (and of the final adapter) whose writing was cut off. A
+    killed process leaves them behind, hidden, and nothing ever reads them: each holds as much as a checkpoint
+    (for a full fine-tune the weights and optimizer state), so a run killed during saves, again and again,
+    filled the disk unseen."""
     folder = run_dir / "checkpoints"
     if folder.is_dir():
         for path in folder.glob(".step_*.tmp-*"):
             shutil.rmtree(path)
+    # The run's final adapter, cut off while written (or, where folders cannot be swapped in one step, while
+    # replaced: then the adapter itself is only under the .old- name and goes back in place).
+    old = sorted(run_dir.glob(".adapter.old-*"))
+    if old and not (run_dir / "adapter").exists():
+        os.replace(old[0], run_dir / "adapter")
+    for path in [*run_dir.glob(".adapter.tmp-*"), *run_dir.glob(".adapter.old-*")]:
+        shutil.rmtree(path)
 
 
 def load_checkpoint(path: Path, backend) -> tuple[dict, dict]:

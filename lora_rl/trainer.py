@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from lora_rl import distributed, grpo
 from lora_rl.backends import adapter_lora, make_backend, require_backend
 from lora_rl.batching import TokenBatch, encode, make_batch
-from lora_rl.checkpoint import (atomic_write_text, list_checkpoints, load_checkpoint, remove_partial_checkpoints,
+from lora_rl.checkpoint import (atomic_write_text, list_checkpoints, load_checkpoint, remove_partial_writes,
                                  save_checkpoint)
 from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, load_config, read_yaml
 from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
@@ -409,7 +409,7 @@ def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
         raise ConfigError(f"run.output_dir={str(run_dir)!r} cannot be made ({err.strerror or err}): choose a folder "
                           "in a writable place") from None
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
-    remove_partial_checkpoints(run_dir)  # one process writes to a run folder: none of them is being written
+    remove_partial_writes(run_dir)  # one process writes to a run folder: none of them is being written
     return run_dir
 
 

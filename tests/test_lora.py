@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +90,44 @@ def test_saving_over_an_adapter_replaces_it_whole(random_model_dir, tmp_path):
     reloaded = load_adapter(_model(random_model_dir), tmp_path / "adapter")
     assert torch.equal(reloaded(TOKENS).logits, model(TOKENS).logits)
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporaries left behind
+
+
+def test_an_adapter_is_never_missing_while_it_is_replaced(random_model_dir, tmp_path, monkeypatch):
+    """A process killed while replacing an adapter (a run's end, or `train` again over a finished run) must
+    leave a whole adapter under the name. Two renames (old aside, new in) left none between them: the folders
+    are swapped in one step instead."""
+    model = inject_lora(_model(random_model_dir), LoRAConfig(lora_rank=8))
+    out = tmp_path / "adapter"
+    save_adapter(model, out, random_model_dir)
+    before = model(TOKENS).logits
+    real_replace = os.replace
+
+    def killed_on_the_way_in(src, dst):
+        if Path(dst) == out:
+            raise SystemExit("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_on_the_way_in)
+    _perturb(model)
+    save_adapter(model, out, random_model_dir)  # os.replace is never asked to put a folder at `out`
+    torch.testing.assert_close(load_adapter(_model(random_model_dir), out)(TOKENS).logits, model(TOKENS).logits)
+    assert not torch.equal(model(TOKENS).logits, before)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_where_folders_cannot_be_swapped_two_renames_replace_the_adapter(random_model_dir, tmp_path, monkeypatch):
+    """Another OS or file system: the old folder goes aside first (a resume puts it back if the process died
+    between the renames: test_trainer)."""
+    import lora_rl.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    model = inject_lora(_model(random_model_dir), LoRAConfig(lora_rank=8))
+    save_adapter(model, tmp_path / "adapter", random_model_dir)
+    _perturb(model)
+    save_adapter(model, tmp_path / "adapter", random_model_dir)
+    torch.testing.assert_close(load_adapter(_model(random_model_dir), tmp_path / "adapter")(TOKENS).logits,
+                               model(TOKENS).logits)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_merged_model_matches_the_adapter_model(random_model_dir):

@@ -308,8 +308,15 @@ def test_a_resume_deletes_the_checkpoints_a_killed_run_left_half_written(tmp_pat
         (folder / "backend").mkdir(parents=True)
         (folder / "backend" / "state.pt").write_bytes(b"weights")
     (complete / "meta.json").write_text(json.dumps({"step": 1}))
+    # The final adapter: one cut off while written, and one moved aside by a replace that was cut off (where
+    # folders cannot be swapped in one step), which is the only copy and goes back under its name.
+    for name in (".adapter.tmp-a1b2c3", ".adapter.old-4242"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(name)
     _prepare_run_dir(config, resume=True)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    assert not list(tmp_path.glob(".adapter*"))
+    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == ".adapter.old-4242"
 
 
 def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path):
