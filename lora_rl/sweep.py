@@ -305,7 +305,9 @@ def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -
                                  start_new_session=True, env=env)
         if process is None:
             raise _Interrupted
+        pid_file = log_path.with_name("running.pid")
         try:
+            _write_pid(pid_file, process.pid)
             code = process.wait(timeout=timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -318,9 +320,34 @@ def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -
             raise
         finally:
             _RUNNING.finished(process)
+            pid_file.unlink(missing_ok=True)
         if _RUNNING.interrupted.is_set():
             raise _Interrupted
         return ("ok", code) if code is not None else ("timeout", None)
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    """The point's top process, with its start time (a pid alone may name another process by the time it is
+    read): whoever ran the point can die without killing it (a Ray worker killed by Ray's memory monitor), and
+    the driver then kills what it left from here."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        path.write_text(f"{pid} {psutil.Process(pid).create_time()}\n")
+
+
+def _kill_left_behind(folder: Path) -> None:
+    import psutil
+
+    path = folder / "running.pid"
+    try:
+        pid, started = path.read_text().split()
+        process = psutil.Process(int(pid))
+        if process.create_time() == float(started):
+            _kill_tree(process.pid)
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        pass  # nothing left, or never started
+    path.unlink(missing_ok=True)
 
 
 def _kill_tree(pid: int) -> None:
@@ -379,7 +406,7 @@ def run_pack(spec: SweepSpec, pack: tuple[Point, ...]) -> list[dict]:
     if _RUNNING.interrupted.is_set():
         raise _Interrupted
     folders = [_fresh_folder(spec, point) for point in pack]
-    job = Path(spec.output_dir) / "packs" / f"pack-{hashlib.sha1(' '.join(p.id for p in pack).encode()).hexdigest()[:8]}"
+    job = _pack_folder(spec, pack)
     job.mkdir(parents=True, exist_ok=True)
     members = [{"overrides": list(point.overrides), "output_dir": str(folder / "run"),
                 "result_path": str(folder / "result.json")} for point, folder in zip(pack, folders, strict=True)]
@@ -392,6 +419,25 @@ def run_pack(spec: SweepSpec, pack: tuple[Point, ...]) -> list[dict]:
     return [_write_status(folder, point, *_outcome(ran, code, folder, job / "job.log", timeout), seconds,
                           pack=[p.id for p in pack])
             for point, folder in zip(pack, folders, strict=True)]
+
+
+def _pack_folder(spec: SweepSpec, pack: tuple[Point, ...]) -> Path:
+    return Path(spec.output_dir) / "packs" / f"pack-{hashlib.sha1(' '.join(p.id for p in pack).encode()).hexdigest()[:8]}"
+
+
+def _lost(spec: SweepSpec, job: Point | tuple[Point, ...], why: str, seconds: float) -> list[dict]:
+    """A job whose runner died under it (a Ray worker killed, its node lost): what it started is killed, and
+    each of its points is recorded as failed with the reason, as its own crash would be."""
+    pack = job if isinstance(job, tuple) else (job,)
+    _kill_left_behind(_pack_folder(spec, pack) if isinstance(job, tuple) else
+                      Path(spec.output_dir) / "points" / job.id)
+    out = []
+    for point in pack:
+        folder = Path(spec.output_dir) / "points" / point.id
+        folder.mkdir(parents=True, exist_ok=True)
+        out.append(_write_status(folder, point, "failed", why[:500], seconds,
+                                 **({"pack": [p.id for p in pack]} if isinstance(job, tuple) else {})))
+    return out
 
 
 def plan_packs(spec: SweepSpec, points: list[Point]) -> tuple[list[tuple[Point, ...]], list[Point], list[str]]:
@@ -549,9 +595,10 @@ def _run_with_processes(spec: SweepSpec, jobs: list):
     try:
         for future in futures:
             yield future.result()
-    except KeyboardInterrupt:
-        # Stop every running point now (their processes are out of the terminal's reach) and start no
-        # other; the interrupted points get no status.json, so the next run starts them again.
+    except BaseException:
+        # Ctrl-C, or an error of the driver (a status it could not write): stop every running point now (their
+        # processes are out of the terminal's reach and would outlive the sweep) and start no other; the
+        # interrupted points get no status.json, so the next run starts them again.
         _RUNNING.interrupt()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
@@ -568,16 +615,29 @@ def _run_with_ray(spec: SweepSpec, jobs: list):
         ray.init(address=spec.ray_address or None, include_dashboard=False, log_to_driver=False,
                  **({} if spec.ray_address else {"num_cpus": spec.parallel}))
     try:
-        remote = ray.remote(num_cpus=1)(run_job)
-        pending = [remote.remote(spec, job) for job in jobs]
+        # No retries: a task Ray would retry after its worker died would run the point again over the folder
+        # where the first try's processes may still be running. The point is recorded as failed instead.
+        remote = ray.remote(num_cpus=1, max_retries=0)(run_job)
+        submitted = time.perf_counter()
+        jobs_of = {remote.remote(spec, job): job for job in jobs}
+        pending = list(jobs_of)
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(done[0])
-        except KeyboardInterrupt:
-            # Cancelling interrupts each running task (a KeyboardInterrupt in its worker), which kills its points'
-            # processes: they run in sessions of their own, so ending the workers would leave them running.
-            # Tasks not started yet never start; as with processes, no interrupted point gets a status.
+                try:
+                    yield ray.get(done[0])
+                except ray.exceptions.RayError as err:
+                    if isinstance(err, ray.exceptions.RayTaskError):
+                        raise  # the sweep's own code failed in the task: stop the sweep, as with processes
+                    # The worker or node died under the task (Ray's memory monitor, a lost node): the point's
+                    # failure, recorded with the reason; the other points run on.
+                    why = f"its Ray worker died ({type(err).__name__}: {str(err).strip().splitlines()[0]})"
+                    yield _lost(spec, jobs_of[done[0]], why, time.perf_counter() - submitted)
+        except BaseException:
+            # Ctrl-C, or an error of the driver: cancelling interrupts each running task (a KeyboardInterrupt in
+            # its worker), which kills its points' processes: they run in sessions of their own, so ending the
+            # workers would leave them running. Tasks not started yet never start; as with processes, no
+            # interrupted point gets a status.
             for ref in pending:
                 ray.cancel(ref)
             ray.wait(pending, num_returns=len(pending), timeout=CANCEL_WAIT_S)

@@ -411,3 +411,83 @@ def test_a_terminated_sweep_stops_its_points(tmp_path, monkeypatch, request):
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec, log=lambda line: None)
     assert time.perf_counter() - start < 15 and _gone(int(pid_file.read_text()))
+
+
+def test_an_error_of_the_driver_stops_the_running_points(tmp_path, monkeypatch):
+    """Not only Ctrl-C: a sweep that stops on an error of its own (here a status it cannot write) kills the
+    points still running, which otherwise ran on in their sessions after the sweep had failed."""
+    import sys
+    import time
+
+    from lora_rl import sweep
+
+    pid_file = tmp_path / "slow.pid"
+    slow = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [
+        sys.executable, "-c", slow if point.values["lora.lora_rank"] == 8 else "pass"])
+    real_write = sweep._write_status
+
+    def disk_full(folder, point, *args, **kwargs):
+        if point.values["lora.lora_rank"] == 4:
+            while not pid_file.exists() or not pid_file.read_text():
+                time.sleep(0.05)  # the other point is running now
+            raise OSError(28, "No space left on device")
+        return real_write(folder, point, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "_write_status", disk_full)
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4, 8]}, "parallel": 2, "timeout": 300})
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="No space left"):
+        run_sweep(spec, log=lambda line: None)
+    assert time.perf_counter() - start < 60
+    assert _gone(int(pid_file.read_text())), "the running point outlived the sweep"
+
+
+def test_a_point_whose_ray_worker_dies_is_recorded_and_the_others_run_on(tmp_path):
+    """Ray's memory monitor kills the worker running a point: the point is recorded as failed with the reason
+    (Ray retried the task before, running it again over its folder), what it started is killed, not left
+    running in its own session, and the other point finishes."""
+    pytest.importorskip("ray")
+    import os
+    import signal
+    import time
+
+    import nbformat
+    import psutil
+
+    kernel_pid = tmp_path / "kernel.pid"
+    body = f"""import json, os, pathlib, time
+if "lora.lora_rank=8" in overrides:
+    pathlib.Path({str(kernel_pid)!r}).write_text(str(os.getpid()))
+    time.sleep(300)
+pathlib.Path(result_path).write_text(json.dumps({{"config": {{}}, "summary": {{"steps_done": 0}}, "metrics": {{}}}}))
+"""
+    parameters = nbformat.v4.new_code_cell('recipe = ""\noverrides = []\noutput_dir = ""\nresult_path = ""\n'
+                                           'progress = False')
+    parameters.metadata["tags"] = ["parameters"]
+    notebook = nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(body)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "point.ipynb")
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4, 8]}, "parallel": 2, "timeout": 300,
+                                "executor": "ray", "notebook": str(tmp_path / "point.ipynb")})
+
+    def kill_the_worker():
+        while not kernel_pid.exists() or not kernel_pid.read_text():
+            time.sleep(0.1)
+        kernel = psutil.Process(int(kernel_pid.read_text()))
+        worker = kernel.parent().parent()  # kernel <- papermill <- the Ray worker
+        assert "ray" in " ".join(worker.cmdline()).lower(), worker.cmdline()
+        os.kill(worker.pid, signal.SIGKILL)
+
+    import threading
+
+    threading.Thread(target=kill_the_worker, daemon=True).start()
+    start = time.perf_counter()
+    table = run_sweep(spec, log=lambda line: None)
+    assert time.perf_counter() - start < 200
+    rows = {row["point"].split("-")[0]: row for row in table.to_dict("records")}
+    assert rows["lora_rank=4"]["status"] == "ok", _why(table, tmp_path / "sweep")
+    assert rows["lora_rank=8"]["status"] == "failed" and "Ray worker died" in rows["lora_rank=8"]["reason"]
+    assert _gone(int(kernel_pid.read_text())), "the dead worker's point ran on"
