@@ -669,8 +669,9 @@ def collect(spec: SweepSpec):
                     row[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
             row.update({k: v for k, v in result["summary"].items() if k not in ("run_dir", "model", "task")})
             row.update(result["metrics"])
-        else:  # a failed point: its config is still known
-            config = load_config(spec.recipe, [*point.overrides, override("run.output_dir", str(folder / "run"))])
+        else:  # a failed point: its config is still known, with the folders it ran with (made absolute)
+            overrides = status.get("overrides", list(point.overrides))
+            config = load_config(spec.recipe, [*overrides, override("run.output_dir", str(folder / "run"))])
             for section, values in config_to_dict(config).items():
                 for key, value in values.items():
                     row[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value

@@ -286,6 +286,23 @@ def test_relative_folders_reach_the_points_as_validation_found_them(tmp_path, ra
     assert config.model.path == str((tmp_path / "mymodel").resolve())
 
 
+def test_a_failed_points_row_shows_the_folders_it_ran_with(tmp_path, random_model_dir, monkeypatch):
+    """A finished point's row comes from its result (absolute folders); a failed one's is rebuilt from its
+    config, which showed model.path relative to wherever the table was collected."""
+    import os
+    import sys
+
+    from lora_rl import sweep
+
+    os.symlink(random_model_dir, tmp_path / "mymodel")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [sys.executable, "-c", "pass"])
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "overrides": ["model.path=mymodel"], "grid": {"lora.lora_rank": [4]}})
+    (row,) = run_sweep(spec, log=lambda line: None).to_dict("records")
+    assert row["status"] == "failed" and row["model.path"] == str((tmp_path / "mymodel").resolve())
+
+
 def test_inputs_named_from_the_repository_are_found_from_a_notebook(monkeypatch, tmp_path):
     """Jupyter runs notebooks in notebooks/; the README names recipes, sweep files and sweep folders from the
     repository root. Inputs are found from either; a missing one says where it was looked for."""
