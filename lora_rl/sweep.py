@@ -301,7 +301,7 @@ def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -
     Whatever it leaves behind (a kernel orphaned by a killed papermill, a vLLM server, torchrun ranks) is
     killed with it. Raises _Interrupted if the sweep was interrupted before or while it ran."""
     with open(log_path, "wb") as log:
-        process = _RUNNING.start(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        process = _RUNNING.start([*_DIE_WITH_PARENT, str(os.getpid()), *command], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, env=env)
         if process is None:
             raise _Interrupted
@@ -324,6 +324,18 @@ def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -
         if _RUNNING.interrupted.is_set():
             raise _Interrupted
         return ("ok", code) if code is not None else ("timeout", None)
+
+
+# A point's top process is started through this: Linux kills it when the thread that started it dies, so a
+# sweep (or Ray worker) killed with SIGKILL, which can run no handler, takes its points with it. Without this
+# they ran on, and the sweep's lock died with it: a re-run started them again over their running folders.
+# The Jupyter kernel follows papermill (it polls its parent); exec keeps the setting and the pid.
+_DIE_WITH_PARENT = [sys.executable, "-c", (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform == 'linux':\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "    if os.getppid() != int(sys.argv[1]): sys.exit('sweep: the sweep died before this point started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")]
 
 
 def _write_pid(path: Path, pid: int) -> None:

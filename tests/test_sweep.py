@@ -4,6 +4,7 @@ resuming, and the same sweep handed to a local Ray instance."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -508,3 +509,34 @@ pathlib.Path(result_path).write_text(json.dumps({{"config": {{}}, "summary": {{"
     assert rows["lora_rank=4"]["status"] == "ok", _why(table, tmp_path / "sweep")
     assert rows["lora_rank=8"]["status"] == "failed" and "Ray worker died" in rows["lora_rank=8"]["reason"]
     assert _gone(int(kernel_pid.read_text())), "the dead worker's point ran on"
+
+
+def test_a_sweep_killed_outright_takes_its_points_with_it(tmp_path):
+    """SIGKILL runs no handler: the sweep's points, in sessions of their own, ran on, and the sweep's lock went
+    with it, so a re-run started them again over their running folders."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "point.pid"
+    driver = f"""
+import sys
+from lora_rl import sweep
+point = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+sweep._point_command = lambda spec, p, folder: [sys.executable, "-c", point]
+sweep.run_sweep(sweep.SweepSpec.from_dict({{"recipe": "examples/quickstart.yaml",
+    "output_dir": {str(tmp_path / "sweep")!r}, "grid": {{"lora.lora_rank": [4]}}, "timeout": 300}}))
+"""
+    process = subprocess.Popen([sys.executable, "-c", driver], cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and process.poll() is None, "the point never started"
+            time.sleep(0.1)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert _gone(int(pid_file.read_text())), "the point outlived its sweep"
+    finally:
+        process.kill()
