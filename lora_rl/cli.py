@@ -85,6 +85,9 @@ def _fail(err: BaseException, code: int) -> int:
     return code
 
 
+RANKS_STOP_WAIT_S = 24 * 3600  # how long `train --nproc` waits, after Ctrl-C, for the ranks' last step
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """Run this same command on `nproc` ranks on this machine: torchrun --standalone, started in this process
     so that a failed rank ends in its own error and exit code (2 for a config error), not a launcher traceback."""
@@ -110,6 +113,10 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.run"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     launch_config, command, command_args = torchrun.config_from_args(args)
+    # Ctrl-C reaches the ranks through the agent (they run in sessions of their own), and they stop after the
+    # step with a checkpoint; the agent SIGKILLed them 30 s later, so a longer step lost its checkpoint. It
+    # waits for them now; a second Ctrl-C still stops them at once (the agent then sends SIGTERM).
+    launch_config.shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", RANKS_STOP_WAIT_S))
     with tempfile.TemporaryDirectory(prefix="lora-rl-errors-") as errors:
         os.environ[_ERRORS_ENV] = errors
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pickle
 import signal
 import sys
@@ -62,6 +63,9 @@ def _interrupt_flag():
         if flag["set"]:
             raise KeyboardInterrupt
         flag["set"] = True
+        if os.environ.get("RANK", "0") == "0":  # a step can take minutes: say the Ctrl-C was heard
+            print("\nlora-rl: stopping after this step, with a checkpoint (Ctrl-C again stops at once, without "
+                  "one)", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -265,3 +265,20 @@ def test_sigterm_to_an_nproc_run_stops_its_ranks_and_exits_143(warm_model_dir, t
     assert "lora-rl: stopped by SIGTERM" in err and "Traceback" not in err, err[-2000:]
     assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
                    for pid in ranks)
+
+
+def test_train_nproc_waits_for_the_ranks_last_step_after_ctrl_c(monkeypatch):
+    """Ctrl-C under --nproc: the ranks stop after the step with a checkpoint, which may take minutes on a GPU;
+    torchrun's agent SIGKILLed them after 30 s, so the checkpoint was lost. A user's own
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT still wins."""
+    import torch.distributed.launcher.api as launcher
+
+    from lora_rl import cli
+
+    seen = []
+    monkeypatch.setattr(launcher, "elastic_launch", lambda config, command: seen.append(config) or (lambda *a: None))
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert cli._torchrun(2, ["train", "examples/quickstart.yaml", "--nproc", "2"]) == 0
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
+    assert cli._torchrun(2, ["train", "examples/quickstart.yaml", "--nproc", "2"]) == 0
+    assert [c.shutdown_timeout for c in seen] == [cli.RANKS_STOP_WAIT_S, 45] and cli.RANKS_STOP_WAIT_S >= 3600

@@ -193,6 +193,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint(warm_model_dir, tmp_path)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err[-2000:]
     steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert "stopping after this step, with a checkpoint" in err  # heard at once, not only when the step ends
     assert "stopped early after step" in err and "--resume" in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{steps:06d}"]
     summary = json.loads((out / "summary.json").read_text())
