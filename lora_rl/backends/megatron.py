@@ -37,8 +37,15 @@ from lora_rl.models import DTYPES, has_dropout, set_training
 from lora_rl.optim import make_optimizer
 
 
-def check_parallel(tensor_parallel: int, world: int, bridge_version: str) -> None:
-    """Refuse layouts this backend would train wrongly."""
+def check_parallel(tensor_parallel: int, world: int, bridge_version: str, lora_rank: int | None = None) -> None:
+    """Refuse layouts this backend would train wrongly, or that Megatron would refuse with a bare assertion."""
+    if lora_rank is not None and lora_rank % tensor_parallel:
+        # megatron-bridge splits the rank dimension of each column-parallel layer's A over the tensor-parallel
+        # ranks; Megatron's own refusal is "AssertionError: 4 is not divisible by 8".
+        up = -(-lora_rank // tensor_parallel) * tensor_parallel
+        raise ConfigError(f"lora.lora_rank={lora_rank} is not a multiple of backend.tensor_parallel={tensor_parallel}: "
+                          f"megatron-bridge splits each adapter's rank over the tensor-parallel ranks. Use "
+                          f"lora.lora_rank={up}, or a tensor_parallel that divides {lora_rank}")
     if world % tensor_parallel:
         raise ConfigError(f"backend.tensor_parallel={tensor_parallel} does not divide the {world} processes: run a "
                           f"multiple of {tensor_parallel} processes (torchrun --nproc-per-node)")
@@ -88,7 +95,8 @@ def _rope_theta(hf_config) -> float:
 def build_megatron(base_model_path: Path, config: Config) -> tuple[object, list[torch.nn.Module], int]:
     """(bridge, model chunks, HF vocabulary size): the HF folder as a Megatron model with LoRA adapters."""
     mc = megatron_compat.load()
-    check_parallel(config.backend.tensor_parallel, distributed.world_size(), mc.bridge_version)
+    check_parallel(config.backend.tensor_parallel, distributed.world_size(), mc.bridge_version,
+                   config.lora.lora_rank if config.lora.use_lora else None)
     distributed.ensure_group()
     _init_parallel(mc, config.backend.tensor_parallel, config.run.seed)
     dtype = DTYPES[config.model.dtype]
