@@ -301,8 +301,8 @@ def _run_logged(command: list[str], log_path: Path, timeout: float, env: dict) -
     Whatever it leaves behind (a kernel orphaned by a killed papermill, a vLLM server, torchrun ranks) is
     killed with it. Raises _Interrupted if the sweep was interrupted before or while it ran."""
     with open(log_path, "wb") as log:
-        process = _RUNNING.start([*_DIE_WITH_PARENT, str(os.getpid()), *command], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, env=env)
+        process = _RUNNING.start([*_DIE_WITH_PARENT, str(os.getpid()), *command], stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         if process is None:
             raise _Interrupted
         pid_file = log_path.with_name("running.pid")
