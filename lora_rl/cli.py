@@ -95,6 +95,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     import tempfile
     import uuid
 
+    import torch
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -116,7 +117,10 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     # Ctrl-C reaches the ranks through the agent (they run in sessions of their own), and they stop after the
     # step with a checkpoint; the agent SIGKILLed them 30 s later, so a longer step lost its checkpoint. It
     # waits for them now; a second Ctrl-C still stops them at once (the agent then sends SIGTERM).
-    launch_config.shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", RANKS_STOP_WAIT_S))
+    # torch before 2.12 has no such setting: its agent's 30 s are fixed (said at the interrupt).
+    waits = "shutdown_timeout" in getattr(type(launch_config), "__dataclass_fields__", {})
+    if waits:
+        launch_config.shutdown_timeout = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", RANKS_STOP_WAIT_S))
     with tempfile.TemporaryDirectory(prefix="lora-rl-errors-") as errors:
         os.environ[_ERRORS_ENV] = errors
         try:
@@ -125,6 +129,10 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         except SignalException as err:  # Ctrl-C, SIGTERM: the agent has passed it on to the ranks and stopped them
             print("lora-rl: interrupted" if err.sigval == signal.SIGINT else f"lora-rl: stopped by {err.sigval.name}",
                   file=sys.stderr)
+            if not waits and err.sigval == signal.SIGINT:
+                print(f"lora-rl: torch {torch.__version__} gives the ranks 30 s to finish their step and save a "
+                      "checkpoint, then kills them (torch 2.12 and later wait for them): if no checkpoint of this "
+                      "step was written, --resume starts from the one before", file=sys.stderr)
             return 128 + int(err.sigval)
         except ChildFailedError as err:
             rank, failure = err.get_first_failure()

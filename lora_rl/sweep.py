@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -349,6 +349,8 @@ def _write_pid(path: Path, pid: int) -> None:
 
 
 def _kill_left_behind(folder: Path) -> None:
+    """Kill the point process recorded in `folder` and what is below it, if it still runs on this machine (a
+    pid recorded on another node of a Ray cluster names nothing here: its start time will not match)."""
     import psutil
 
     path = folder / "running.pid"
@@ -438,14 +440,19 @@ def _pack_folder(spec: SweepSpec, pack: tuple[Point, ...]) -> Path:
 
 
 def _lost(spec: SweepSpec, job: Point | tuple[Point, ...], why: str, seconds: float) -> list[dict]:
-    """A job whose runner died under it (a Ray worker killed, its node lost): what it started is killed, and
-    each of its points is recorded as failed with the reason, as its own crash would be."""
+    """A job whose runner died under it (a Ray worker killed, its node lost): each of its points not already
+    finished is recorded as failed with the reason, as its own crash would be. What it started dies with the
+    worker on Linux (parent-death signal); elsewhere it is killed from here when it runs on this machine."""
     pack = job if isinstance(job, tuple) else (job,)
     _kill_left_behind(_pack_folder(spec, pack) if isinstance(job, tuple) else
                       Path(spec.output_dir) / "points" / job.id)
     out = []
     for point in pack:
         folder = Path(spec.output_dir) / "points" / point.id
+        status = _status(spec, point)
+        if status and status["status"] == "ok":  # the worker died after writing it: the point is done
+            out.append(status)
+            continue
         folder.mkdir(parents=True, exist_ok=True)
         out.append(_write_status(folder, point, "failed", why[:500], seconds,
                                  **({"pack": [p.id for p in pack]} if isinstance(job, tuple) else {})))
@@ -605,7 +612,9 @@ def _run_with_processes(spec: SweepSpec, jobs: list):
     pool = ThreadPoolExecutor(spec.parallel)
     futures = [pool.submit(run_job, spec, job) for job in jobs]
     try:
-        for future in futures:
+        # As they finish, not in order: an error of the driver in a later job stops the sweep now, not once
+        # the earlier ones are done (while the pool started more points).
+        for future in as_completed(futures):
             yield future.result()
     except BaseException:
         # Ctrl-C, or an error of the driver (a status it could not write): stop every running point now (their

@@ -64,8 +64,10 @@ def _interrupt_flag():
             raise KeyboardInterrupt
         flag["set"] = True
         if os.environ.get("RANK", "0") == "0":  # a step can take minutes: say the Ctrl-C was heard
-            print("\nlora-rl: stopping after this step, with a checkpoint (Ctrl-C again stops at once, without "
-                  "one)", file=sys.stderr, flush=True)
+            # os.write, not print: the signal may land inside a print to stderr (the progress bar), and a
+            # print from the handler would then raise "reentrant call" out of the training loop.
+            os.write(2, b"\nlora-rl: stopping after this step, with a checkpoint (Ctrl-C again stops at once, "
+                        b"without one)\n")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -282,3 +282,5 @@ def test_train_nproc_waits_for_the_ranks_last_step_after_ctrl_c(monkeypatch):
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
     assert cli._torchrun(2, ["train", "examples/quickstart.yaml", "--nproc", "2"]) == 0
     assert [c.shutdown_timeout for c in seen] == [cli.RANKS_STOP_WAIT_S, 45] and cli.RANKS_STOP_WAIT_S >= 3600
+    # A real setting of this torch's launcher (torch 2.12+), which its agent reads, not an attribute added on the side.
+    assert "shutdown_timeout" in launcher.LaunchConfig.__dataclass_fields__

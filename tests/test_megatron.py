@@ -291,6 +291,7 @@ def test_megatron_refusals_name_the_fix(family_dir):
     with pytest.raises(ConfigError, match=r"lora.lora_rank=4 is not a multiple of backend.tensor_parallel=8: .* "
                                           r"Use lora.lora_rank=8"):
         check_parallel(8, 8, "0.6.2", lora_rank=4)
+    check_parallel(8, 8, "0.6.2", lora_rank=4, targets=("linear_proj", "linear_fc2"))  # row-parallel: not split
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="gives wrong results there"):
             check_parallel(2, 2, "0.3.1")

@@ -441,12 +441,13 @@ def test_an_error_of_the_driver_stops_the_running_points(tmp_path, monkeypatch):
 
     pid_file = tmp_path / "slow.pid"
     slow = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    # The failing job is the second one: the sweep stops at its error, not once the first point is done.
     monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [
-        sys.executable, "-c", slow if point.values["lora.lora_rank"] == 8 else "pass"])
+        sys.executable, "-c", slow if point.values["lora.lora_rank"] == 4 else "pass"])
     real_write = sweep._write_status
 
     def disk_full(folder, point, *args, **kwargs):
-        if point.values["lora.lora_rank"] == 4:
+        if point.values["lora.lora_rank"] == 8:
             while not pid_file.exists() or not pid_file.read_text():
                 time.sleep(0.05)  # the other point is running now
             raise OSError(28, "No space left on device")

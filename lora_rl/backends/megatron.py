@@ -37,11 +37,17 @@ from lora_rl.models import DTYPES, has_dropout, set_training
 from lora_rl.optim import make_optimizer
 
 
-def check_parallel(tensor_parallel: int, world: int, bridge_version: str, lora_rank: int | None = None) -> None:
-    """Refuse layouts this backend would train wrongly, or that Megatron would refuse with a bare assertion."""
-    if lora_rank is not None and lora_rank % tensor_parallel:
-        # megatron-bridge splits the rank dimension of each column-parallel layer's A over the tensor-parallel
-        # ranks; Megatron's own refusal is "AssertionError: 4 is not divisible by 8".
+_COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")  # their adapters' A split the rank over tensor-parallel ranks
+
+
+def check_parallel(tensor_parallel: int, world: int, bridge_version: str, lora_rank: int | None = None,
+                   targets: tuple[str, ...] = _COLUMN_PARALLEL) -> None:
+    """Refuse layouts this backend would train wrongly, or that Megatron would refuse with a bare assertion.
+    `targets`: the adapted layers in Megatron's names."""
+    if lora_rank is not None and lora_rank % tensor_parallel and set(targets) & set(_COLUMN_PARALLEL):
+        # megatron-bridge splits the rank dimension of a column-parallel layer's A over the tensor-parallel
+        # ranks (a row-parallel layer's A splits its input instead); Megatron's own refusal is
+        # "AssertionError: 4 is not divisible by 8".
         up = -(-lora_rank // tensor_parallel) * tensor_parallel
         raise ConfigError(f"lora.lora_rank={lora_rank} is not a multiple of backend.tensor_parallel={tensor_parallel}: "
                           f"megatron-bridge splits each adapter's rank over the tensor-parallel ranks. Use "
@@ -96,7 +102,8 @@ def build_megatron(base_model_path: Path, config: Config) -> tuple[object, list[
     """(bridge, model chunks, HF vocabulary size): the HF folder as a Megatron model with LoRA adapters."""
     mc = megatron_compat.load()
     check_parallel(config.backend.tensor_parallel, distributed.world_size(), mc.bridge_version,
-                   config.lora.lora_rank if config.lora.use_lora else None)
+                   config.lora.lora_rank if config.lora.use_lora else None,
+                   tuple(megatron_target_names(config.lora.target_modules)))
     distributed.ensure_group()
     _init_parallel(mc, config.backend.tensor_parallel, config.run.seed)
     dtype = DTYPES[config.model.dtype]
