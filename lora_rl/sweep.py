@@ -408,9 +408,28 @@ def run_point(spec: SweepSpec, point: Point) -> dict:
     folder = _fresh_folder(spec, point)
     start = time.perf_counter()
     log_path = folder / "papermill.log"
-    ran, code = _run_logged(_point_command(spec, point, folder), log_path, spec.timeout, _point_environment(spec))
-    status, reason = _outcome(ran, code, folder, log_path, spec.timeout)
-    return _write_status(folder, point, status, reason, time.perf_counter() - start)
+    extra = {}
+    for attempt in (1, 2):
+        left = max(1.0, spec.timeout - (time.perf_counter() - start))  # both tries share the point's timeout
+        ran, code = _run_logged(_point_command(spec, point, folder), log_path, left, _point_environment(spec))
+        status, reason = _outcome(ran, code, folder, log_path, spec.timeout)
+        if status != "failed" or attempt == 2 or not _notebook_never_ran(folder / "03_run.ipynb"):
+            break
+        # The Jupyter kernel did not come up (a port another process took between Jupyter's choice and the
+        # kernel's bind, a kernel killed as it started): the point's own code never ran, so it gets one more
+        # try. Its first log stays beside the second.
+        os.replace(log_path, folder / "papermill.first-try.log")
+        extra = {"first_try": reason}
+    return _write_status(folder, point, status, reason, time.perf_counter() - start, **extra)
+
+
+def _notebook_never_ran(path: Path) -> bool:
+    """Whether papermill failed before the kernel ran any cell of the point's notebook (or wrote none)."""
+    try:
+        cells = json.loads(path.read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return True
+    return all(cell.get("execution_count") is None for cell in cells if cell.get("cell_type") == "code")
 
 
 def run_pack(spec: SweepSpec, pack: tuple[Point, ...]) -> list[dict]:

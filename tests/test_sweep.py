@@ -104,6 +104,7 @@ def test_four_points_one_failing_then_resume(tmp_path, random_model_dir):
     ok, failed = table[table["status"] == "ok"], table[table["status"] != "ok"]
     assert len(ok) == 3 and len(failed) == 1, _why(table, tmp_path / "sweep")
     assert "is not a folder" in failed.iloc[0]["reason"] and failed.iloc[0]["task.name"] == "gsm8k"
+    assert not (tmp_path / "sweep" / "points" / failed.iloc[0]["point"] / "papermill.first-try.log").exists()
     assert sorted(ok["lora.lora_rank"]) == [4, 8, 16]
     assert (ok["steps_done"] == 2).all() and (ok["trainable_params"].diff().dropna() > 0).all()
     for column in ("model.path", "rollout.group_size", "train.lr", "peak_memory_gib", "update_tokens_per_s"):
@@ -541,3 +542,28 @@ sweep.run_sweep(sweep.SweepSpec.from_dict({{"recipe": "examples/quickstart.yaml"
         assert _gone(int(pid_file.read_text())), "the point outlived its sweep"
     finally:
         process.kill()
+
+
+def test_a_point_whose_kernel_never_started_gets_one_more_try(tmp_path, monkeypatch):
+    """papermill failing before the kernel ran any cell (a port taken between Jupyter's choice and the
+    kernel's bind, a kernel killed as it started) is no failure of the point's own code: one more try, with
+    the first try's log kept. A point whose notebook ran and failed is not tried again (the four-point test)."""
+    import sys
+
+    from lora_rl import sweep
+
+    tries = tmp_path / "tries"
+    script = ("import json, pathlib, sys\n"
+              f"tries = pathlib.Path({str(tries)!r}); tries.write_text(tries.read_text() + 'x' if tries.exists() else 'x')\n"
+              "if len(tries.read_text()) == 1: sys.exit('RuntimeError: Kernel died before replying to kernel_info')\n"
+              "out = pathlib.Path(sys.argv[1])\n"
+              "(out / '03_run.ipynb').write_text(json.dumps({'cells': [{'cell_type': 'code', 'execution_count': 1}]}))\n"
+              "(out / 'result.json').write_text('{}')\n")
+    monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [sys.executable, "-c", script, str(folder)])
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4]}, "parallel": 1, "timeout": 300})
+    (point,) = validate(spec)
+    record = sweep.run_point(spec, point)
+    assert record["status"] == "ok" and "Kernel died" in record["first_try"] and tries.read_text() == "xx"
+    folder = tmp_path / "sweep" / "points" / point.id
+    assert "Kernel died" in (folder / "papermill.first-try.log").read_text()
