@@ -560,6 +560,7 @@ def test_a_point_whose_kernel_never_started_gets_one_more_try(tmp_path, monkeypa
               "(out / '03_run.ipynb').write_text(json.dumps({'cells': [{'cell_type': 'code', 'execution_count': 1}]}))\n"
               "(out / 'result.json').write_text('{}')\n")
     monkeypatch.setattr(sweep, "_point_command", lambda spec, point, folder: [sys.executable, "-c", script, str(folder)])
+    monkeypatch.setattr(sweep, "_RUNNING", sweep._Running())  # an earlier test's interrupt is not this one's
     spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
                                 "grid": {"lora.lora_rank": [4]}, "parallel": 1, "timeout": 300})
     (point,) = validate(spec)
