@@ -25,23 +25,31 @@ _RESET_SLACK_GIB = 0.05  # RSS moves a little between the reset and the check
 class _RssSampler:
     """Fallback where the kernel will not reset the peak resident set (some sandboxes accept or refuse the
     write to clear_refs and keep VmHWM): a daemon thread samples VmRSS every few milliseconds. It can miss a
-    spike shorter than its period, so its kind says "sampled"."""
+    spike shorter than its period, so its kind says "sampled". It runs only while a run measures (a notebook
+    kernel lives on after its runs, and would otherwise read /proc a hundred times a second for good)."""
 
     period_s = 0.01
 
     def __init__(self) -> None:
         self.peak_gib = _rss_gib()
         self.pid = os.getpid()  # a forked child inherits this object but not its thread
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lora-rl-rss-sampler", daemon=True)
         self._thread.start()
+
+    def running(self) -> bool:
+        return self.pid == os.getpid() and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
     def reset(self) -> None:
         self.peak_gib = _rss_gib()
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.wait(self.period_s):
             self.peak_gib = max(self.peak_gib, _rss_gib())
-            time.sleep(self.period_s)
 
 
 _sampler: _RssSampler | None = None
@@ -75,10 +83,27 @@ def reset_peak_memory() -> None:
     hwm, rss = _proc_status_gib("VmHWM"), _rss_gib()
     _sampling = hwm is not None and hwm > rss + _RESET_SLACK_GIB  # the write was refused or ignored
     if _sampling:
-        if _sampler is None or _sampler.pid != os.getpid():
+        if _sampler is None or not _sampler.running():
             _sampler = _RssSampler()
         else:
             _sampler.reset()
+
+
+def stop_peak_sampling() -> None:
+    """End of a run: stop the fallback sampler, if one runs; peak_memory() then still reports its peak."""
+    if _sampler is not None and _sampler.running():
+        _sampler.stop()
+
+
+@contextmanager
+def measuring_peak_memory():
+    """A run's span: its peak starts at the entry, and the sampler (where one is needed) stops at the exit,
+    however the run ends."""
+    reset_peak_memory()
+    try:
+        yield
+    finally:
+        stop_peak_sampling()
 
 
 def peak_memory() -> tuple[float, str]:

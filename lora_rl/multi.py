@@ -48,7 +48,7 @@ from lora_rl.config import Config, ConfigError, config_to_dict, override
 from lora_rl.fused_lora import load_native
 from lora_rl.lora import (adapter_rows, adapters_off, check_model, inject_adapters, install_rows_forward,
                           row_segments, save_adapter)
-from lora_rl.metrics import MetricsLog, Timer, reset_peak_memory
+from lora_rl.metrics import MetricsLog, Timer, measuring_peak_memory
 from lora_rl.models import has_dropout, load_model, resolve_model_path, set_training
 from lora_rl.optim import make_optimizer
 from lora_rl.rewards import get_reward
@@ -379,8 +379,12 @@ def _count_bad_updates(bad_updates: list[int], stats: list[dict[str, float]], co
 def train_multi(configs: list[Config]) -> list[dict]:
     """Train one adapter per config in one job over one base model; one summary per config (also written
     to each run folder's summary.json, as `trainer.train` writes it)."""
+    with measuring_peak_memory():
+        return _train_multi(configs)
+
+
+def _train_multi(configs: list[Config]) -> list[dict]:
     wall_start = time.perf_counter()
-    reset_peak_memory()
     check_packable(configs)
     _check_run_dirs(configs)
     config = configs[0]  # the shared sections

@@ -32,7 +32,7 @@ from lora_rl.checkpoint import (atomic_write_text, list_checkpoints, load_checkp
                                  save_checkpoint)
 from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, load_config, read_yaml
 from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
-from lora_rl.metrics import MetricsLog, Timer, json_safe, peak_memory, reset_peak_memory
+from lora_rl.metrics import MetricsLog, Timer, json_safe, measuring_peak_memory, peak_memory
 from lora_rl.models import load_model, resolve_model_path
 from lora_rl.rewards import get_reward, gsm8k_reward, has_final_answer
 from lora_rl.rollout import SamplingParams, make_engine, require_engine
@@ -482,8 +482,13 @@ def train(config: Config, *, resume: bool = False,
           on_step: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict:
     """Run GRPO with LoRA as configured; returns the summary also written to summary.json."""
+    with measuring_peak_memory():
+        return _train(config, resume, on_step, should_stop)
+
+
+def _train(config: Config, resume: bool, on_step: Callable[[dict], None] | None,
+           should_stop: Callable[[], bool] | None) -> dict:
     wall_start = time.perf_counter()
-    reset_peak_memory()
     require_backend(config.backend.name)
     require_engine(config.rollout.engine)
     d = distributed.init()

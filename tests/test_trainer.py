@@ -373,6 +373,33 @@ def test_a_run_measures_its_own_peak_not_the_kernels_lifetime_peak(kernel_resets
     reset_peak_memory()  # leave the module as the next test expects
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the peak RSS resets on Linux only")
+def test_the_peak_sampler_stops_when_the_run_ends(monkeypatch, tmp_path):
+    """Where the kernel keeps VmHWM, a thread samples RSS during a run; a notebook kernel outlives its runs,
+    so the thread must end with the run, a failed one included, and start again with the next."""
+    import threading
+
+    import torch
+
+    from lora_rl import metrics, trainer
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA in use: the peak measured is CUDA's")
+    monkeypatch.setattr(metrics, "_CLEAR_REFS", tmp_path / "no-such-dir" / "clear_refs")
+    samplers = lambda: [t for t in threading.enumerate() if t.name == "lora-rl-rss-sampler"]  # noqa: E731
+    for _ in range(2):
+        _resident_spike()  # VmHWM now above RSS: the refused reset falls back to the sampler
+        seen = []
+        monkeypatch.setattr(trainer, "require_backend", lambda name: seen.append(len(samplers())) or 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            trainer.train(load_config(None, [f"run.output_dir={tmp_path / 'run'}"]))
+        assert seen == [1], "the run should have been sampled"
+        assert not samplers(), "the sampler outlived the run"
+        assert peak_memory()[1] == "cpu-peak-rss-sampled"  # the last run's peak is still there to read
+    monkeypatch.undo()
+    reset_peak_memory()
+
+
 @pytest.mark.parametrize(("task", "difficulty"), [("arithmetic", 2), ("gsm8k", None)])
 def test_the_summary_records_difficulty_only_where_it_applies(task, difficulty):
     """task.difficulty is an arithmetic knob; a GSM8K run's summary (and a sweep's table) must not show one."""
