@@ -235,18 +235,26 @@ def write_plots(results, out_dir: str | Path) -> dict[str, list[Path]]:
     # half replaced with this table's plots.
     figures = {name: make(results) for name, make in PLOTS.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
+    written = {name: [out_dir / f"{name}.{fmt}" for fmt in ("png", "svg")] for name in figures}
+    # Every file under its temporary name next, then the renames: a write that fails (a full disk) must
+    # neither leave its half-written temporary behind nor some plots replaced and others not.
+    staged = []
+    try:
+        for name, fig in figures.items():
+            for path in written[name] if fig is not None else []:
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                staged.append((tmp, path))
+                fig.savefig(tmp, format=path.suffix[1:], dpi=100, metadata=_METADATA[path.suffix[1:]])
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
     for name, fig in figures.items():
-        files = [out_dir / f"{name}.{fmt}" for fmt in ("png", "svg")]
         if fig is None:
-            for path in files:
+            for path in written.pop(name):
                 path.unlink(missing_ok=True)
-            continue
-        for path in files:
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            fig.savefig(tmp, format=path.suffix[1:], dpi=100, metadata=_METADATA[path.suffix[1:]])
-            os.replace(tmp, path)
-        written[name] = files
     return written
 
 

@@ -203,3 +203,28 @@ def test_settings_missing_in_some_rows_or_held_as_lists_do_not_split_lines():
              "rollout_tokens_per_s": 50.0} for seed in (0, 1)]
     labels = [line.get_label() for line in plots.speed_vs_rank(pd.DataFrame(rows)).axes[0].lines]
     assert labels == ["update: all-linear", "rollout: all-linear"]
+
+
+def test_a_write_that_fails_leaves_no_temporary_and_no_mixed_folder(tmp_path, monkeypatch):
+    """A full disk while saving the third file: the folder must hold the older table's plots, all of them and
+    nothing else (it kept a half-written .speed_vs_rank.svg.tmp-PID beside new memory plots and old others)."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    table = _table(tmp_path)
+    write_plots(table, tmp_path / "plots")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "plots").iterdir()}
+    real, calls = Figure.savefig, []
+
+    def savefig(self, fname, **kwargs):
+        calls.append(fname)
+        if len(calls) == 3:
+            open(fname, "wb").write(b"<svg half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(fname))
+        return real(self, fname, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(OSError, match="No space left"):
+        write_plots(table.assign(peak_memory_gib=table["peak_memory_gib"] * 2), tmp_path / "plots")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "plots").iterdir()} == before
