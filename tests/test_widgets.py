@@ -179,3 +179,28 @@ def test_a_model_that_cannot_load_disables_run_and_says_why(panel, random_model_
     assert "config.json cannot be read" in panel.status.value
     panel.model.value = str(random_model_dir)  # a loadable model again: runnable again
     assert not panel.run_button.disabled and "cannot be read" not in panel.info.value
+
+
+def test_the_status_says_what_a_run_did_not_measure_and_shows_errors_as_text(tmp_path, monkeypatch):
+    """A recipe with eval.size=0 skips evaluation (summary.json holds null): the status said 'held-out accuracy
+    0.0% -> 0.0%'. An error's text is shown as text: '<pad>' in a message vanished as an unknown HTML tag."""
+    import html
+
+    import lora_rl.trainer
+
+    panel = LoRAPanel("examples/quickstart.yaml", output_root=str(tmp_path))
+    monkeypatch.setattr(lora_rl.trainer, "train", lambda config, **_: {
+        "stopped_early": False, "steps_done": 3, "accuracy_before": None, "accuracy_after": None})
+    panel.start()
+    panel.wait(60)
+    assert "held-out accuracy n/a (eval.size=0) -> n/a (eval.size=0)" in panel.status.value
+    assert "0.0%" not in panel.status.value
+
+    def fails(config, **_):
+        raise ValueError("the tokenizer has no <pad> token")
+
+    monkeypatch.setattr(lora_rl.trainer, "train", fails)
+    panel.start()
+    panel.wait(60)
+    assert panel.error == "ValueError: the tokenizer has no <pad> token"
+    assert html.escape(panel.error) in panel.status.value and "<pad>" not in panel.status.value

@@ -36,6 +36,11 @@ def _fmt_count(n: float) -> str:
     return str(int(n))
 
 
+def _fmt_accuracy(accuracy: float | None) -> str:
+    """None (summary.json's NaN: eval.size=0 skips evaluation) is no score, not 0%."""
+    return "n/a (eval.size=0)" if accuracy is None else f"{100 * accuracy:.1f}%"
+
+
 def _fmt_gib(gib: float) -> str:
     return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
 
@@ -246,11 +251,12 @@ class LoRAPanel:
                 self.summary = train(config, on_step=on_step, should_stop=self._stop.is_set)
                 done = "stopped" if self.summary["stopped_early"] else "finished"
                 self.status.value = (f"{done} after step {self.summary['steps_done']}: held-out accuracy "
-                                     f"{100 * (self.summary['accuracy_before'] or 0):.1f}% -> "
-                                     f"{100 * (self.summary['accuracy_after'] or 0):.1f}%; run folder {output_dir}")
+                                     f"{_fmt_accuracy(self.summary['accuracy_before'])} -> "
+                                     f"{_fmt_accuracy(self.summary['accuracy_after'])}; run folder "
+                                     f"{html.escape(output_dir)}")
             except Exception as err:  # shown in the panel; the thread must not die silently
                 self.error = f"{type(err).__name__}: {err}"
-                self.status.value = f"<span style='color:#b00'>failed: {self.error}</span>"
+                self.status.value = f"<span style='color:#b00'>failed: {html.escape(self.error)}</span>"
             finally:
                 with self.plot:
                     live.finish()  # Stop between redraws: show the last steps too
