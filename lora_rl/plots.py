@@ -45,6 +45,8 @@ def _metrics_path(row) -> Path | None:
 
 
 def _targets_label(value) -> str:
+    if isinstance(value, (list, tuple)):  # a table built in Python, not read from results.csv
+        return ",".join(map(str, value))
     try:
         return ",".join(json.loads(value))
     except (TypeError, ValueError):
@@ -157,8 +159,11 @@ def lora_vs_full(results):
     others = _other_settings(lora)
     names = lora.apply(lambda row: f"LoRA r={int(row['lora.lora_rank'])} {_targets_label(row.get('lora.target_modules', ''))}"
                        + (f" ({_setting_label(row, others)})" if others else ""), axis=1)
-    order = lora.assign(_name=names).sort_values(["lora.target_modules", "lora.lora_rank"]
-                                                  if "lora.target_modules" in lora else ["lora.lora_rank"])
+    # Sorted by the targets as results.csv holds them (JSON text): lists, which a table built in Python may
+    # hold, do not hash and cannot be sorted by pandas.
+    targets = (lora["lora.target_modules"].map(lambda v: json.dumps(v) if isinstance(v, (list, tuple)) else v)
+               if "lora.target_modules" in lora else "")
+    order = lora.assign(_name=names, _targets=targets).sort_values(["_targets", "lora.lora_rank"])
     settings = list(dict.fromkeys(order["_name"]))
     # Full fine-tuning points that differ in a setting (a grid's group size crossed with use_lora) get a bar
     # each too, rather than one bar averaging them; LoRA's settings (rank, targets, alpha) do not apply to them.

@@ -228,3 +228,22 @@ def test_a_write_that_fails_leaves_no_temporary_and_no_mixed_folder(tmp_path, mo
     with pytest.raises(OSError, match="No space left"):
         write_plots(table.assign(peak_memory_gib=table["peak_memory_gib"] * 2), tmp_path / "plots")
     assert {f.name: f.read_bytes() for f in (tmp_path / "plots").iterdir()} == before
+
+
+def test_target_modules_held_as_lists_are_drawn_as_the_csv_s():
+    """A table built in Python (from result.json files, say) holds target_modules as lists: lora_vs_full
+    raised TypeError (unhashable type: 'list'), failing write_plots, and the rank plots' labels read
+    "['q_proj', 'v_proj']"."""
+    rows = [{"point": f"p{i}", "status": "ok", "lora.use_lora": use_lora, "lora.lora_rank": rank,
+             "lora.target_modules": targets, "update_tokens_per_s": 100.0, "rollout_tokens_per_s": 50.0,
+             "peak_memory_gib": 1.0, "trainable_params": 1000 * rank}
+            for i, (use_lora, rank, targets) in enumerate([(True, 8, ["q_proj", "v_proj"]), (True, 4, ["all-linear"]),
+                                                           (False, 8, ["all-linear"])])]
+    listed = pd.DataFrame(rows)
+    as_csv = listed.assign(**{"lora.target_modules": listed["lora.target_modules"].map(json.dumps)})
+    for figure in (plots.lora_vs_full, plots.speed_vs_rank):
+        labels = [[t.get_text() for t in figure(table).axes[0].get_xticklabels()] +
+                  [line.get_label() for line in figure(table).axes[0].lines] for table in (listed, as_csv)]
+        assert labels[0] == labels[1], figure.__name__
+    assert [t.get_text() for t in plots.lora_vs_full(listed).axes[0].get_xticklabels()] == [
+        "full fine-tuning", "LoRA r=4 all-linear", "LoRA r=8 q_proj,v_proj"]
