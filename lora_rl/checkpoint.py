@@ -99,17 +99,25 @@ def save_checkpoint(run_dir: Path, step: int, backend, state: dict, meta: dict, 
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = str(temp_dir(final.parent, f".{final.name}.tmp-"))
     tmp = Path(distributed.broadcast_object(tmp))
-    backend.save_state(tmp / "backend")
-    distributed.barrier()
+    try:
+        backend.save_state(tmp / "backend")
+        distributed.barrier()
+        if distributed.is_main():
+            torch.save(state, tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+            # On disk before the rename: after a power cut the rename could otherwise survive while the files'
+            # data did not, and the newest checkpoint, the one a resume picks, would be empty files.
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        # A save that fails (a full disk) must not keep its half-written folder: hidden, it held a
+        # checkpoint's worth of the space that ran out until a --resume of this run folder removed it.
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if distributed.is_main():
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        # On disk before the rename: after a power cut the rename could otherwise survive while the files'
-        # data did not, and the newest checkpoint, the one a resume picks, would be empty files.
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         _fsync_path(final.parent)  # the rename itself
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)

@@ -260,6 +260,35 @@ def test_folders_and_files_written_into_place_have_plain_permissions(random_mode
     assert mode(tmp_path / "run" / "summary.json") == 0o644
 
 
+
+def test_a_checkpoint_save_that_fails_leaves_no_half_written_folder(tmp_path):
+    """A full disk while the backend writes its state: the error goes on, the checkpoint before stays, and
+    the half-written temporary folder goes (hidden, it kept a checkpoint's worth of the space that ran out
+    until a --resume of the same folder removed it; the panel never resumes)."""
+    import errno
+
+    import torch
+
+    from lora_rl import checkpoint
+
+    class Backend:
+        full = False
+
+        def save_state(self, folder):
+            folder.mkdir(parents=True)
+            (folder / "state.pt").write_bytes(b"adapter and optimizer state")
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device", str(folder / "state.pt"))
+
+    backend = Backend()
+    checkpoint.save_checkpoint(tmp_path, 1, backend, {"torch_rng": torch.get_rng_state()}, {}, keep=2)
+    backend.full = True
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(tmp_path, 2, backend, {"torch_rng": torch.get_rng_state()}, {}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    assert checkpoint.list_checkpoints(tmp_path) == [tmp_path / "checkpoints" / "step_000001"]
+
+
 def test_a_checkpoint_is_on_disk_before_it_takes_its_final_name(tmp_path, monkeypatch):
     """Without fsync a power cut can keep the folder's rename and lose its files' data: the newest checkpoint,
     the one a resume picks, would be empty files. Every file and folder is synced before the rename, and the
