@@ -47,14 +47,15 @@ class LivePlot:
         fig = Figure(figsize=(9, 3))
         reward, memory = fig.subplots(1, 2)
         steps = [r["step"] for r in self.records]
-        reward.plot(steps, [r["reward_mean"] for r in self.records], label="reward")
-        reward.plot(steps, [r["format_rate"] for r in self.records], label="format rate", alpha=0.6)
+        marker = "o" if len(steps) == 1 else None  # a line through one point draws nothing
+        reward.plot(steps, [r["reward_mean"] for r in self.records], label="reward", marker=marker)
+        reward.plot(steps, [r["format_rate"] for r in self.records], label="format rate", alpha=0.6, marker=marker)
         reward.set_xlabel("step")
         reward.set_title(f"{self.title}: reward")
         reward.legend(fontsize=8)
         reward.grid(alpha=0.3)
         kind = self.records[-1]["memory_kind"] if self.records else ""
-        memory.plot(steps, [r["peak_memory_gib"] for r in self.records], color="tab:red")
+        memory.plot(steps, [r["peak_memory_gib"] for r in self.records], color="tab:red", marker=marker)
         memory.set_xlabel("step")
         memory.set_title(f"peak memory, GiB ({kind})")
         memory.grid(alpha=0.3)

@@ -140,7 +140,8 @@ def reward_curves(results):
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for name, records in curves:
-        ax.plot([r["step"] for r in records], [_number(r.get("reward_mean")) for r in records], label=name)
+        ax.plot([r["step"] for r in records], [_number(r.get("reward_mean")) for r in records], label=name,
+                marker="o" if len(records) == 1 else None)  # a line through one point draws nothing
     return _finish(fig, ax, "GRPO step", "mean reward", "Reward per configuration", legend_size=7)
 
 

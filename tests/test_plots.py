@@ -247,3 +247,24 @@ def test_target_modules_held_as_lists_are_drawn_as_the_csv_s():
         assert labels[0] == labels[1], figure.__name__
     assert [t.get_text() for t in plots.lora_vs_full(listed).axes[0].get_xticklabels()] == [
         "full fine-tuning", "LoRA r=4 all-linear", "LoRA r=8 q_proj,v_proj"]
+
+
+def test_a_run_of_one_step_is_drawn(tmp_path):
+    """A line through one point draws nothing: a run stopped after its first step (the panel redraws every
+    step below 100 steps) showed empty live axes, and a one-step point no reward curve."""
+    import io
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    from lora_rl.live import LivePlot
+
+    live = LivePlot()
+    live({"step": 1, "reward_mean": 0.1, "format_rate": 0.5, "peak_memory_gib": 2.0, "memory_kind": "cpu-peak-rss"})
+    pixels = imread(io.BytesIO(live.png()))[..., :3]
+    red = (np.abs(pixels - np.array([214, 39, 40]) / 255).sum(-1) < 0.1).sum()  # the memory line: tab:red
+    assert red > 0, "the peak-memory axes are empty"
+    table = _table(tmp_path)
+    (tmp_path / "run0" / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n')
+    one_step = [line for line in plots.reward_curves(table).axes[0].lines if line.get_label() == "p0"]
+    assert [line.get_marker() not in (None, "None", "") for line in one_step] == [True]
