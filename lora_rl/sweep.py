@@ -153,15 +153,18 @@ def expand(spec: SweepSpec) -> list[Point]:
     out, seen = [], set()
     for values in combos:
         own = tuple(override(k, v) for k, v in values.items())
+        # The same settings listed in another key order (a point repeating a grid point as {b: 1, a: 2})
+        # are the same point: it runs once. Its id keeps the order it was written in.
+        same = frozenset(own)
+        if same in seen:
+            continue
+        seen.add(same)
         digest = hashlib.sha1("\n".join([*shared, *own]).encode()).hexdigest()[:8]
         shown = lambda v: "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
         readable = "-".join(f"{k.split('.')[-1]}={shown(v)}" for k, v in values.items())
         # Only safe characters: an id is a folder name inside the sweep folder, never a path.
         readable = "".join(c if c.isalnum() or c in "=-_.+" else "_" for c in readable)[:60]
         point_id = f"{readable}-{digest}"
-        if point_id in seen:
-            continue  # the same point listed twice runs once
-        seen.add(point_id)
         out.append(Point(point_id, values, (*spec.overrides, *own)))
     return out
 

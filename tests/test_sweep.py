@@ -49,6 +49,15 @@ def test_grid_and_points_expand_to_stable_ids(tmp_path):
     assert not {p.id for p in expand(changed)} & {p.id for p in points}
 
 
+def test_a_point_repeating_a_grid_point_in_another_key_order_runs_once(tmp_path):
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path),
+                                "grid": {"lora.lora_rank": [4, 8], "train.lr": [0.001]},
+                                "points": [{"train.lr": 0.001, "lora.lora_rank": 4}]})
+    points = expand(spec)
+    assert [p.values for p in points] == [{"lora.lora_rank": 4, "train.lr": 0.001},
+                                          {"lora.lora_rank": 8, "train.lr": 0.001}]
+
+
 def _spec_dict(spec):
     return {"recipe": spec.recipe, "output_dir": spec.output_dir, "grid": spec.grid, "points": list(spec.points)}
 
