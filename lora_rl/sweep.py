@@ -100,9 +100,10 @@ class SweepSpec:
         parallel, timeout = raw.get("parallel", 1), raw.get("timeout", 3600)
         if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
             raise ConfigError(f"sweep: parallel={parallel!r} must be a whole number of at least 1 (points at a time)")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            # .inf would pass and then end the sweep in an OverflowError as its first point starts
             raise ConfigError(f"sweep: timeout={timeout!r} must be a positive number of seconds per point, e.g. "
-                              "timeout: 1800")
+                              "timeout: 1800 (for no practical limit, a large one such as timeout: 604800)")
         # Absolute paths from here on: papermill runs each point's notebook in the repository's root, and
         # the results table's run folders must still be found from wherever the plots are drawn.
         resolve = lambda p: str(Path(p) if Path(p).is_absolute() else (base_dir / p).resolve())  # noqa: E731

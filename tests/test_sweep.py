@@ -82,6 +82,8 @@ def test_validation_checks_each_point_against_the_model(tmp_path, random_model_d
      "parallel='two' must be a whole number"),
     ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "timeout": "30m"},
      "timeout='30m' must be a positive number of seconds"),
+    ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "timeout": float("inf")},
+     "timeout=inf must be a positive number of seconds .* a large one such as timeout: 604800"),
     ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": [{"a.b": [1]}]}, "must map keys to lists"),
     ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "points": ["a.b=1"]}, "must be a list of key: value maps"),
     ({"recipe": "examples/quickstart.yaml", "output_dir": "x", "grid": {"a.b": [1]}, "overrides": "run.steps=2"},
