@@ -123,6 +123,11 @@ class SweepSpec:
 
 def load_spec(path: str | Path) -> SweepSpec:
     path = find_input(path)
+    if path.is_dir():  # `lora-rl plot` takes the sweep folder; `lora-rl sweep` given it read it as a file
+        written = path / "sweep.yaml"
+        hint = (f": pass the sweep's YAML file, e.g. {str(written)!r}, the copy this sweep wrote there"
+                if written.is_file() else ": pass a sweep YAML file such as examples/sweep_rank.yaml")
+        raise ConfigError(f"sweep file {str(path)!r} is a folder{hint}")
     try:
         raw = read_yaml_text(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

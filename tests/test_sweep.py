@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from lora_rl.config import ConfigError
 from lora_rl.sweep import SweepSpec, expand, load_results, run_sweep, validate
@@ -97,6 +98,20 @@ def test_validation_checks_each_point_against_the_model(tmp_path, random_model_d
 def test_bad_sweep_files_are_refused(raw, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         SweepSpec.from_dict(raw | ({"output_dir": "x"} if "recipe" not in raw else {}))
+
+
+def test_a_sweep_folder_given_as_the_sweep_file_is_refused_by_name(tmp_path):
+    from lora_rl.sweep import _spec_dict, load_spec
+
+    spec = SweepSpec.from_dict({"recipe": "examples/quickstart.yaml", "output_dir": str(tmp_path / "sweep"),
+                                "grid": {"lora.lora_rank": [4]}})
+    with pytest.raises(ConfigError, match=r"is a folder: pass a sweep YAML file"):
+        load_spec(tmp_path)
+    (tmp_path / "sweep").mkdir()  # what run_sweep leaves: its copy of the spec
+    (tmp_path / "sweep" / "sweep.yaml").write_text(yaml.safe_dump(_spec_dict(spec), sort_keys=False))
+    with pytest.raises(ConfigError, match=r"is a folder: pass the sweep's YAML file, e.g. .*sweep\.yaml"):
+        load_spec(tmp_path / "sweep")
+    assert [p.id for p in expand(load_spec(tmp_path / "sweep" / "sweep.yaml"))] == [p.id for p in expand(spec)]
 
 
 def test_a_bad_point_is_refused_before_anything_runs(tmp_path, random_model_dir):
