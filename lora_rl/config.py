@@ -10,6 +10,7 @@ The LoRA section uses AReaL's vocabulary (`use_lora`, `lora_rank`, `lora_alpha`,
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import json
 import os
@@ -405,9 +406,13 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
             # YAML 1.1 reads bare yes/no/on/off/true/false as booleans and digits as numbers; the text the
             # user typed is gone by now, so a boolean's example quotes a placeholder.
             key = where.rsplit(".", 1)[-1]
+            if value is None:  # `key:` left empty, `~` or `null`: not a list, and not the text "None" either
+                raise ConfigError(f"{where}=null must be a string, but YAML read no value (an empty value, ~ and "
+                                  f"null are no value): leave {key} out for its default, or put the text in quotes, "
+                                  f"e.g. {key}: \"...\"")
             example = "..." if isinstance(value, bool) else value
             kind = ("true/false" if isinstance(value, bool) else "a number" if isinstance(value, int | float)
-                    else "a list or mapping")
+                    else "a date" if isinstance(value, datetime.date) else "a list or mapping")
             raise ConfigError(f"{where}={value!r} must be a string, but YAML read the value as {kind} "
                               "(bare yes/no/on/off/true/false and numbers are not strings): "
                               f"put it in quotes, e.g. {key}: \"{example}\"")

@@ -88,6 +88,11 @@ def test_unknown_keys_suggest_the_nearest_valid_one():
     ({"run": {"output_dir": True}}, r"run\.output_dir=True must be a string, but YAML read the value as true/false "
                                      r".*put it in quotes, e\.g\. output_dir: \"\.\.\.\""),
     ({"model": {"path": 7}}, r"model\.path=7 must be a string, but YAML read the value as a number .*e\.g\. path: \"7\""),
+    ({"task": {"reward": None}}, r"task\.reward=null must be a string, but YAML read no value .*leave reward out "
+                                  r"for its default"),
+    ({"run": {"output_dir": __import__("datetime").date(2024, 6, 1)}},
+     r"run\.output_dir=datetime\.date\(2024, 6, 1\) must be a string, but YAML read the value as a date .*"
+     r"e\.g\. output_dir: \"2024-06-01\""),
     ({"lora": 5}, r"section 'lora' must be a mapping"),
 ])
 def test_wrong_types_are_refused(values, match):
