@@ -420,9 +420,12 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unhandled annotation {tp!r} for {where}")  # a bug in this file, not user input
 
 
-def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
+def _unknown_key(where: str, key: Any, known: list[str]) -> ConfigError:
+    # YAML keys need not be strings (`8:`, or `on:`/`yes:`, which YAML 1.1 reads as true): difflib needs text
+    close = difflib.get_close_matches(str(key), known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
+    if not isinstance(key, str):
+        hint = (f"YAML read this key as {type(key).__name__}, not text; " + hint)
     return ConfigError(f"unknown key {where}{key!r}: {hint}valid keys are {', '.join(known)}")
 
 

@@ -77,6 +77,11 @@ def test_unknown_keys_suggest_the_nearest_valid_one():
         config_from_dict({"lora": {"lora_rnk": 8}})
     with pytest.raises(ConfigError, match=r"unknown key 'rollot': did you mean 'rollout'"):
         config_from_dict({"rollot": {}})
+    # YAML keys need not be strings: a number, or on/off/yes/no (read as true/false)
+    with pytest.raises(ConfigError, match=r"unknown key lora\.8: YAML read this key as int, not text; valid keys"):
+        config_from_dict({"lora": {8: "x"}})
+    with pytest.raises(ConfigError, match=r"unknown key True: YAML read this key as bool"):
+        config_from_dict({True: {}})
 
 
 @pytest.mark.parametrize("values, match", [
