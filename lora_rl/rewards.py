@@ -51,6 +51,9 @@ _NUMBER = re.compile(r"-?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\
 _FULL_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?|\.\d+)"
                           r"(?:[eE][+-]?\d{1,3})?")
 _MARKER = "####"
+# Markdown bold around an answer ("#### **18**"): emphasis, not a power. Bold opens after a space or a
+# sign, not after a digit or a bracket ("2**3" is a power), and hugs its text.
+_BOLD = re.compile(r"(?<![\w)}\]])\*\*(?=\S)(.+?)(?<=\S)\*\*")
 _BOXED = "\\boxed{"
 
 # Decorations that do not change a number's value; stripped before parsing.
@@ -126,6 +129,8 @@ def _last_marker_answer(text: str) -> str | None:
     # The answer is the rest of that line; models often keep writing after it.
     rest = text[index + len(_MARKER) :].lstrip("# \t")
     line = rest.split("\n", 1)[0].strip()
+    # "#### **18**", and "**#### 18**" whose opening bold is before the marker
+    line = _BOLD.sub(r"\1", line).strip("*").strip()
     if "=" in line:  # "#### 38-43=-5" or "#### 2 * 12 = 24": the result is what follows the last "="
         line = line.rsplit("=", 1)[1].strip()
     if not line:

@@ -280,3 +280,12 @@ def test_the_marker_line_is_read_by_its_first_number(completion, reference, scor
 ])
 def test_harmless_latex_commands_still_reach_math_verify(completion, reference):
     assert gsm8k_reward(completion, reference) == 1.0
+
+
+@pytest.mark.parametrize("completion", ["#### **18**", "#### **18**.", "**#### 18**", "#### **$18**", "#### **18** apples"])
+def test_markdown_bold_on_the_answer_line_is_read(completion):
+    # Chat models bold their final answer; "**" here is emphasis, not a power.
+    assert extract_answer(completion, strict=True) == "18"
+    assert gsm8k_reward(completion, "18") == 1.0
+    assert strict_reward(completion, "18") == 1.0
+    assert strict_reward(completion, "19") == 0.0
