@@ -55,6 +55,8 @@ _MARKER = "####"
 # sign, not after a digit or a bracket ("2**3" is a power), and hugs its text.
 _BOLD = re.compile(r"(?<![\w)}\]])\*\*(?=\S)(.+?)(?<=\S)\*\*")
 _BOXED = "\\boxed{"
+# An answer line that opens with a box, maybe in math mode: "#### \\boxed{18}", "#### $\\boxed{18}$".
+_LEADING_BOX = re.compile(r"(?:\$|\\\(|\\\[)?\s*\\boxed\{")
 
 # Decorations that do not change a number's value; stripped before parsing.
 # "\\!" is a LaTeX negative space.
@@ -131,6 +133,11 @@ def _last_marker_answer(text: str) -> str | None:
     line = rest.split("\n", 1)[0].strip()
     # "#### **18**", and "**#### 18**" whose opening bold is before the marker
     line = _BOLD.sub(r"\1", line).strip("*").strip()
+    box = _LEADING_BOX.match(line)
+    if box is not None:  # "#### \\boxed{18}": the box's content, as a box elsewhere is read
+        boxed = _boxed_at(line, box.end() - len(_BOXED))
+        if boxed is not None:
+            return boxed
     if "=" in line:  # "#### 38-43=-5" or "#### 2 * 12 = 24": the result is what follows the last "="
         line = line.rsplit("=", 1)[1].strip()
     if not line:
@@ -155,8 +162,11 @@ def _looks_symbolic(text: str) -> bool:
 def _last_boxed_answer(text: str) -> str | None:
     """The content of the last \\boxed{...} (braces balanced), or None."""
     start = text.rfind(_BOXED)
-    if start < 0:
-        return None
+    return None if start < 0 else _boxed_at(text, start)
+
+
+def _boxed_at(text: str, start: int) -> str | None:
+    """The content of the \\boxed{...} at `start` (braces balanced), or None."""
     depth = 1
     position = start + len(_BOXED)
     for index in range(position, len(text)):

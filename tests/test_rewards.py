@@ -289,3 +289,13 @@ def test_markdown_bold_on_the_answer_line_is_read(completion):
     assert gsm8k_reward(completion, "18") == 1.0
     assert strict_reward(completion, "18") == 1.0
     assert strict_reward(completion, "19") == 0.0
+
+
+@pytest.mark.parametrize("completion", ["#### \\boxed{18}", "#### $\\boxed{18}$", "#### \\(\\boxed{18}\\)",
+                                        "#### \\boxed{18} apples", "#### $\\boxed{\\$18}$."])
+def test_a_box_on_the_answer_line_is_read(completion):
+    # "\\boxed" is no command math-verify is shown, so the whole line scored 0 whatever its number.
+    assert extract_answer(completion, strict=True) == "18"
+    assert gsm8k_reward(completion, "18") == 1.0
+    assert strict_reward(completion, "18") == 1.0
+    assert strict_reward(completion, "19") == 0.0
