@@ -138,8 +138,9 @@ def _last_marker_answer(text: str) -> str | None:
         boxed = _boxed_at(line, box.end() - len(_BOXED))
         if boxed is not None:
             return boxed
-    if "=" in line:  # "#### 38-43=-5" or "#### 2 * 12 = 24": the result is what follows the last "="
-        line = line.rsplit("=", 1)[1].strip()
+    equals = _last_top_level_equals(line)
+    if equals >= 0:  # "#### 38-43=-5" or "#### 2 * 12 = 24": the result is what follows the last "="
+        line = line[equals + 1 :].strip()  # not one in an aside: "#### 40 (total = 8 × 5)" is 40
     if not line:
         return None
     as_number = normalize_answer(line)
@@ -152,6 +153,19 @@ def _last_marker_answer(text: str) -> str | None:
     if match is not None and not _looks_symbolic(line):
         return normalize_answer(match.group(0))
     return line.rstrip(".").strip() or None
+
+
+def _last_top_level_equals(line: str) -> int:
+    """Index of the last "=" outside brackets, or -1."""
+    depth, found = 0, -1
+    for index, char in enumerate(line):
+        if char in _OPENING:
+            depth += 1
+        elif char in _CLOSING:
+            depth = max(0, depth - 1)
+        elif char == "=" and depth == 0:
+            found = index
+    return found
 
 
 def _looks_symbolic(text: str) -> bool:

@@ -299,3 +299,16 @@ def test_a_box_on_the_answer_line_is_read(completion):
     assert gsm8k_reward(completion, "18") == 1.0
     assert strict_reward(completion, "18") == 1.0
     assert strict_reward(completion, "19") == 0.0
+
+
+@pytest.mark.parametrize(("completion", "right", "wrong"), [
+    ("#### 40 (total = 8 × 5)", "40", "8"),
+    ("#### 12 (price = $3 each)", "12", "3"),
+    ("#### 5 [x = 3 + 2]", "5", "3"),
+    ("#### (38-43)=-5", "-5", "38"),  # an "=" outside brackets still gives the result
+])
+def test_an_equals_sign_in_a_bracketed_aside_is_not_the_result(completion, right, wrong):
+    # "#### 40 (total = 8 × 5)" scored as 8: the "=" rule took what follows an "=" inside the aside.
+    for reward in (gsm8k_reward, strict_reward):
+        assert reward(completion, right) == 1.0
+        assert reward(completion, wrong) == 0.0
