@@ -51,6 +51,9 @@ _NUMBER = re.compile(r"-?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\
 _FULL_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+|\d+)(?:\.\d+)?|\.\d+)"
                           r"(?:[eE][+-]?\d{1,3})?")
 _MARKER = "####"
+# Characters typeset for a minus sign: U+2212 minus, en dash, hyphen, non-breaking hyphen, small and
+# fullwidth hyphen-minus. Read as "-" everywhere, so "10–3" stays an operator as "10-3" is.
+_MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2013\u2010\u2011\ufe63\uff0d", "-"))
 # Markdown bold around an answer ("#### **18**"): emphasis, not a power. Bold opens after a space or a
 # sign, not after a digit or a bracket ("2**3" is a power), and hugs its text.
 _BOLD = re.compile(r"(?<![\w)}\]])\*\*(?=\S)(.+?)(?<=\S)\*\*")
@@ -222,7 +225,7 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
     """
     if not isinstance(text, str):
         return None
-    text = text.replace("\u2212", "-")  # a typeset minus sign ("#### −5") is still a sign
+    text = text.translate(_MINUS_SIGNS)  # a typeset minus sign ("#### −5", "#### –5") is still a sign
     extractors = (_last_marker_answer, _last_boxed_answer) if strict else (
         _last_marker_answer, _last_boxed_answer, _last_number)
     for extractor in extractors:

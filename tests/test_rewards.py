@@ -312,3 +312,12 @@ def test_an_equals_sign_in_a_bracketed_aside_is_not_the_result(completion, right
     for reward in (gsm8k_reward, strict_reward):
         assert reward(completion, right) == 1.0
         assert reward(completion, wrong) == 0.0
+
+
+@pytest.mark.parametrize("minus", ["\u2013", "\u2010", "\u2011", "\ufe63", "\uff0d"])  # en dash, hyphens, small and fullwidth
+def test_dashes_typeset_as_a_minus_are_a_sign(minus):
+    # "#### –5" was read as 5: a wrong answer graded right against 5, the right one graded 0 against -5.
+    completion = f"#### {minus}5"
+    for reward in (gsm8k_reward, strict_reward):
+        assert reward(completion, "-5") == 1.0
+        assert reward(completion, "5") == 0.0
