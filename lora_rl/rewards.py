@@ -55,8 +55,9 @@ _MARKER = "####"
 # fullwidth hyphen-minus. Read as "-" everywhere, so "10–3" stays an operator as "10-3" is.
 _MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2013\u2010\u2011\ufe63\uff0d", "-"))
 # Markdown bold around an answer ("#### **18**"): emphasis, not a power. Bold opens after a space or a
-# sign, not after a digit or a bracket ("2**3" is a power), and hugs its text.
-_BOLD = re.compile(r"(?<![\w)}\]])\*\*(?=\S)(.+?)(?<=\S)\*\*")
+# sign, not after a digit or a bracket ("2**3" is a power), and hugs its text, of at most 100 characters
+# without "*" (bounded so that a long line of unclosed "**" is read in linear time).
+_BOLD = re.compile(r"(?<![\w)}\]])\*\*(?=[^\s*])([^*]{1,100}?)(?<=\S)\*\*")
 _BOXED = "\\boxed{"
 # An answer line that opens with a box, maybe in math mode: "#### \\boxed{18}", "#### $\\boxed{18}$".
 _LEADING_BOX = re.compile(r"(?:\$|\\\(|\\\[)?\s*\\boxed\{")

@@ -321,3 +321,9 @@ def test_dashes_typeset_as_a_minus_are_a_sign(minus):
     for reward in (gsm8k_reward, strict_reward):
         assert reward(completion, "-5") == 1.0
         assert reward(completion, "5") == 0.0
+
+
+def test_a_long_line_of_unclosed_bold_is_read_quickly():
+    start = time.perf_counter()
+    assert gsm8k_reward("#### " + " **a" * 8000, "1") == 0.0
+    assert time.perf_counter() - start < 1.0
