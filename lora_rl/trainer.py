@@ -406,7 +406,8 @@ def check_run_dir(config: Config, resume: bool, world: int = 1) -> None:
                           "choose an empty or new folder")
 
 
-def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
+def _prepare_run_dir(config: Config, resume: bool, world: int = 1,
+                     held: contextlib.ExitStack | None = None) -> Path:
     check_run_dir(config, resume, world)
     run_dir = Path(config.run.output_dir)
     try:
@@ -414,9 +415,36 @@ def _prepare_run_dir(config: Config, resume: bool, world: int = 1) -> Path:
     except OSError as err:  # a file where a folder of the path should be, or no permission
         raise ConfigError(f"run.output_dir={str(run_dir)!r} cannot be made ({err.strerror or err}): choose a folder "
                           "in a writable place") from None
+    if held is not None:  # the folder is this run's until `held` closes (train's end, however it ends)
+        held.enter_context(_run_dir_lock(run_dir))
+        check_run_dir(config, resume, world)  # again: a run that held the folder until now may have filled it
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
     remove_partial_writes(run_dir)  # one process writes to a run folder: none of them is being written
     return run_dir
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path):
+    """An exclusive lock on the run folder (the folder itself, so no file is left in it) for one run's span.
+    A second run over the same folder while the first still trains (the same command again with --resume in
+    another terminal, a run started while the previous one is still loading) was let in: both appended to
+    metrics.jsonl (steps repeated and interleaved) and wrote checkpoints, adapter and summary.json over each
+    other, and the second deleted the first's checkpoint being written."""
+    import fcntl
+
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+        except BlockingIOError:
+            raise ConfigError(f"run.output_dir={str(run_dir)!r} is in use by another lora-rl run that is still "
+                              "running (another terminal, job or notebook kernel): wait for it to end or stop it, "
+                              "or choose another run.output_dir") from None
+        except OSError:
+            pass  # a file system without locks (some network or FUSE ones): the run goes on unguarded, as before
+        yield
+    finally:
+        os.close(fd)
 
 
 def _checkpoint_meta(path: Path) -> dict:
@@ -482,12 +510,12 @@ def train(config: Config, *, resume: bool = False,
           on_step: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> dict:
     """Run GRPO with LoRA as configured; returns the summary also written to summary.json."""
-    with measuring_peak_memory():
-        return _train(config, resume, on_step, should_stop)
+    with measuring_peak_memory(), contextlib.ExitStack() as held:
+        return _train(config, resume, on_step, should_stop, held)
 
 
 def _train(config: Config, resume: bool, on_step: Callable[[dict], None] | None,
-           should_stop: Callable[[], bool] | None) -> dict:
+           should_stop: Callable[[], bool] | None, held: contextlib.ExitStack) -> dict:
     wall_start = time.perf_counter()
     require_backend(config.backend.name)
     require_engine(config.rollout.engine)
@@ -508,7 +536,7 @@ def _train(config: Config, resume: bool, on_step: Callable[[dict], None] | None,
     error = None
     if d.main:
         try:
-            _prepare_run_dir(config, resume, d.world)
+            _prepare_run_dir(config, resume, d.world, held)
         except ConfigError as err:
             error = str(err)
     error = distributed.broadcast_object(error)

@@ -109,6 +109,27 @@ def test_an_existing_run_is_never_overwritten(warm_model_dir, tmp_path):
         train(_config(warm_model_dir, other, "run.steps=1"))
 
 
+def test_a_second_run_over_a_folder_in_use_is_refused(random_model_dir, tmp_path):
+    """The same command again with --resume (another terminal) while the run still trains was let in: both
+    appended to metrics.jsonl (steps 97, 98, 99 twice, interleaved) and wrote checkpoints over each other."""
+    out = tmp_path / "run"
+    common = ("run.steps=3", "eval.size=0", "run.checkpoint_every=0")
+    refused = []
+
+    def on_step(record):
+        if record["step"] == 1:  # the first run still trains
+            with pytest.raises(ConfigError, match=r"run.output_dir=.* is in use by another lora-rl run that is still "
+                                                  r"running .*choose another run.output_dir"):
+                train(_config(random_model_dir, out, *common), resume=True)
+            refused.append(record["step"])
+
+    train(_config(random_model_dir, out, *common), on_step=on_step)
+    assert refused == [1]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # Once the run has ended, however it ended, its folder is free again.
+    assert train(_config(random_model_dir, out, *common), resume=True)["steps_done"] == 3
+
+
 def test_resume_refuses_what_it_cannot_continue(warm_model_dir, tmp_path):
     import shutil
 
