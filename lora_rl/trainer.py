@@ -401,6 +401,15 @@ def check_run_dir(config: Config, resume: bool, world: int = 1) -> None:
                 raise ConfigError(f"--resume on {world} process(es), but {checkpoints[-1]} was written by {saved_by}: "
                                   f"FSDP2 saves {'sharded' if sharded else 'unsharded'} state then, which loads only "
                                   f"that way. Resume with {fix}")
+        elif (run_dir / "summary.json").exists() or (run_dir / "adapter").exists():
+            # Every session that ends with these checkpoints first, so they were deleted or left behind (a folder
+            # copied without its bulky checkpoints/). With none, the resume started over at step 1 without a word
+            # and replaced the run's metrics.jsonl, adapter and summary.json.
+            raise ConfigError(f"--resume: run.output_dir={str(run_dir)!r} holds a trained run (summary.json, "
+                              f"adapter/) but no checkpoint to continue it from (none in {run_dir / 'checkpoints'}): "
+                              "it would start over at step 1 and replace the run's metrics.jsonl, adapter and "
+                              "summary.json. Put its checkpoints/ folder back (the newest step_* is enough), or "
+                              "start a new run.output_dir")
     elif run_dir.exists() and not saved.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"run.output_dir={str(run_dir)!r} exists and is not a lora-rl run folder: "
                           "choose an empty or new folder")

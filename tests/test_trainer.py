@@ -341,6 +341,27 @@ def test_a_resume_deletes_the_checkpoints_a_killed_run_left_half_written(tmp_pat
     assert (tmp_path / "adapter" / "adapter_config.json").read_text() == ".adapter.old-4242"
 
 
+def test_a_resume_of_a_trained_run_without_its_checkpoints_is_refused(tmp_path):
+    """A finished run copied without its bulky checkpoints/ (or with them deleted), resumed to train longer,
+    started over at step 1 without a word and replaced its metrics.jsonl, adapter and summary.json."""
+    from lora_rl.config import dump_config
+    from lora_rl.trainer import _prepare_run_dir
+
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.steps=5"])
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    (tmp_path / "summary.json").write_text('{"steps_done": 3}')
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ConfigError, match=r"--resume: run.output_dir=.* holds a trained run \(summary.json, adapter/\) "
+                                          r"but no checkpoint to continue it from .*Put its checkpoints/ folder back"):
+        _prepare_run_dir(config, resume=True)
+    assert (tmp_path / "summary.json").read_text() == '{"steps_done": 3}'
+    # A run killed before its first checkpoint has nothing else to lose: its resume starts over, as before.
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "adapter").rmdir()
+    _prepare_run_dir(config, resume=True)
+
+
 def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path):
     from lora_rl.trainer import _prepare_run_dir
 
