@@ -662,9 +662,12 @@ def _train(config: Config, resume: bool, on_step: Callable[[dict], None] | None,
                     print(f"lora-rl: warning: step {step + 1}: non-finite loss or gradient, update skipped "
                           f"({bad_updates} in a row)", file=sys.stderr)
                 if bad_updates >= config.train.max_bad_updates:
+                    # Not "--resume": a resume keeps the run's settings (it refuses a new train.lr or dtype), and
+                    # with them it repeats these same seeded steps into the same non-finite updates.
                     raise TrainingError(f"{bad_updates} updates in a row had a NaN/inf loss or gradient (steps "
-                                        f"{step + 2 - bad_updates}-{step + 1}): lower train.lr, keep train.max_grad_norm > 0, "
-                                        "or use model.dtype=float32; the last checkpoint is intact for --resume")
+                                        f"{step + 2 - bad_updates}-{step + 1}): start again in a new run.output_dir "
+                                        "with a lower train.lr, train.max_grad_norm > 0 or model.dtype=float32 (a "
+                                        "--resume keeps this run's settings, and with them repeats these steps)")
                 with timer.phase("sync"):
                     sync = publish(engine, backend, step + 1)
                 with timer.phase("verify"):

@@ -192,6 +192,34 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(warm_model_dir, tmp_pa
     assert all(r["grad_norm"] is None for r in records)  # NaN is written as null
 
 
+def test_the_fix_for_non_finite_updates_is_one_the_tool_accepts(random_model_dir, tmp_path, monkeypatch):
+    """The error said "lower train.lr ...; the last checkpoint is intact for --resume", but --resume refuses a
+    new train.lr, and with the run's own settings it repeats the same seeded steps into the same NaNs."""
+    from lora_rl import grpo
+    from lora_rl.trainer import TrainingError
+
+    real, calls = grpo.policy_loss, [0]
+
+    def poisoned_after_step_1(*args, **kwargs):
+        loss, per_token, stats = real(*args, **kwargs)
+        calls[0] += 1
+        return (loss * float("nan") if calls[0] > 1 else loss), per_token, stats
+
+    monkeypatch.setattr(grpo, "policy_loss", poisoned_after_step_1)
+    out = tmp_path / "run"
+    common = ("run.steps=6", "eval.size=0", "run.checkpoint_every=1", "rollout.prompts_per_step=4",
+              "rollout.group_size=2", "train.micro_batch_size=64")
+    with pytest.raises(TrainingError, match=r"\(steps 2-4\)") as err:
+        train(_config(random_model_dir, out, *common))
+    monkeypatch.setattr(grpo, "policy_loss", real)
+    message = str(err.value)
+    with pytest.raises(ConfigError, match=r"differs from the saved run \(train.lr"):
+        train(_config(random_model_dir, out, *common, "train.lr=1e-4"), resume=True)
+    assert "intact for --resume" not in message
+    assert "start again in a new run.output_dir with a lower train.lr" in message
+    assert train(_config(random_model_dir, tmp_path / "new", *common, "train.lr=1e-4"))["steps_done"] == 6
+
+
 @pytest.mark.slow
 def test_sigint_stops_after_the_step_with_a_checkpoint(warm_model_dir, tmp_path):
     import signal
