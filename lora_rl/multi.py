@@ -379,11 +379,11 @@ def _count_bad_updates(bad_updates: list[int], stats: list[dict[str, float]], co
 def train_multi(configs: list[Config]) -> list[dict]:
     """Train one adapter per config in one job over one base model; one summary per config (also written
     to each run folder's summary.json, as `trainer.train` writes it)."""
-    with measuring_peak_memory():
-        return _train_multi(configs)
+    with measuring_peak_memory(), contextlib.ExitStack() as held:
+        return _train_multi(configs, held)
 
 
-def _train_multi(configs: list[Config]) -> list[dict]:
+def _train_multi(configs: list[Config], held: contextlib.ExitStack) -> list[dict]:
     wall_start = time.perf_counter()
     check_packable(configs)
     _check_run_dirs(configs)
@@ -413,7 +413,7 @@ def _train_multi(configs: list[Config]) -> list[dict]:
                                      context=context, window=window)
     total_params = sum(p.numel() for p in model.parameters())
     # Every check has passed (folders included, in _check_run_dirs): only now is any folder created.
-    run_dirs = [_prepare_run_dir(c, resume=False) for c in configs]
+    run_dirs = [_prepare_run_dir(c, resume=False, held=held) for c in configs]  # each locked until the job ends
     policy = MultiLoRAPolicy(model, configs, d.device)
     K = len(configs)
     logs = [MetricsLog(run_dir / "metrics.jsonl") for run_dir in run_dirs]

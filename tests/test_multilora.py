@@ -298,6 +298,22 @@ def test_a_taken_run_folder_refuses_the_job_before_any_folder_is_made(random_mod
     assert [s["steps_done"] for s in train_multi(configs)] == [1, 1]
 
 
+def test_a_run_folder_another_run_is_starting_in_refuses_the_job(random_model_dir, tmp_path):
+    """A single run that holds its folder but has taken no step yet (still loading) passes the folder checks:
+    the packed job must not train into it as well."""
+    from lora_rl.multi import train_multi
+    from lora_rl.trainer import _run_dir_lock
+
+    (tmp_path / "b").mkdir()
+    configs = [_config(random_model_dir, tmp_path / name, f"run.seed={k}", "run.steps=1", "eval.size=0")
+               for k, name in enumerate("ab")]
+    with _run_dir_lock(tmp_path / "b"):
+        with pytest.raises(ConfigError, match=r"run.output_dir='.*b' is in use by another lora-rl run"):
+            train_multi(configs)
+    assert not (tmp_path / "b" / "config.yaml").exists()
+    assert [s["steps_done"] for s in train_multi(configs)] == [1, 1]  # the job's own locks end with it
+
+
 def test_a_job_that_failed_before_its_first_step_can_be_retried(random_model_dir, tmp_path, monkeypatch):
     """A job that fails after making its folders but before any step (here its engine does not start) leaves
     config.yaml in each: a retry takes them over, as a single run does. Before, every folder was refused."""
