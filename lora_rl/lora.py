@@ -30,14 +30,29 @@ from lora_rl.fused_lora import SegmentLoRAFunction, lora_linear, plain_adapter, 
 _MOE_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
 
 
+def _expert_count(config, prefix: str = "") -> tuple[str, int] | None:
+    """(attribute, value) of the first expert count above 1 in `config` or its sub-configs (DBRX keeps it in
+    ffn_config, a multimodal model in text_config), else None."""
+    for attr in _MOE_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 1:
+            return prefix + attr, value
+    for key in getattr(type(config), "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        found = _expert_count(sub, f"{prefix}{key}.") if sub is not None else None
+        if found is not None:
+            return found
+    return None
+
+
 def check_dense(model_config) -> None:
     """Refuse mixture-of-experts models: LoRA over routed experts is not supported here."""
-    for attr in _MOE_ATTRS:
-        value = getattr(model_config, attr, None)
-        if isinstance(value, int) and value > 1:
-            raise ConfigError(
-                f"model type {model_config.model_type!r} is a mixture-of-experts model ({attr}={value}): "
-                "lora-rl trains dense models only; pick a dense model such as Qwen2.5, Llama or SmolLM2")
+    found = _expert_count(model_config)
+    if found is not None:
+        attr, value = found
+        raise ConfigError(
+            f"model type {model_config.model_type!r} is a mixture-of-experts model ({attr}={value}): "
+            "lora-rl trains dense models only; pick a dense model such as Qwen2.5, Llama or SmolLM2")
 
 
 def linear_shape(module: nn.Module | None) -> tuple[int, int] | None:

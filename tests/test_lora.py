@@ -193,3 +193,14 @@ def test_the_output_head_or_embedding_as_a_target_is_named_as_such(random_model_
     for target, role in (("lm_head", "output head"), ("embed_tokens", "input embedding")):
         with pytest.raises(ConfigError, match=rf"\['{target}'\] is the model's {role}, which lora-rl does not adapt"):
             inject_lora(_model(random_model_dir), LoRAConfig(target_modules=("q_proj", target)))
+
+
+def test_a_mixture_of_experts_counted_in_a_sub_config_is_refused():
+    """DBRX keeps its expert count in ffn_config (moe_num_experts), a multimodal MoE in text_config: neither is
+    on the top-level config, and DBRX passed as dense (all-linear then put LoRA on its router)."""
+    from transformers import DbrxConfig
+
+    dbrx = DbrxConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=320, attn_config={"kv_n_heads": 2},
+                      ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 16, "moe_top_k": 4})
+    with pytest.raises(ConfigError, match=r"'dbrx' is a mixture-of-experts model \(ffn_config.moe_num_experts=16\)"):
+        check_dense(dbrx)
