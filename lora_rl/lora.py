@@ -32,7 +32,10 @@ _MOE_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_e
 
 def _expert_count(config, prefix: str = "") -> tuple[str, int] | None:
     """(attribute, value) of the first expert count above 1 in `config` or its sub-configs (DBRX keeps it in
-    ffn_config, a multimodal model in text_config), else None."""
+    ffn_config, a multimodal model in text_config), else None. A config that says is_moe=false is dense
+    whatever its counts (Doge's always carry num_experts, 16384 by default)."""
+    if getattr(config, "is_moe", None) is False:
+        return None
     for attr in _MOE_ATTRS:
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 1:

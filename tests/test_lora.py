@@ -204,3 +204,14 @@ def test_a_mixture_of_experts_counted_in_a_sub_config_is_refused():
                       ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 16, "moe_top_k": 4})
     with pytest.raises(ConfigError, match=r"'dbrx' is a mixture-of-experts model \(ffn_config.moe_num_experts=16\)"):
         check_dense(dbrx)
+
+
+def test_a_dense_model_whose_config_says_is_moe_false_is_not_refused():
+    """Doge's config always carries num_experts (16384 by default) with is_moe=false for its dense models
+    (SmallDoge/Doge-20M ... 320M): they were refused as mixture-of-experts."""
+    from transformers import DogeConfig
+
+    check_dense(DogeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=320))
+    with pytest.raises(ConfigError, match=r"'doge' is a mixture-of-experts model \(num_experts=16384\)"):
+        check_dense(DogeConfig(is_moe=True))
