@@ -268,6 +268,20 @@ def test_a_reply_cut_short_is_retried_then_a_clear_error(scripted_server, tmp_pa
         engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
 
 
+def test_a_server_error_whose_body_is_cut_short_is_retried_then_a_clear_error(scripted_server, tmp_path, peft_model,
+                                                                              vllm_model_dir):
+    """A 5xx whose error page dies mid-body (a proxy, a crashing worker) is a transient failure like any 5xx,
+    not a raw http.client.IncompleteRead out of the engine (or out of close(), replacing the run's error)."""
+    url, _ = scripted_server(_VLLM)
+    engine = _vllm_server(url, tmp_path, peft_model, vllm_model_dir)
+    _publish(engine, peft_model, vllm_model_dir, 0)
+    engine.url = _raw_server(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100\r\n\r\n{\"error\": ")
+    with pytest.raises(RolloutError, match=r"/v1/completions failed after 3 attempts \(HTTP 500: .*IncompleteRead"):
+        engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
+    engine.close()  # the unload fails the same way: close() keeps the folder and raises nothing
+    assert engine.adapter_path(0).is_dir()
+
+
 def _choice(index, **fields):
     return {"index": index, "token_ids": [11, 2], "finish_reason": "stop",
             "logprobs": {"token_logprobs": [-0.5, -0.1]}, **fields}

@@ -222,7 +222,10 @@ class ServerEngine:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 body = response.read().decode(errors="replace")
         except urllib.error.HTTPError as err:
-            body = err.read().decode(errors="replace")
+            try:
+                body = err.read().decode(errors="replace")
+            except (OSError, http.client.HTTPException) as cut:  # the error page itself cut short or reset
+                body = f"(body unreadable: {type(cut).__name__}: {cut})"
             if err.code in (401, 403):  # no request of this run can succeed: not worth a retry or another reading
                 raise RolloutError(f"{self.name}: {method} {url} was refused with HTTP {err.code} ({body[:200]}): "
                                    f"{self._key_hint()}") from None
