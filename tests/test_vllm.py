@@ -181,6 +181,17 @@ def test_a_failing_generation_is_a_clear_error(scripted_server, tmp_path, peft_m
     assert [p for p, _ in script.calls].count("/v1/completions") == sent
 
 
+def test_samples_the_server_aborted_are_an_error_not_completions(scripted_server, tmp_path, peft_model,
+                                                                 vllm_model_dir):
+    """vLLM answers 200 with finish_reason 'abort' and the tokens so far for requests it aborts (paused with
+    mode=abort, put to sleep, shut down with shutdown_timeout 0): truncated samples, never natural stops."""
+    aborted = {"choices": [{"index": j, "token_ids": [11], "finish_reason": "abort",
+                            "logprobs": {"token_logprobs": [-0.5]}} for j in range(2)]}
+    engine, _ = _serving_engine(scripted_server, tmp_path, peft_model, vllm_model_dir, [(200, aborted)])
+    with pytest.raises(RolloutError, match=r"vLLM aborted the samples \[0, 1\] of prompt 0 .*paused"):
+        engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=4))
+
+
 def _disjoint_sample_seeds(prompt_seeds: list[int], n: int) -> bool:
     """vLLM seeds sample j of a request `seed + j` (vllm/v1/engine/parallel_sampling.py): no two samples of a
     step may share a random stream."""

@@ -117,6 +117,11 @@ class VLLMServerEngine(ServerEngine):
         expected = f"{n} choices with token_ids and logprobs (vLLM >= 0.10.2)"
         try:
             choices = sorted(answer["choices"], key=lambda c: c["index"])
+            aborted = [c["index"] for c in choices if c["finish_reason"] == "abort"]
+            if aborted:  # cut short by the server, not ended by the model: never a sample to score and train on
+                raise RolloutError(f"vllm-server at {self.url}: vLLM aborted the samples {aborted} of prompt "
+                                   f"{prompt_index} (finish_reason 'abort'): the server was paused, put to sleep or "
+                                   "is shutting down. Resume or restart it, then rerun")
             out = [Completion(prompt_index=prompt_index, token_ids=[int(t) for t in c["token_ids"]],
                               logprobs=[float(x) for x in c["logprobs"]["token_logprobs"]],
                               finish_reason="length" if c["finish_reason"] == "length" else "stop",
