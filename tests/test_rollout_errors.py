@@ -49,9 +49,10 @@ STANDIN = textwrap.dedent("""
             self.wfile.write(body)
 
         def do_GET(self):
+            key = os.environ.get("VLLM_API_KEY")  # vLLM guards /v1 with the key in its environment, if any
             if self.path == "/v1/models":
-                return self._send(401, b'{"error": "Unauthorized"}') if mode == "models401" else \\
-                    self._send(200, b'{"data": []}')
+                refused = mode == "models401" or (key and self.headers.get("Authorization") != f"Bearer {key}")
+                return self._send(401, b'{"error": "Unauthorized"}') if refused else self._send(200, b'{"data": []}')
             self._send(200 if self.path == "/health" else 404)
 
         def do_POST(self):
@@ -249,6 +250,22 @@ def test_a_launched_server_refusing_the_engine_is_stopped(tmp_path, monkeypatch,
         with pytest.raises(RolloutError, match="HTTP 401"):
             VLLMServerEngine(base_model_dir=vllm_model_dir, model=peft_model, config=config, run_dir=tmp_path)
         assert _gone_soon(pids()[0], 5)
+    finally:
+        _kill(pids()[0])
+
+
+def test_a_launched_vllm_does_not_inherit_a_stray_api_key(tmp_path, monkeypatch, peft_model, vllm_model_dir):
+    """VLLM_API_KEY exported for some other server, rollout.api_key_env empty: the server lora-rl launches must not
+    demand that key (vLLM reads VLLM_API_KEY from its environment), since the engine sends none."""
+    from lora_rl.rollout.vllm_server import VLLMServerEngine
+
+    command, pids = _standin_command(tmp_path)
+    monkeypatch.setattr(VLLMServerEngine, "command", command)
+    monkeypatch.setenv("VLLM_API_KEY", "key-of-another-server")
+    config = load_config(None, ["rollout.engine=vllm-server", "rollout.startup_timeout=30"])
+    try:
+        engine = VLLMServerEngine(base_model_dir=vllm_model_dir, model=peft_model, config=config, run_dir=tmp_path)
+        engine.close()
     finally:
         _kill(pids()[0])
 

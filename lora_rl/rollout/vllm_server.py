@@ -46,10 +46,9 @@ class VLLMServerEngine(ServerEngine):
         return server_command(base_model_dir, config, port)
 
     def environment(self, config: Config) -> dict[str, str]:
-        env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **cpu_environment(config)}
-        if self.api_key:
-            env["VLLM_API_KEY"] = self.api_key  # in the environment, not on the command line (ps shows that)
-        return env
+        # The key goes in the environment, not on the command line (ps shows that). Always set: an empty one
+        # means none, where a VLLM_API_KEY exported for some other server would make ours refuse the engine.
+        return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_API_KEY": self.api_key, **cpu_environment(config)}
 
     def _attached(self) -> None:
         self._forget_stale_adapters()
