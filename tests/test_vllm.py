@@ -131,6 +131,19 @@ def test_load_refused_is_a_clear_error_and_keeps_the_old_version(scripted_server
     assert [p for p, _ in script.calls].count("/v1/load_lora_adapter") == 2  # a 4xx is not retried
 
 
+def test_a_server_that_cannot_see_the_adapter_folder_says_so(scripted_server, tmp_path, peft_model, vllm_model_dir):
+    """An attached server on another machine or in a container without the run folder mounted: vLLM answers 404
+    'No adapter found for PATH'. The fix is to share the folder, not the server flags a 404 usually means."""
+    url, _ = scripted_server({**_HEALTHY, "/v1/load_lora_adapter": [(404, {"error": {
+        "message": "Loading lora policy-v0 failed: No adapter found for /runs/x", "type": "NotFoundError",
+        "code": 404}})]})
+    engine = _server_engine(url, tmp_path, peft_model, vllm_model_dir)
+    save_adapter(peft_model, engine.adapter_path(0), vllm_model_dir)
+    with pytest.raises(RolloutError, match=r"the server cannot read .*: a server given by rollout.server_url must "
+                                           r"see this run's folder at the same path"):
+        engine.publish(0, engine.adapter_path(0))
+
+
 def test_retried_load_that_had_landed_is_accepted(scripted_server, tmp_path, peft_model, vllm_model_dir):
     url, script = scripted_server({"/health": [(200, "")], "/v1/load_lora_adapter": [(400, "already loaded")],
                                    "/v1/models": [(200, {"data": []})]})

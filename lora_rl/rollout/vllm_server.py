@@ -88,6 +88,11 @@ class VLLMServerEngine(ServerEngine):
             # A retried load whose first attempt did land answers 400 "already loaded": fine if it is ours.
             if err.status == 400 and self._served_adapters().get(name) == path:
                 return
+            if "No adapter found for" in err.body:  # vLLM's LoRAAdapterNotFoundError: the folder is not there for it
+                raise RolloutError(f"vllm-server at {self.url}: loading adapter {name} failed ({err}): the server "
+                                   f"cannot read {path}: a server given by rollout.server_url must see this run's "
+                                   "folder at the same path (the same machine, or run.output_dir mounted at the "
+                                   "same path in its container or on a shared filesystem)") from None
             raise RolloutError(f"vllm-server at {self.url}: loading adapter {name} from {path} failed ({err}). "
                                "Is the server started with --enable-lora, --max-lora-rank >= lora.lora_rank and "
                                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True?") from None
