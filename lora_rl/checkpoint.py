@@ -10,6 +10,7 @@ a power cut included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lora_rl import distributed
+from lora_rl.config import ConfigError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -34,6 +36,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str):
+    """Hold an exclusive lock on `path` (a folder itself, or a lock file made if missing) until the block ends;
+    ConfigError(busy) if another process, or another open of it in this one, holds it. The lock goes with the
+    process however it ends. A file system without locks (some network or FUSE ones) lets the block run
+    unguarded rather than not at all."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(busy) from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

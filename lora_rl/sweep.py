@@ -562,23 +562,16 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
 def _sweep_lock(spec: SweepSpec):
     """Held while a sweep runs over its folder. A second invocation over the same folder (started to run points
     added to the grid while the first still runs) sees the first one's running points without a status and
     would start them again, deleting their folders under the running processes."""
-    import fcntl
+    from lora_rl.checkpoint import exclusive_lock
 
-    with open(Path(spec.output_dir) / ".sweep.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
-        except BlockingIOError:
-            raise ConfigError(f"sweep: another lora-rl sweep is running over output_dir={spec.output_dir!r}: wait "
-                              "for it to finish (a later invocation runs the points it leaves), or stop it, or give "
-                              "this sweep another output_dir") from None
-        except OSError:
-            pass  # a file system without locks (some network or FUSE ones): the sweep runs unguarded, as before
-        yield
+    return exclusive_lock(Path(spec.output_dir) / ".sweep.lock",
+                          f"sweep: another lora-rl sweep is running over output_dir={spec.output_dir!r}: wait for "
+                          "it to finish (a later invocation runs the points it leaves), or stop it, or give this "
+                          "sweep another output_dir")
 
 
 def run_sweep(spec: SweepSpec | str | Path, *, retry_failed: bool = False, pack: bool = False, log=print):

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from lora_rl import distributed, grpo
 from lora_rl.backends import adapter_lora, make_backend, require_backend
 from lora_rl.batching import TokenBatch, encode, make_batch
-from lora_rl.checkpoint import (atomic_write_text, list_checkpoints, load_checkpoint, remove_partial_writes,
-                                 save_checkpoint)
+from lora_rl.checkpoint import (atomic_write_text, exclusive_lock, list_checkpoints, load_checkpoint,
+                                 remove_partial_writes, save_checkpoint)
 from lora_rl.config import Config, ConfigError, config_to_dict, dump_config, load_config, read_yaml
 from lora_rl.lora import adapter_bytes, check_model, inject_lora, trainable_parameters
 from lora_rl.metrics import MetricsLog, Timer, json_safe, measuring_peak_memory, peak_memory
@@ -432,28 +432,15 @@ def _prepare_run_dir(config: Config, resume: bool, world: int = 1,
     return run_dir
 
 
-@contextlib.contextmanager
 def _run_dir_lock(run_dir: Path):
     """An exclusive lock on the run folder (the folder itself, so no file is left in it) for one run's span.
     A second run over the same folder while the first still trains (the same command again with --resume in
     another terminal, a run started while the previous one is still loading) was let in: both appended to
     metrics.jsonl (steps repeated and interleaved) and wrote checkpoints, adapter and summary.json over each
     other, and the second deleted the first's checkpoint being written."""
-    import fcntl
-
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
-        except BlockingIOError:
-            raise ConfigError(f"run.output_dir={str(run_dir)!r} is in use by another lora-rl run that is still "
-                              "running (another terminal, job or notebook kernel): wait for it to end or stop it, "
-                              "or choose another run.output_dir") from None
-        except OSError:
-            pass  # a file system without locks (some network or FUSE ones): the run goes on unguarded, as before
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(run_dir, f"run.output_dir={str(run_dir)!r} is in use by another lora-rl run that is "
+                                   "still running (another terminal, job or notebook kernel): wait for it to end "
+                                   "or stop it, or choose another run.output_dir")
 
 
 def _checkpoint_meta(path: Path) -> dict:
