@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -165,11 +166,14 @@ def fsync_tree(root: Path) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written temporaries are hidden dot-folders)."""
+    """Complete checkpoints, oldest first (half-written temporaries are hidden dot-folders). Only names as
+    `step_dir` writes them: a user's copy such as `step_000010.bak` was taken for the newest checkpoint
+    (a resume loaded it) and, once old enough, pruned, i.e. deleted. Ordered by step number, not by name."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith("step_") and (p / "meta.json").is_file())
+    found = [p for p in folder.iterdir() if re.fullmatch(r"step_\d{6,}", p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def remove_partial_writes(run_dir: Path) -> None:

@@ -91,6 +91,13 @@ class SweepSpec:
         if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
             raise ConfigError(f"sweep: points={points!r} must be a list of key: value maps, e.g. points: "
                               "[{lora.lora_rank: 4}, {lora.use_lora: false}]")
+        for where, keys in [("grid", grid), *((f"points[{i}]", p) for i, p in enumerate(points))]:
+            for key in keys:
+                # YAML reads `8:` or `on:` as a number or a boolean; expand() would end in an AttributeError.
+                if not isinstance(key, str):
+                    raise ConfigError(f"sweep: {where} has the key {key!r}, not a name (YAML reads 8:, on:, "
+                                      "yes: as numbers or booleans): keys are section.key names, e.g. "
+                                      "lora.lora_rank")
         overrides = raw.get("overrides") or []
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise ConfigError(f"sweep: overrides={overrides!r} must be a list of section.key=value strings, e.g. "

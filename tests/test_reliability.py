@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -315,3 +316,27 @@ def test_a_checkpoint_is_on_disk_before_it_takes_its_final_name(tmp_path, monkey
     written = {str(p).replace(str(final), tmp) for p in [final, *final.rglob("*")]}
     assert written <= synced_before, written - synced_before
     assert ("fsync", str(final.parent)) in events[renamed[0]:]
+
+
+def test_a_users_copy_of_a_checkpoint_is_neither_resumed_from_nor_pruned(tmp_path):
+    """`cp -r step_000002 step_000002.bak` inside checkpoints/ sorted after the real checkpoint, so a resume
+    loaded the copy, and a later save's pruning deleted it. Steps past 999999 still order by number."""
+    import torch
+
+    from lora_rl import checkpoint
+
+    class Backend:
+        def save_state(self, folder):
+            folder.mkdir(parents=True)
+            (folder / "state.pt").write_bytes(b"adapter and optimizer state")
+
+    state = {"torch_rng": torch.get_rng_state()}
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, step, Backend(), state, {}, keep=2)
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(folder / "step_000002", folder / "step_000002.bak")
+    assert checkpoint.list_checkpoints(tmp_path)[-1].name == "step_000002"
+    checkpoint.save_checkpoint(tmp_path, 3, Backend(), state, {}, keep=2)
+    checkpoint.save_checkpoint(tmp_path, 1000000, Backend(), state, {}, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_000003", "step_1000000"]
+    assert (folder / "step_000002.bak" / "meta.json").is_file()
