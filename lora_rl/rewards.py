@@ -58,6 +58,8 @@ _MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2013\u2010\u2011\ufe63\uff0d
 # sign, not after a digit or a bracket ("2**3" is a power), and hugs its text, of at most 100 characters
 # without "*" (bounded so that a long line of unclosed "**" is read in linear time).
 _BOLD = re.compile(r"(?<![\w)}\]])\*\*(?=[^\s*])([^*]{1,100}?)(?<=\S)\*\*")
+# LaTeX bold around a whole answer ("\\boxed{\\textbf{18}}", "#### \\mathbf{18}"): emphasis, as "**18**" is.
+_LATEX_BOLD = re.compile(r"\\(?:textbf|mathbf|boldsymbol|bm)\{(.*)\}", re.DOTALL)
 _BOXED = "\\boxed{"
 # An answer line that opens with a box, maybe in math mode: "#### \\boxed{18}", "#### $\\boxed{18}$".
 _LEADING_BOX = re.compile(r"(?:\$|\\\(|\\\[)?\s*\\boxed\{")
@@ -137,6 +139,7 @@ def _last_marker_answer(text: str) -> str | None:
     line = rest.split("\n", 1)[0].strip()
     # "#### **18**", and "**#### 18**" whose opening bold is before the marker
     line = _BOLD.sub(r"\1", line).strip("*").strip()
+    line = _unbold(line)
     box = _LEADING_BOX.match(line)
     if box is not None:  # "#### \\boxed{18}": the box's content, as a box elsewhere is read
         boxed = _boxed_at(line, box.end() - len(_BOXED))
@@ -157,6 +160,18 @@ def _last_marker_answer(text: str) -> str | None:
     if match is not None and not _looks_symbolic(line):
         return normalize_answer(match.group(0))
     return line.rstrip(".").strip() or None
+
+
+def _unbold(text: str) -> str:
+    """`text` without a LaTeX bold command that wraps all of it (one inside another too)."""
+    while (match := _LATEX_BOLD.fullmatch(text)) is not None:
+        inner, depth = match.group(1), 0
+        for char in inner:  # "\\textbf{1}+\\textbf{2}" is two bold parts, not one around "1}+\\textbf{2"
+            depth += (char == "{") - (char == "}")
+            if depth < 0:
+                return text
+        text = inner.strip()
+    return text
 
 
 def _last_top_level_equals(line: str) -> int:
@@ -194,7 +209,7 @@ def _boxed_at(text: str, start: int) -> str | None:
         elif char == "}":
             depth -= 1
             if depth == 0:
-                content = text[position:index].strip()
+                content = _unbold(text[position:index].strip())
                 if not content:
                     return None
                 as_number = normalize_answer(content)

@@ -291,6 +291,19 @@ def test_markdown_bold_on_the_answer_line_is_read(completion):
     assert strict_reward(completion, "19") == 0.0
 
 
+@pytest.mark.parametrize("completion", ["\\boxed{\\textbf{18}}", "#### \\mathbf{18}", "#### \\boxed{\\textbf{\\$18}}",
+                                        "\\boxed{\\boldsymbol{\\mathbf{18}}}"])
+def test_latex_bold_around_the_answer_is_read(completion):
+    # "\\textbf" is no command math-verify is shown: a bolded box scored 0 whatever its number.
+    assert extract_answer(completion, strict=True) == "18"
+    assert strict_reward(completion, "18") == 1.0
+    assert strict_reward(completion, "19") == 0.0
+
+
+def test_latex_bold_on_parts_of_an_answer_is_not_unwrapped():
+    assert extract_answer("\\boxed{\\textbf{1}+\\textbf{2}}") == "\\textbf{1}+\\textbf{2}"
+
+
 @pytest.mark.parametrize("completion", ["#### \\boxed{18}", "#### $\\boxed{18}$", "#### \\(\\boxed{18}\\)",
                                         "#### \\boxed{18} apples", "#### $\\boxed{\\$18}$."])
 def test_a_box_on_the_answer_line_is_read(completion):
