@@ -73,6 +73,17 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return path
 
 
+def plain_file_permissions(folder: Path) -> None:
+    """Give every file under `folder` the permissions a plain open gives under the umask, before the folder is
+    renamed into place. safetensors (0.8) writes each .safetensors file 0600 whatever the umask: the weights
+    were the one file of an adapter, a merged, built or exported model that another user's server or job
+    could not read."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """Put the complete folder `new` at `target`, replacing the folder there with no moment at which
     `target` is missing or partial: Linux swaps the two names in one step (renameat2 RENAME_EXCHANGE), then

@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_rl.checkpoint import fsync_tree, replace_dir, temp_dir
+from lora_rl.checkpoint import fsync_tree, plain_file_permissions, replace_dir, temp_dir
 from lora_rl.config import ConfigError, LoRAConfig
 from lora_rl.fused_lora import SegmentLoRAFunction, lora_linear, plain_adapter, plain_base
 
@@ -475,6 +475,7 @@ def save_adapter(model: PeftModel, out_dir: str | Path, base_model_path: str | P
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = str(Path(base_model_path).resolve())
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        plain_file_permissions(tmp)
         fsync_tree(tmp)  # on disk before it takes the name: a power cut never leaves an empty adapter
         replace_dir(tmp, out_dir)
     finally:
@@ -566,6 +567,7 @@ def merge_to_folder(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         merged = merge_adapter(load_adapter(base, adapter_dir))
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+        plain_file_permissions(tmp)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-from lora_rl.checkpoint import temp_dir
+from lora_rl.checkpoint import plain_file_permissions, temp_dir
 from lora_rl.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,6 +134,7 @@ def _build_atomically(final: Path, build) -> Path:
     tmp = temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         build(tmp)
+        plain_file_permissions(tmp)
         try:
             os.replace(tmp, final)
         except OSError:

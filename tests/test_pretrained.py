@@ -224,6 +224,26 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_exported_weights_are_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    """safetensors writes its files 0600 whatever the umask: an exported model's weights (a shared
+    LORA_RL_CACHE, another user's vLLM server) could not be read by anyone else."""
+    _gguf_or_skip()
+    from safetensors.torch import save_file
+
+    def write(gguf, dest, dtype):  # what the real export writes, less the 15 s of dequantizing
+        save_file({"w": torch.zeros(2)}, dest / "model.safetensors")
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setattr(pretrained, "_write_folder", write)
+    previous = os.umask(0o022)
+    try:
+        out = export_smollm2(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"model.safetensors": 0o644,
+                                                                          "config.json": 0o644}
+
+
 # --------------------------------------------------------------------------- slow: real export
 
 

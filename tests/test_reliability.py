@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
 from lora_rl.cli import main
@@ -259,6 +260,34 @@ def test_folders_and_files_written_into_place_have_plain_permissions(random_mode
     mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "adapter") == mode(merged) == 0o755
     assert mode(tmp_path / "run" / "summary.json") == 0o644
+
+
+def test_weights_written_into_place_are_readable_as_the_umask_allows(random_model_dir, tmp_path):
+    """safetensors writes its files 0600 whatever the umask: an adapter's, a merged or a built model's weights
+    were the one file of the folder that another user's vLLM server or job could not read."""
+    import stat
+
+    from safetensors.torch import save_file
+
+    from lora_rl.lora import merge_to_folder
+    from lora_rl.models import _build_atomically
+
+    def build(folder):
+        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+        (folder / "config.json").write_text("{}")
+
+    previous = os.umask(0o022)
+    try:
+        model, _, _ = load_model(str(random_model_dir))
+        adapter = save_adapter(inject_lora(model, LoRAConfig(lora_rank=4)), tmp_path / "adapter", random_model_dir)
+        merged = merge_to_folder(adapter, tmp_path / "merged")
+        built = _build_atomically(tmp_path / "built", build)
+    finally:
+        os.umask(previous)
+    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
+             for folder in (adapter, merged, built) for path in folder.iterdir()}
+    assert "adapter/adapter_model.safetensors" in modes and "merged/model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o644)
 
 
 
