@@ -697,10 +697,19 @@ def _train(config: Config, resume: bool, on_step: Callable[[dict], None] | None,
                 step = config.run.steps
         bar.close()
 
-        after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
         adapter_dir = None
-        if config.lora.use_lora:
-            adapter_dir = backend.save_adapter(run_dir / "adapter")
+        try:
+            after = evaluate(engine, tokenizer, eval_problems, reward_fn, config)
+            if config.lora.use_lora:
+                adapter_dir = backend.save_adapter(run_dir / "adapter")
+        except KeyboardInterrupt:
+            # Ctrl-C here stops at once (there is no step left to finish), and the traceback alone left users
+            # thinking the run was lost: the step's checkpoint is on disk and a resume only evaluates and exports.
+            if d.main:
+                print(f"\nlora-rl: interrupted during the final evaluation or adapter export; the checkpoint of step "
+                      f"{step} is kept: run the same command with --resume to "
+                      f"{'finish the run' if step == config.run.steps else 'go on from it'}", file=sys.stderr)
+            raise
         summary = run_summary(config, steps_done=step, eval_problems=eval_total if config.eval.size else 0,
                               before=before, after=after, wall_start=wall_start, total_params=total_params,
                               n_trainable=n_trainable, n_adapter_bytes=n_adapter_bytes, adapter_dir=adapter_dir)

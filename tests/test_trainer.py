@@ -480,3 +480,29 @@ def test_the_summary_records_difficulty_only_where_it_applies(task, difficulty):
     summary = run_summary(config, steps_done=1, eval_problems=2, before=scores, after=scores, wall_start=0.0,
                           total_params=1, n_trainable=1, n_adapter_bytes=1, adapter_dir=None)
     assert summary["difficulty"] == difficulty
+
+
+def test_an_interrupt_during_the_final_evaluation_says_the_checkpoint_is_kept(warm_model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Ctrl-C after the last step's checkpoint stops at once; it said nothing of the checkpoint, so users took the
+    run for lost. A resume then only evaluates and exports."""
+    from lora_rl import trainer
+
+    evaluate, calls = trainer.evaluate, []
+
+    def interrupted_after_training(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after the last step
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", interrupted_after_training)
+    out = tmp_path / "run"
+    config = _config(warm_model_dir, out, "run.steps=1", "eval.size=4")
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    assert "the checkpoint of step 1 is kept: run the same command with --resume to finish the run" in \
+        capsys.readouterr().err
+    assert not (out / "summary.json").exists() and (out / "checkpoints" / "step_000001").is_dir()
+    summary = train(config, resume=True)
+    assert summary["steps_done"] == 1 and (out / "summary.json").is_file() and (out / "adapter").is_dir()
