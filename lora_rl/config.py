@@ -541,6 +541,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"overrides={overrides!r} must be a list of section.key=value strings, e.g. "
                           "['lora.lora_rank=8']; from papermill: -y 'overrides: [lora.lora_rank=8]'")
     data = read_yaml(path) if path is not None else {}
+    if "recipe" in data and ("grid" in data or "points" in data):
+        # `lora-rl train|validate examples/sweep_rank.yaml`: a sweep file read as a config named `recipe` unknown
+        raise ConfigError(f"{str(path)!r} is a sweep file (recipe and grid/points), not a run config: run it with "
+                          f"`lora-rl sweep {path}` (it validates every point's config before any runs)")
     return config_from_dict(apply_overrides(data, overrides or []))
 
 

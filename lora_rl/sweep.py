@@ -35,12 +35,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
-from lora_rl.config import (ConfigError, config_to_dict, find_input, load_config, override, read_yaml,
+from lora_rl.config import (Config, ConfigError, config_to_dict, find_input, load_config, override, read_yaml,
                             read_yaml_text)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +145,11 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"sweep file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {str(path)!r} must be a mapping of sweep keys")
+    if "recipe" not in raw and set(raw) & {f.name for f in fields(Config)}:
+        # `lora-rl sweep examples/quickstart.yaml`: a run config's sections listed as unknown sweep keys
+        raise ConfigError(f"{str(path)!r} is a run config (sections {sorted(raw)}), not a sweep file: train it with "
+                          f"`lora-rl train {path}`, or sweep it from a file with recipe: {path} and a grid, such as "
+                          "examples/sweep_rank.yaml")
     return SweepSpec.from_dict(raw)  # paths in a sweep file are relative to where lora-rl runs
 
 

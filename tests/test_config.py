@@ -196,3 +196,9 @@ def test_data_dir_is_refused_for_a_task_that_makes_its_own_problems():
     assert load_config(None, ["task.name=gsm8k", "task.data_dir=/data/mine"]).task.data_dir == "/data/mine"
     # difficulty is a knob of arithmetic that gsm8k ignores, so a recipe's task switches with task.name alone
     assert load_config(None, ["task.difficulty=3", "task.name=gsm8k"]).task.difficulty == 3
+
+
+def test_a_sweep_file_given_as_a_run_config_points_to_lora_rl_sweep():
+    # It was "unknown key 'recipe'", as if the file were a broken config.
+    with pytest.raises(ConfigError, match=r"is a sweep file .*: run it with `lora-rl sweep examples/sweep_rank.yaml`"):
+        load_config("examples/sweep_rank.yaml")

@@ -598,3 +598,11 @@ def test_a_point_whose_kernel_never_started_gets_one_more_try(tmp_path, monkeypa
     assert record["status"] == "ok" and "Kernel died" in record["first_try"] and tries.read_text() == "xx"
     folder = tmp_path / "sweep" / "points" / point.id
     assert "Kernel died" in (folder / "papermill.first-try.log").read_text()
+
+
+def test_a_run_config_given_as_the_sweep_file_points_to_lora_rl_train():
+    from lora_rl.sweep import load_spec
+
+    # It was "unknown keys ['lora', 'model', ...]", as if the file were a broken sweep file.
+    with pytest.raises(ConfigError, match=r"is a run config .*: train it with `lora-rl train examples/quickstart.yaml`"):
+        load_spec("examples/quickstart.yaml")
