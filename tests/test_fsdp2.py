@@ -412,6 +412,57 @@ def test_bf16_sharded_checkpoint_keeps_float32_masters(random_model_dir, tmp_pat
     assert report and all(row == (torch.bfloat16, torch.float32, True, True, True, True) for row in report), report
 
 
+def _changed_or_damaged_resume_worker(rank: int, world: int, port: int, run_dir, out_path) -> None:
+    _join(rank, world, port)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_rl.config import ConfigError
+    from lora_rl.trainer import _load_checkpoint
+
+    config = load_config(None, ["lora.lora_rank=4", "rollout.prompts_per_step=4", "rollout.group_size=2"])
+
+    def engine(layers: int) -> FSDP2Engine:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        return FSDP2Engine(inject_lora(model, config.lora), config, None)
+
+    def resume(layers: int) -> str:
+        try:
+            _load_checkpoint([checkpoint], engine(layers))
+            return "loaded"
+        except ConfigError as err:  # a CheckpointException (a BaseException) went past this as a traceback
+            return str(err)
+
+    checkpoint = Path(run_dir) / "checkpoints" / "step_000001"
+    try:
+        engine(2).save_state(checkpoint / "backend")  # collective: each rank writes its shards
+        if rank == 0:
+            torch.save({}, checkpoint / "state.pt")
+            (checkpoint / "meta.json").write_text(json.dumps({"step": 1}))
+        distributed.barrier()
+        report = [resume(3)]  # model.path now holds a deeper model
+        if rank == 0:
+            for shard in (checkpoint / "backend").glob("*.distcp"):
+                shard.write_bytes(b"")  # cut to nothing after it was written
+        distributed.barrier()
+        report.append(resume(2))
+        if rank == 0:
+            torch.save(report, out_path)
+    finally:
+        distributed.shutdown()
+
+
+def test_a_sharded_resume_names_a_changed_model_or_a_damaged_checkpoint(tmp_path):
+    """torch.distributed.checkpoint reports both as a CheckpointException, a BaseException: `--nproc N --resume`
+    printed a traceback from every rank, where one process names the changed model or the folder to delete."""
+    mp.spawn(_changed_or_damaged_resume_worker, args=(2, _free_port(), tmp_path / "run", tmp_path / "r.pt"),
+             nprocs=2, join=True)
+    changed, damaged = torch.load(tmp_path / "r.pt")
+    assert "layers.2" in changed and "the model in model.path is not the one the run trained" in changed, changed
+    assert "it was damaged after it was written. Delete that folder" in damaged, damaged
+
+
 def test_mode_switches_walk_the_model_only_when_the_mode_changes(random_model_dir):
     """The engine sets train mode for the gradient pass and eval mode for scoring, walking the module tree
     only on a change (a LoRA model's walk cost ~10 ms of host time per forward on the GPU machine). A

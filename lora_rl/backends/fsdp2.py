@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -267,8 +268,21 @@ class FSDP2Engine:
     def load_state(self, folder: Path) -> None:
         """Collective inverse of save_state; the process count must match the saving run's."""
         if self.sharded:
+            # The saved tensors' shapes against the model's first, as for one process: a changed model.path
+            # failed inside dcp.load as if the checkpoint were damaged. Every rank reads the same metadata,
+            # so all of them refuse together.
+            saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+            check_saved_shapes(dict(self.model.named_parameters()),
+                               {name.removeprefix("model."): torch.empty(meta.size, device="meta")
+                                for name, meta in saved.items() if name.startswith("model.")}, folder)
             state = self._sharded_state()
-            dcp.load(state, checkpoint_id=str(folder))
+            try:
+                dcp.load(state, checkpoint_id=str(folder))
+            except CheckpointException as err:
+                # A BaseException, which the resume's handling of a damaged checkpoint (a RuntimeError, an
+                # OSError...) let through as a traceback from every rank: raise the first rank's cause instead.
+                cause = next((exc for exc, _ in err.failures.values()), err)  # (exception, its stack) by rank
+                raise RuntimeError(f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__) from None
             set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
             return
