@@ -169,6 +169,18 @@ def test_nproc_settings_and_a_taken_folder_are_refused_before_any_rank_starts(tm
     assert "already holds a run (config.yaml): pass --resume" in capsys.readouterr().err
 
 
+def test_cpu_offload_in_one_process_is_refused_by_validate_not_after_train_starts(tmp_path, capsys):
+    """FSDP2 offloads shards, so one process cannot: `validate` said ok and `train` refused only after writing
+    config.yaml and loading the model."""
+    quickstart = str(EXAMPLES[0].parent / "quickstart.yaml")
+    out = tmp_path / "run"
+    for command in ("validate", "train"):
+        assert main([command, quickstart, f"run.output_dir={out}", "backend.cpu_offload=true"]) == 2
+        assert "backend.cpu_offload=true offloads FSDP2 shards: run several processes (--nproc N)" in \
+            capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_rank_error_under_nproc_is_printed_once_with_the_ranks_exit_code(tmp_path):
     """An error the ranks find themselves (here: a test file with fewer problems than processes) is printed
     once, and `lora-rl` exits with the ranks' code, 2, not torchrun's 1 and its report."""
