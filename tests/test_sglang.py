@@ -328,6 +328,26 @@ _HEALTHY = {"/health": [(200, {})]}
 _LOADED = (200, {"success": True, "error_message": "", "loaded_adapters": {}})
 
 
+def test_a_resume_unloads_what_a_killed_run_left_on_an_attached_server(sglang, peft_model, sglang_model_dir,
+                                                                       tmp_path):
+    """A run killed while attached (never closed) leaves its live versions loaded; its --resume filled the pool of
+    live_versions + 1 with its first load and failed at the second ("Maximum number of loaded LoRA adapters")."""
+    url, standin = sglang
+    killed = _engine(url, peft_model, sglang_model_dir, tmp_path)
+    for version in (0, 1, 2):
+        _publish(killed, peft_model, sglang_model_dir, version)
+    left = [killed.adapter_path(v) for v in killed.versions.live]
+    resumed = _engine(url, peft_model, sglang_model_dir, tmp_path)
+    try:
+        for version in (2, 3, 4):
+            _publish(resumed, peft_model, sglang_model_dir, version)
+        assert not any(path.exists() for path in left)  # unloaded, then deleted
+        if standin is not None:
+            assert sorted(standin.adapters) == [resumed.versions.name(3), resumed.versions.name(4)]
+    finally:
+        resumed.close()
+
+
 def test_a_5xx_is_retried_and_a_4xx_is_a_clear_error(scripted_server, peft_model, sglang_model_dir, tmp_path):
     refused = (400, {"success": False, "error_message": "LoRA adapter x has rank 8, above --max-lora-rank 4",
                      "loaded_adapters": {}})

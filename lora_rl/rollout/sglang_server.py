@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import shutil
 import sys
 import threading
 from collections import Counter
@@ -228,6 +229,22 @@ class SGLangEngine(ServerEngine):
             # A retried load whose first attempt did land is refused as already loaded: fine if it is ours.
             if err.status == 400 and isinstance(loaded, dict) and loaded.get(name) == path:
                 return
+            # An earlier process on this run folder that never closed (killed, then --resume) left its versions
+            # loaded on an attached server: they fill the pool, so the run failed at its second load. Unload
+            # them (their folders are ours to delete) and load again; SGLang lists them only in its answers.
+            root = str(self.versions.root.resolve())
+            stale = [old for old, where in (loaded.items() if isinstance(loaded, dict) else ())
+                     if str(where).startswith(root + "/") and not old.startswith(self.versions.prefix + "-v")]
+            if err.status == 400 and stale:
+                for old in stale:
+                    try:
+                        self._update("/unload_lora_adapter", {"lora_name": old})
+                    except HTTPFailure as cut:
+                        raise RolloutError(f"sglang at {self.url}: unloading {old}, left loaded from {loaded[old]} "
+                                           f"by an earlier run, failed ({cut}); unload it, or restart the server") \
+                            from None
+                    shutil.rmtree(loaded[old], ignore_errors=True)
+                return self._load(version)
             raise RolloutError(f"sglang at {self.url}: loading adapter {name} from {path} failed ({err}). The server's "
                                "LoRA pool must fit the adapter: --max-lora-rank >= lora.lora_rank, "
                                "--lora-target-modules covering lora.target_modules, and --max-loaded-loras >= "
