@@ -218,7 +218,7 @@ class SGLangEngine(ServerEngine):
         if isinstance(answer, dict) and answer.get("success") is False:
             raise HTTPFailure(200, json.dumps(answer))
 
-    def _load(self, version: int) -> None:
+    def _load(self, version: int, cleared: bool = False) -> None:
         self._make_room()
         name, path = self.versions.name(version), str(self.versions.path(version).resolve())
         try:
@@ -235,7 +235,7 @@ class SGLangEngine(ServerEngine):
             root = str(self.versions.root.resolve())
             stale = [old for old, where in (loaded.items() if isinstance(loaded, dict) else ())
                      if str(where).startswith(root + "/") and not old.startswith(self.versions.prefix + "-v")]
-            if err.status == 400 and stale:
+            if err.status == 400 and stale and not cleared:  # once: a server that keeps them must not loop
                 for old in stale:
                     try:
                         self._update("/unload_lora_adapter", {"lora_name": old})
@@ -244,7 +244,7 @@ class SGLangEngine(ServerEngine):
                                            f"by an earlier run, failed ({cut}); unload it, or restart the server") \
                             from None
                     shutil.rmtree(loaded[old], ignore_errors=True)
-                return self._load(version)
+                return self._load(version, cleared=True)
             raise RolloutError(f"sglang at {self.url}: loading adapter {name} from {path} failed ({err}). The server's "
                                "LoRA pool must fit the adapter: --max-lora-rank >= lora.lora_rank, "
                                "--lora-target-modules covering lora.target_modules, and --max-loaded-loras >= "
