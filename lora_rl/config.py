@@ -17,6 +17,7 @@ import os
 import math
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -194,6 +195,14 @@ class RolloutConfig:
         if self.server_url and not self.server_url.startswith(("http://", "https://")):
             _fail(self.SECTION, "server_url", self.server_url, "must start with http:// or https://, "
                   "e.g. http://127.0.0.1:8000 (or leave it empty to launch a server)")
+        parts = urllib.parse.urlsplit(self.server_url)
+        api = self.server_url.find("/v1", len(parts.scheme) + 3 + len(parts.netloc))  # in the path only
+        if api >= 0 and self.server_url[api + 3:api + 4] in ("", "/"):
+            # "http://host:8000/v1", the OpenAI-style base URL: every request (/v1/completions, /health) 404ed
+            # under it. A path before /v1 stays: a proxy may serve the server under one.
+            _fail(self.SECTION, "server_url", self.server_url, f"must be the server's root, without "
+                  f"{self.server_url[api:]!r}: e.g. {self.server_url[:api]} (lora-rl adds /v1/... and the other "
+                  "paths itself)")
         if self.max_lora_rank < 0:
             _fail(self.SECTION, "max_lora_rank", self.max_lora_rank, "must be 0 (automatic) or a LoRA rank")
         if self.max_loaded_loras < 0:

@@ -55,6 +55,12 @@ def test_engine_slot_rank_and_delivery_threshold():
     assert sync_threshold(_vllm_config("rollout.max_sync_logprob_diff=0.2")) == 0.2
     with pytest.raises(ConfigError, match="rollout.server_url='localhost:8000' must start with http"):
         load_config(None, ["rollout.engine=vllm-server", "rollout.server_url=localhost:8000"])
+    # The OpenAI-style base URL: every request 404ed under it, reported as "no healthy server there".
+    with pytest.raises(ConfigError, match=r"server_url='http://gpu:8000/v1/' must be the server's root, without "
+                                          r"'/v1/': e.g. http://gpu:8000 "):
+        load_config(None, ["rollout.engine=vllm-server", "rollout.server_url=http://gpu:8000/v1/"])
+    # A proxy may serve the server under a path of its own
+    assert load_config(None, ["rollout.engine=sglang", "rollout.server_url=https://proxy/sglang"]).rollout.server_url
 
 
 def test_version_window_names_each_version_once(tmp_path):
