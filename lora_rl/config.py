@@ -527,6 +527,11 @@ def find_input(path: str | Path) -> Path:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = find_input(path)
+    if path.is_dir():
+        saved = path / "config.yaml"  # a run folder: the config its run saved
+        raise ConfigError(f"config file {str(path)!r} is a folder: pass a YAML recipe, e.g. "
+                          + (f"{str(saved)!r}, the config this run folder saved" if saved.is_file()
+                             else "examples/quickstart.yaml"))
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist: pass a YAML file such as examples/quickstart.yaml")
     try:

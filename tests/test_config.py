@@ -119,6 +119,12 @@ def test_malformed_yaml_missing_file_and_bad_override(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "missing.yaml")
+    # A folder was "does not exist"; a run folder points at the config it saved.
+    with pytest.raises(ConfigError, match=r"is a folder: pass a YAML recipe, e.g. examples/quickstart.yaml"):
+        load_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("run: {steps: 1}\n")
+    with pytest.raises(ConfigError, match=r"config.yaml', the config this run folder saved"):
+        load_config(tmp_path)
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         load_config(None, ["lora_rank=8"])
 
