@@ -258,9 +258,10 @@ def training_options(config, backend: str | None = None, *, devices: int = 1) ->
 
     from lora_rl.backends import adapter_lora
     from lora_rl.lora import hf_target_names
-    from lora_rl.trainer import check_batch_split
+    from lora_rl.trainer import check_batch_split, check_offload
 
     check_batch_split(config, devices)  # as `train --nproc` does: a share no run can have is no estimate
+    check_offload(config, devices)
     backend = backend or config.backend.name
     if backend == "megatron":  # Megatron adapts fused layers whole: count what it trains
         config = dataclasses.replace(config, backend=dataclasses.replace(config.backend, name="megatron"))

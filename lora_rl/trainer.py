@@ -476,14 +476,19 @@ def check_world(config: Config, world: int) -> None:
     if config.rollout.engine == "vllm" and world > 1:
         raise ConfigError(f"rollout.engine=vllm builds a vLLM engine inside each of the {world} training processes: "
                           "use rollout.engine=vllm-server, which all processes share")
-    # The FSDP2 backend refuses this too, but only once train has written config.yaml and loaded the model;
-    # here `validate` says so rather than ok.
-    if config.backend.name == "fsdp2" and config.backend.cpu_offload and world == 1:
-        raise ConfigError("backend.cpu_offload=true offloads FSDP2 shards: run several processes (--nproc N) "
-                          "or set backend.cpu_offload=false")
+    check_offload(config, world)
     check_batch_split(config, world)
     if 0 < config.eval.size < world:
         raise ConfigError(_eval_share_error(config.eval.size, config.eval.size, world))
+
+
+def check_offload(config: Config, world: int) -> None:
+    """FSDP2 offloads shards, which one process does not have (check_world; the memory estimate too, which would
+    otherwise predict a run that cannot start). The FSDP2 backend refuses it as well, but only once train has
+    written config.yaml and loaded the model."""
+    if config.backend.name == "fsdp2" and config.backend.cpu_offload and world == 1:
+        raise ConfigError("backend.cpu_offload=true offloads FSDP2 shards: run several processes (--nproc N; "
+                          "for `lora-rl estimate`, --devices N) or set backend.cpu_offload=false")
 
 
 def check_batch_split(config: Config, world: int) -> None:

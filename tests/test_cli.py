@@ -174,11 +174,12 @@ def test_cpu_offload_in_one_process_is_refused_by_validate_not_after_train_start
     config.yaml and loading the model."""
     quickstart = str(EXAMPLES[0].parent / "quickstart.yaml")
     out = tmp_path / "run"
-    for command in ("validate", "train"):
+    for command in ("validate", "train", "estimate"):  # estimate printed numbers for a run that cannot start
         assert main([command, quickstart, f"run.output_dir={out}", "backend.cpu_offload=true"]) == 2
-        assert "backend.cpu_offload=true offloads FSDP2 shards: run several processes (--nproc N)" in \
+        assert "backend.cpu_offload=true offloads FSDP2 shards: run several processes (--nproc N" in \
             capsys.readouterr().err
     assert not out.exists()
+    assert main(["estimate", quickstart, "backend.cpu_offload=true", "--devices", "2"]) == 0
 
 
 def test_a_rank_error_under_nproc_is_printed_once_with_the_ranks_exit_code(tmp_path):
