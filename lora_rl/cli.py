@@ -37,10 +37,11 @@ def _estimate_table(config, devices: int, seq_len: int | None, gib_per_device: f
     # config is not rebuilt for it (its rollout engine may refuse full fine-tuning; that does not matter here).
     label = ("LoRA r=%d %s" % (config.lora.lora_rank, ",".join(config.lora.target_modules)) if config.lora.use_lora
              else "this config (full fine-tuning)")
-    rows = [(label, estimate_for_config(config, seq_len=seq_len, devices=devices)),
-            # Megatron trains adapters only: full fine-tuning is the FSDP2 run
-            ("full fine-tuning" + (" (fsdp2)" if config.backend.name != "fsdp2" else ""),
-             estimate_for_config(config, seq_len=seq_len, devices=devices, use_lora=False))]
+    rows = [(label, estimate_for_config(config, seq_len=seq_len, devices=devices))]
+    if config.lora.use_lora:  # a full fine-tuning config's own row is already that run
+        # Megatron trains adapters only: full fine-tuning is the FSDP2 run
+        rows.append(("full fine-tuning" + (" (fsdp2)" if config.backend.name != "fsdp2" else ""),
+                     estimate_for_config(config, seq_len=seq_len, devices=devices, use_lora=False)))
     fit = f"{'fits ' + format(gib_per_device, 'g') + ' GiB':>22}" if gib_per_device else ""
     lines = [f"predicted peak memory per device: {config.model.path}, {config.model.dtype}, {devices} device(s), "
              f"backend {config.backend.name}",
