@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from lora_rl.checkpoint import plain_file_permissions, temp_dir
@@ -182,8 +183,13 @@ def model_config(path: str):
     folder = resolve_model_path(path)
     try:
         return AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:  # a broken config.json, a model type transformers does not know
+    # A broken config.json, a model type transformers does not know, or a value its config class refuses
+    # (transformers 5 validates configs as strict dataclasses: a text hidden_size, heads that do not divide it),
+    # which huggingface_hub raises as a StrictDataclassError, not a ValueError.
+    except (OSError, ValueError, StrictDataclassError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, StrictDataclassError):  # its first line names only the check; the last says what failed
+            first = str(err).strip().splitlines()[-1].strip()
         raise ConfigError(f"model.path={path!r}: its config.json cannot be read by transformers ({first[:300]}): "
                           "point model.path at a Hugging Face model folder of a decoder-only model") from None
 

@@ -103,6 +103,21 @@ def test_validate_runs_the_checks_train_runs_before_its_run_folder(tmp_path, cap
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("config_json", "shown"), [
+    ('{"model_type": "llama", "hidden_size": "64"}', "Field 'hidden_size' expected int, got str"),
+    ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3}', "not a multiple of the number of attention"),
+])
+def test_a_config_json_value_transformers_refuses_is_one_clear_error(tmp_path, capsys, config_json, shown):
+    """transformers 5 checks config.json values as strict dataclasses and raises huggingface_hub's
+    StrictDataclassError, which is no ValueError: validate (and train, estimate, the panel) showed a traceback."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(config_json)
+    assert main(["validate", str(EXAMPLES[0].parent / "quickstart.yaml"), f"model.path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert "its config.json cannot be read by transformers" in err and shown in err and "Traceback" not in err
+
+
 def test_estimate_covers_every_example_and_labels_a_full_fine_tuning_config(capsys):
     """The full fine-tuning row is the same run with every weight training, not a rebuilt config: the
     Megatron example (whose backend pairs with no embedded engine) is estimated too."""
