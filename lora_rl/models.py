@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lora_rl.checkpoint import plain_file_permissions, temp_dir
 from lora_rl.config import ConfigError
@@ -182,7 +183,7 @@ def model_config(path: str):
         return config
     folder = resolve_model_path(path)
     try:
-        return AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder))
     # A broken config.json, a model type transformers does not know, or a value its config class refuses
     # (transformers 5 validates configs as strict dataclasses: a text hidden_size, heads that do not divide it),
     # which huggingface_hub raises as a StrictDataclassError, not a ValueError.
@@ -192,6 +193,13 @@ def model_config(path: str):
             first = str(err).strip().splitlines()[-1].strip()
         raise ConfigError(f"model.path={path!r}: its config.json cannot be read by transformers ({first[:300]}): "
                           "point model.path at a Hugging Face model folder of a decoder-only model") from None
+    # A model transformers has no causal-LM class for (T5, a vision encoder) failed later in from_config with a
+    # raw ValueError listing ~200 config classes.
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(f"model.path={path!r} is a {config.model_type!r} model, which transformers has no causal "
+                          "language model class for: lora-rl trains decoder-only models; point model.path at one "
+                          "(Qwen2.5, Llama, SmolLM2, ...)")
+    return config
 
 
 def meta_model(path: str) -> torch.nn.Module:

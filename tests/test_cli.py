@@ -118,6 +118,19 @@ def test_a_config_json_value_transformers_refuses_is_one_clear_error(tmp_path, c
     assert "its config.json cannot be read by transformers" in err and shown in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["validate", "estimate"])
+def test_a_model_with_no_causal_lm_class_is_one_clear_error(tmp_path, capsys, command):
+    """A T5 folder (encoder-decoder) reads as a config, but AutoModelForCausalLM has no class for it: the
+    meta model's from_config raised a ValueError listing ~200 config classes, as a traceback."""
+    from transformers import T5Config
+
+    T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4).save_pretrained(tmp_path / "t5")
+    assert main([command, str(EXAMPLES[0].parent / "quickstart.yaml"), f"model.path={tmp_path / 't5'}"]) == 2
+    err = capsys.readouterr().err
+    assert "is a 't5' model, which transformers has no causal language model class for" in err
+    assert "Traceback" not in err
+
+
 def test_estimate_covers_every_example_and_labels_a_full_fine_tuning_config(capsys):
     """The full fine-tuning row is the same run with every weight training, not a rebuilt config: the
     Megatron example (whose backend pairs with no embedded engine) is estimated too."""
