@@ -173,6 +173,11 @@ def resolve_model_path(path: str, progress: bool = True) -> Path:
 def model_config(path: str):
     """The model's HF config without building or loading weights (for validation)."""
     if path in BUILTIN_TINY:
+        # Its vocabulary is what the tokenizer's training reached, which can fall short of the recipe's
+        # vocab_size (tiny-arith: 350 of 384): once built, the folder train loads has the true shape.
+        built = cache_dir() / "models" / _recipe_key(path, BUILTIN_TINY[path])
+        if (built / "config.json").is_file():
+            return AutoConfig.from_pretrained(str(built))
         return _tiny_config(BUILTIN_TINY[path], BUILTIN_TINY[path].vocab_size)
     if path == "smollm2-135m":
         from lora_rl.pretrained import require_gguf, smollm2_config
