@@ -227,3 +227,14 @@ def test_a_built_in_tiny_model_is_counted_as_built(tmp_path, monkeypatch):
     p.model.value = "tiny-short-vocab"
     p.use_lora.value = False
     assert re.search(r"class='trainable'>([^<]+)<", p.info.value).group(1) == f"{built / 1e3:.2f}k"
+
+
+def test_opening_the_panel_keeps_a_recipe_s_large_steps_and_group_size(tmp_path):
+    """The steps and group-size boxes clamped to their bounds (100,000 and 256): a recipe above them opened as a
+    config other than the one `lora-rl train` builds from it, without a word."""
+    from lora_rl.config import load_config
+
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text("run:\n  steps: 200000\nrollout:\n  group_size: 512\n")
+    p = LoRAPanel(str(recipe), output_root=str(tmp_path))
+    assert p.config("X") == load_config(str(recipe), ["run.output_dir=X"])

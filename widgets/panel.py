@@ -73,10 +73,12 @@ class LoRAPanel:
                                  style=style, layout=layout)
         self.devices = w.BoundedIntText(value=1, min=1, max=64, description="GPUs (estimate)", style=style,
                                         layout=layout)
-        self.steps = w.BoundedIntText(value=base.run.steps, min=1, max=100_000, description="steps", style=style,
-                                      layout=layout)
-        self.group_size = w.BoundedIntText(value=base.rollout.group_size, min=2, max=256, description="group size",
-                                           style=style, layout=layout)
+        # The bounds take in the recipe's own values: a bounded box clamps a value above its max, which silently
+        # trained 100,000 steps or groups of 256 where the recipe (and the CLI) said more.
+        self.steps = w.BoundedIntText(value=base.run.steps, min=1, max=max(100_000, base.run.steps),
+                                      description="steps", style=style, layout=layout)
+        self.group_size = w.BoundedIntText(value=base.rollout.group_size, min=2, max=max(256, base.rollout.group_size),
+                                           description="group size", style=style, layout=layout)
         self.lr = w.FloatText(value=base.train.lr, description="lr", style=style, layout=layout)
         self.info = w.HTML()
         self.status = w.HTML()
