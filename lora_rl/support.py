@@ -25,8 +25,10 @@ class Cell:
     why: str = ""  # for refused pairs: the reason and the fix
 
 
-_ARCHON = Cell(False, "Archon has no LoRA support (AReaL's Archon engine trains full weights only): "
-                      "use backend.name=fsdp2 or backend.name=megatron for LoRA")
+# Said for full fine-tuning too (lora.use_lora=false), where only fsdp2 serves: Megatron trains adapters only.
+_ARCHON = Cell(False, "Archon has no LoRA support (AReaL's Archon engine trains full weights only), and lora-rl "
+                      "has no Archon backend: use backend.name=fsdp2 (LoRA or full fine-tuning) or "
+                      "backend.name=megatron (LoRA)")
 
 MATRIX: dict[tuple[str, str], Cell] = {
     ("fsdp2", "embedded"): Cell(True),

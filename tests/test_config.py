@@ -56,6 +56,8 @@ def test_bad_values_name_field_value_and_fix(section, values, match):
 @pytest.mark.parametrize("backend, engine, match", [
     ("archon", "vllm", r"Archon has no LoRA support"),
     ("archon", "sglang", r"Archon has no LoRA support"),
+    # Full fine-tuning on Archon was told to use Megatron, which trains adapters only.
+    ("archon", "embedded", r"backend\.name=fsdp2 \(LoRA or full fine-tuning\) or backend\.name=megatron \(LoRA\)"),
     ("megatron", "embedded", r"use rollout\.engine=vllm"),
 ])
 def test_pairs_outside_the_support_matrix_are_refused(backend, engine, match):
