@@ -35,8 +35,9 @@ from lora_rl.rollout.base import Completion, RolloutError, SamplingParams, promp
 from lora_rl.rollout.server_common import HTTPFailure, ServerEngine
 
 LAUNCHER = "sglang.launch_server"  # the module `python -m` starts
-# SGLang's LoRA target modules for the dense decoder models lora-rl trains (peft's names; SGLang also
-# accepts its fused names qkv_proj and gate_up_proj). `all` covers every one of them.
+# SGLang's LoRA target modules for the dense decoder models lora-rl trains, in peft's names: its
+# --lora-target-modules takes these (SUPPORTED_LORA_TARGET_MODULES) and maps them onto its fused layers
+# itself. `all` covers every one of them.
 SGLANG_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
